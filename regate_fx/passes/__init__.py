@@ -1,0 +1,1 @@
+"""Graph passes: capture -> analyse -> rewrite -> compile."""
