@@ -1,7 +1,30 @@
-"""regate_fx: ReGATE token elision for any Hugging Face decoder, as a torch.compile graph pass."""
+"""regate_fx: ReGATE token elision for any Hugging Face decoder, as a torch.compile graph pass.
+
+Two halves:
+    graph side   sparsify() -> passes/: capture (dynamo) -> analyse -> rewrite -> compile
+    runtime side runtime/: scoring, dual-cycle schedule, selection, teacher cache
+"""
 
 from regate_fx import runtime
+from regate_fx.errors import KeepMaskError, RewriteError
+from regate_fx.report import BranchKind, BranchRecord, GraphReport, Reason, RewriteReport
 from regate_fx.runtime import *  # noqa: F401,F403
+from regate_fx.sparse import KeptLayout, ReGateOutput, SparseModel, SparsifyConfig, kept_layout, sparsify
 
-__all__ = list(runtime.__all__)
+__all__ = [
+    "BranchKind",
+    "BranchRecord",
+    "GraphReport",
+    "KeepMaskError",
+    "KeptLayout",
+    "Reason",
+    "ReGateOutput",
+    "RewriteError",
+    "RewriteReport",
+    "SparseModel",
+    "SparsifyConfig",
+    "kept_layout",
+    "sparsify",
+    *runtime.__all__,
+]
 __version__ = "0.1.0"

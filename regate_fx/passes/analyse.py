@@ -1,0 +1,346 @@
+"""Find the residual stream of a captured decoder and the branches that hang off it.
+
+A decoder layer, whatever the family, is a residual stream `h` of shape (batch, tokens, hidden)
+with branches added back onto it:
+
+    pre-norm (Llama, Qwen, Mistral, Gemma, OPT, ...):  h = h + attn(norm(h)); h = h + mlp(norm(h))
+    parallel (GPT-NeoX, GPT-J, Phi, Falcon):           h = h + (attn(norm(h)) + mlp(norm(h)))
+    parallel, added one at a time (Cohere):            h = (h + attn(norm(h))) + mlp(norm(h))
+
+The pass finds these adds from the graph alone: an add of two (B, T, D) tensors where one operand
+(the carry) is an ancestor of the other (the branch), or, for the Cohere form, where the carry is
+itself a stream add. Each branch is then checked op by op (see ops.py); consecutive accepted branches
+form a region that the rewrite runs on the kept tokens with the stream kept gathered throughout.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name, param_path
+from regate_fx.passes.ops import classify
+from regate_fx.report import BranchKind, Reason
+
+__all__ = ["Analysis", "Branch", "Region", "analyse"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+
+@dataclass
+class Branch:
+    """One residual add `out = carry + branch(...)` of the stream."""
+
+    index: int
+    add: fx.Node
+    carry: fx.Node
+    output: fx.Node
+    nodes: list[fx.Node]
+    attention: list[tuple[fx.Node, str]] = field(default_factory=list)
+    kind: BranchKind = BranchKind.OTHER
+    ok: bool = True
+    reason: Reason | None = None
+    detail: str = ""
+    layer: str = "?"
+    module: str = "?"
+
+    def refuse(self, reason: Reason, detail: str) -> None:
+        if self.ok:
+            self.ok, self.reason, self.detail = False, reason, detail
+
+    @property
+    def attention_form(self) -> str | None:
+        forms = {f for _, f in self.attention}
+        if not forms:
+            return None
+        return "sdpa" if "sdpa" in forms else "eager"
+
+
+@dataclass
+class Region:
+    """Consecutive accepted branches [first, last]; replayed on kept tokens as one piece."""
+
+    first: int
+    last: int
+    start: fx.Node  # full-length stream value entering the region (gathered once)
+    end: fx.Node  # the last stream add of the region
+    nodes: list[fx.Node]  # every node replayed on kept tokens, in graph order
+    side_inputs: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    sym: TokenSymbols | None
+    branches: list[Branch] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    reason: Reason | None = None
+    detail: str = ""
+
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "to", "view_as", "reshape_as"}
+
+
+def _is_stream_value(v, sym: TokenSymbols, flat_ok: bool = True) -> bool:
+    """(B, T, D), or (B*T, D) when a layer flattens the tokens (OPT), floating point."""
+    if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() in (2, 3)):
+        return False
+    if sym.has_seq(v.shape[-1]):
+        return False
+    if v.dim() == 3:
+        return sym.is_seq(v.shape[1]) and sym.is_batch(v.shape[0])
+    return flat_ok and sym.canon(v.shape[0]) == sym.batch * sym.seq
+
+
+def _is_reshape(n: fx.Node) -> bool:
+    return n.op in ("call_method", "call_function") and op_name(n) in _RESHAPES and len(
+        [a for a in n.all_input_nodes if isinstance(node_value(a), torch.Tensor)]) == 1
+
+
+def stream_root(n: fx.Node) -> fx.Node:
+    """Walk back through reshapes/casts to the value they re-view (OPT flattens the stream)."""
+    while _is_reshape(n) and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _is_candidate_add(n: fx.Node, sym: TokenSymbols) -> bool:
+    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
+        pass
+    elif n.op == "call_method" and n.target in _ADD_METHODS:
+        pass
+    else:
+        return False
+    if len(n.args) < 2 or "alpha" in n.kwargs:
+        return False
+    a, b = n.args[0], n.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    va, vb, vo = node_value(a), node_value(b), node_value(n)
+    if not all(_is_stream_value(v, sym) for v in (va, vb, vo)):
+        return False
+    return va.dim() == vb.dim() and all(sym.canon(x) == sym.canon(y) for x, y in zip(va.shape, vb.shape))
+
+
+def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """Return the longest chain of stream adds as (add, carry, branch_output) triples."""
+    adds: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    for n in graph.nodes:
+        if not _is_candidate_add(n, sym):
+            continue
+        a, b = n.args[0], n.args[1]
+        if anc.is_ancestor(a, b):
+            adds[n] = (a, b)
+        elif anc.is_ancestor(b, a):
+            adds[n] = (b, a)
+        elif (stream_root(a) in adds) != (stream_root(b) in adds):  # Cohere: (h + attn) + mlp
+            adds[n] = (a, b) if stream_root(a) in adds else (b, a)
+    # Link adds whose carry is (a re-view of) the previous add into chains; keep the longest.
+    next_of: dict[fx.Node, fx.Node | None] = {}
+    for n, (carry, _) in adds.items():
+        root = stream_root(carry)
+        if root in adds:
+            next_of[root] = None if root in next_of else n  # two continuations: ambiguous, cut
+    heads = [n for n, (carry, _) in adds.items() if stream_root(carry) not in adds]
+    best: list[fx.Node] = []
+    for h in heads:
+        chain, cur = [h], h
+        while next_of.get(cur) is not None:
+            cur = next_of[cur]
+            chain.append(cur)
+        if len(chain) > len(best):
+            best = chain
+    return [(n, adds[n][0], adds[n][1]) for n in best]
+
+
+def stream_3d(n: fx.Node, sym: TokenSymbols) -> fx.Node | None:
+    """`n` itself if (B, T, D), else the re-view of it to (B, T, D) that the graph makes next."""
+    while not _is_stream_value(node_value(n), sym, flat_ok=False):
+        nxt = [u for u in n.users if _is_reshape(u)]
+        if len(nxt) != 1:
+            return None
+        n = nxt[0]
+    return n
+
+
+def _label(nodes: list[fx.Node]) -> tuple[str, str]:
+    """(layer, module) paths from the parameters the branch's projections use; display only."""
+    projections = [n for n in nodes if op_name(n) in ("linear", "matmul", "conv1d", "addmm")]
+    paths = []
+    for n in projections or nodes:
+        for a in n.all_input_nodes:
+            if a.op == "placeholder":
+                p = param_path(a.name)
+                if p:
+                    paths.append(p.split(".")[:-1])
+    if not paths:
+        return "?", "?"
+    prefix = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(prefix), len(p)) and prefix[i] == p[i]:
+            i += 1
+        prefix = prefix[:i]
+    module = ".".join(prefix) or "?"
+    layer = module
+    for i, part in enumerate(prefix):
+        if part.isdigit():
+            layer = ".".join(prefix[: i + 1])
+            break
+    return layer, module
+
+
+def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
+    linears = [n for n in branch.nodes if op_name(n) in ("linear", "matmul") and n not in
+               {a for a, _ in branch.attention}]
+    if not branch.attention:
+        return BranchKind.MLP if linears else BranchKind.OTHER
+    att = [a for a, f in branch.attention if f in ("sdpa", "pv")]  # the attention read-out
+    if not att:
+        return BranchKind.ATTENTION
+    # A linear unrelated to the attention op (neither feeding it nor fed by it) is a parallel MLP.
+    for lin in linears:
+        if all(not anc.is_ancestor(lin, a) and not anc.is_ancestor(a, lin) for a in att):
+            return BranchKind.PARALLEL
+    return BranchKind.ATTENTION
+
+
+def analyse(gm: fx.GraphModule, seq_input: fx.Node) -> Analysis:
+    """Analyse a dynamo graph: the stream, its branches, which branches can run on kept tokens.
+
+    Args:
+        gm: the graph dynamo captured (torch-level, before autograd).
+        seq_input: the placeholder of the (batch, tokens) or (batch, tokens, hidden) model input
+            that defines the token axis (input ids or input embeddings).
+    """
+    sym = TokenSymbols.from_value(node_value(seq_input))
+    if sym is None or not sym.seq_is_symbolic:
+        return Analysis(sym, reason=Reason.SEQ_SPECIALIZED,
+                        detail="the sequence length was not traced symbolically; sequences of "
+                        "length 0/1 are specialised by dynamo, use at least 2 tokens")
+    graph = gm.graph
+    anc = Ancestry(graph)
+    chain = find_stream(graph, sym, anc)
+    if not chain:
+        return Analysis(sym, reason=Reason.NO_STREAM,
+                        detail="no residual add over (batch, tokens, hidden) tensors was found; "
+                        "is this a transformer decoder?")
+    stream_nodes = [stream_root(chain[0][1])]
+    for add, carry, _ in chain:
+        n = carry
+        while n is not stream_nodes[-1] and _is_reshape(n):  # re-views between two adds
+            stream_nodes.append(n)
+            n = n.args[0]
+        stream_nodes.append(add)
+    stream_set = set(stream_nodes)
+    stream_dep = anc.descendants_of_any([stream_nodes[0]])
+
+    branches: list[Branch] = []
+    for i, (add, carry, out) in enumerate(chain):
+        bits = (anc.ancestors(out) | anc.bit(out)) & stream_dep & ~anc.ancestors(carry) & ~anc.bit(carry)
+        nodes = [n for n in anc.members(bits) if n not in stream_set]
+        br = Branch(i, add, carry, out, nodes)
+        for n in nodes:
+            v = classify(n, sym)
+            if v.attention:
+                br.attention.append((n, v.attention))
+            if not v.ok:
+                br.refuse(v.reason, f"{v.detail} (node '{n.name}')")
+        br.layer, br.module = _label(nodes)
+        br.kind = _kind(br, anc)
+        branches.append(br)
+
+    analysis = Analysis(sym, branches)
+    # Regions, refining until no region has a problem that only shows at region level.
+    for _ in range(2 * len(branches) + 2):
+        before = sum(b.ok for b in branches)
+        analysis.regions = _regions(branches, anc, sym)
+        _check_regions(analysis, anc, sym, stream_set)
+        if sum(b.ok for b in branches) == before:
+            break
+    return analysis
+
+
+def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[Region]:
+    out: list[Region] = []
+    i = 0
+    while i < len(branches):
+        if not branches[i].ok:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(branches) and branches[j + 1].ok:
+            j += 1
+        start, end = stream_root(branches[i].carry), stream_3d(branches[j].add, sym)
+        if end is None or not _is_stream_value(node_value(start), sym, flat_ok=False):
+            branches[j if end is None else i].refuse(
+                Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here")
+            i = j + 1
+            continue
+        bits = anc.descendants_of_any([start]) & (anc.ancestors(end) | anc.bit(end))
+        out.append(Region(i, j, start, end, anc.members(bits)))
+        i = j + 1
+    return out
+
+
+def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:
+    for b in branches[region.first: region.last + 1]:
+        if n in b.nodes or n is b.add:
+            return b
+    return branches[region.first]
+
+
+def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream: set[fx.Node]) -> None:
+    """Refuse branches whose problems show only at region level (escapes, side inputs, sizes)."""
+    branches = analysis.branches
+    for region in analysis.regions:
+        members = set(region.nodes)
+        checked = {n for b in branches[region.first: region.last + 1] for n in b.nodes}
+        side: dict[fx.Node, None] = {}
+        for n in region.nodes:
+            if n not in checked and n not in stream:
+                v = classify(n, sym)  # a node shared with a branch outside the region
+                if not v.ok:
+                    _owner(n, region, branches).refuse(v.reason, f"{v.detail} (node '{n.name}')")
+            # Intermediates may not escape; (B, T, D) stream values may (they are scattered back).
+            if n is not region.end and not (n in stream and _is_stream_value(node_value(n), sym, flat_ok=False)):
+                for u in n.users:
+                    if u not in members:
+                        _owner(n, region, branches).refuse(
+                            Reason.ESCAPING_VALUE,
+                            f"'{n.name}' is also used by '{u.name}' outside the decoder stream "
+                            "(e.g. returned attention weights); pass output_attentions=False")
+                        break
+            for a in n.all_input_nodes:
+                if a not in members:
+                    side[a] = None
+        for a in side:
+            v = node_value(a)
+            if isinstance(v, torch.Tensor):
+                toks = sym.token_dims(v)
+                if toks and (0 in toks or not (sym.is_batch(v.shape[0]) or sym.canon(v.shape[0]) == 1)):
+                    user = next(u for u in a.users if u in members)
+                    _owner(user, region, branches).refuse(
+                        Reason.NO_BATCH_AXIS,
+                        f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis")
+            elif isinstance(v, torch.SymInt) and sym.has_seq(v) and not _sym_derivable(a, sym):
+                user = next(u for u in a.users if u in members)
+                _owner(user, region, branches).refuse(
+                    Reason.SYMBOLIC_SIZE, f"size '{a.name}' = {v} cannot be re-derived for kept tokens")
+        region.side_inputs = list(side)
+
+
+_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg, operator.mod}
+
+
+def _sym_derivable(a: fx.Node, sym: TokenSymbols) -> bool:
+    """Whether a size expression that involves the sequence length can be rebuilt with K."""
+    v = node_value(a)
+    if not sym.has_seq(v) or sym.is_seq(v):
+        return True
+    if a.op == "call_function" and a.target in _SYM_OPS:
+        return all(_sym_derivable(x, sym) for x in a.all_input_nodes)
+    return False

@@ -1,0 +1,156 @@
+"""Small pure helpers over dynamo FX graphs: values, symbolic token axes, ancestry."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "Ancestry",
+    "TokenSymbols",
+    "node_value",
+    "op_name",
+    "tensor_inputs",
+    "param_path",
+]
+
+
+def node_value(node: fx.Node) -> Any:
+    """The fake value dynamo recorded for `node` (tensor, SymInt, tuple, ...) or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for what a node calls: 'linear', 'view', 'add', 'scaled_dot_product_attention'."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        t = node.target
+        if t is operator.getitem:
+            return "getitem"
+        name = getattr(t, "__name__", None) or str(t)
+        return name.lstrip("_") if name.startswith("__") else name
+    return node.op
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """Input nodes of `node` whose recorded value is a tensor."""
+    return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
+
+
+def param_path(placeholder_name: str) -> str | None:
+    """Turn dynamo's lifted-parameter name into a module path, for reports only.
+
+    `l_model_modules_model_modules_layers_modules_0_modules_mlp_modules_up_proj_parameters_weight_`
+    -> `model.layers.0.mlp.up_proj.weight`.
+    """
+    for marker in ("_parameters_", "_buffers_"):
+        if marker in placeholder_name:
+            head, leaf = placeholder_name.split(marker, 1)
+            break
+    else:
+        return None
+    parts = head.split("_modules_")[1:]  # drop the 'l_model' / 'g_m' root
+    return ".".join(parts + [leaf.rstrip("_")])
+
+
+@dataclass(frozen=True)
+class TokenSymbols:
+    """The batch and sequence sizes of the captured call, as canonical sympy expressions.
+
+    Dynamo unifies symbols while tracing (an attention mask's length symbol may replace the
+    input ids' one), so every comparison goes through the ShapeEnv's replacements.
+    """
+
+    shape_env: Any
+    batch: Any
+    seq: Any
+
+    @classmethod
+    def from_value(cls, seq_value: torch.Tensor) -> "TokenSymbols | None":
+        env = getattr(getattr(seq_value, "fake_mode", None), "shape_env", None)
+        if env is None:
+            return None
+        b, t = seq_value.shape[0], seq_value.shape[1]
+        sym = cls(env, None, None)
+        return cls(env, sym.canon(b), sym.canon(t))
+
+    def canon(self, size: Any) -> Any:
+        import sympy
+
+        if isinstance(size, torch.SymInt):
+            return self.shape_env.replace(size.node.expr)
+        if isinstance(size, int):
+            return sympy.Integer(size)
+        return size
+
+    @property
+    def seq_is_symbolic(self) -> bool:
+        return bool(getattr(self.seq, "free_symbols", None))
+
+    def has_seq(self, size: Any) -> bool:
+        """Whether a dimension's size depends on the sequence length (a token axis)."""
+        expr = self.canon(size)
+        if not self.seq_is_symbolic:
+            return False
+        return bool(self.seq.free_symbols & getattr(expr, "free_symbols", set()))
+
+    def is_seq(self, size: Any) -> bool:
+        return self.seq_is_symbolic and self.canon(size) == self.seq
+
+    def is_batch(self, size: Any) -> bool:
+        return self.canon(size) == self.batch
+
+    def token_dims(self, value: Any) -> tuple[int, ...]:
+        """Dims of a tensor value whose size involves the sequence length."""
+        if not isinstance(value, torch.Tensor):
+            return ()
+        return tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
+
+
+class Ancestry:
+    """Ancestor sets of every node of a graph as bitsets, for O(1) 'does a depend on b' queries."""
+
+    def __init__(self, graph: fx.Graph):
+        self.nodes: list[fx.Node] = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self._anc: dict[fx.Node, int] = {}
+        for n in self.nodes:
+            bits = 0
+            for a in n.all_input_nodes:
+                bits |= self._anc[a] | (1 << self.index[a])
+            self._anc[n] = bits
+
+    def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
+        """True when `b` depends (transitively) on `a`."""
+        return bool((self._anc[b] >> self.index[a]) & 1)
+
+    def ancestors(self, n: fx.Node) -> int:
+        return self._anc[n]
+
+    def members(self, bits: int) -> list[fx.Node]:
+        out, i = [], 0
+        while bits:
+            if bits & 1:
+                out.append(self.nodes[i])
+            bits >>= 1
+            i += 1
+        return out
+
+    def descendants_of_any(self, sources: Iterable[fx.Node]) -> int:
+        """Bitset of nodes that depend on any of `sources` (sources excluded)."""
+        mask = 0
+        for s in sources:
+            mask |= 1 << self.index[s]
+        out = 0
+        for n in self.nodes:
+            if self._anc[n] & mask:
+                out |= 1 << self.index[n]
+        return out
+
+    def bit(self, n: fx.Node) -> int:
+        return 1 << self.index[n]

@@ -1,0 +1,156 @@
+"""The structured rewrite report: what the ReGATE pass rewrote, what it left dense, and why."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["BranchKind", "BranchRecord", "GraphReport", "Reason", "RewriteReport"]
+
+
+class Reason(str, enum.Enum):
+    """Why a region of the graph was not rewritten. Tests assert on these."""
+
+    TOKEN_MIXING = "token_mixing"
+    """An op other than attention mixes positions along the token axis (conv, cumsum, ...)."""
+    UNSUPPORTED_OP = "unsupported_op"
+    """An op the pass does not know how to classify touches a token-indexed tensor."""
+    ATTENTION_FORM = "attention_form"
+    """Attention in a layout the rewrite cannot mask (not 4-D, batch not first, ...)."""
+    ESCAPING_VALUE = "escaping_value"
+    """An intermediate of the branch is used outside it (e.g. returned attention weights)."""
+    NO_BATCH_AXIS = "no_batch_axis"
+    """A token-indexed side input has no batch axis to gather per sample along."""
+    SYMBOLIC_SIZE = "symbolic_size"
+    """A size expression involving the sequence length cannot be re-derived for kept tokens."""
+    NO_STREAM = "no_stream"
+    """No residual stream over (batch, tokens, hidden) was found in the graph."""
+    SEQ_SPECIALIZED = "seq_specialized"
+    """The sequence length was specialised to a constant while tracing."""
+    REFUSED_NEIGHBOUR = "refused_neighbour"
+    """Left dense because a branch it shares nodes with was refused."""
+
+
+class BranchKind(str, enum.Enum):
+    ATTENTION = "attention"
+    MLP = "mlp"
+    PARALLEL = "attention+mlp"
+    OTHER = "other"
+
+
+@dataclass
+class BranchRecord:
+    """One residual branch of the decoder stream.
+
+    Attributes:
+        index: position of the branch along the residual stream (0-based).
+        layer: the decoder layer's module path, e.g. ``model.layers.3`` (from parameter names;
+            display only, the pass never matches names).
+        module: the branch's module path, e.g. ``model.layers.3.self_attn``.
+        kind: attention, MLP, parallel attention+MLP, or other.
+        attention: ``"sdpa"`` or ``"eager"`` when the branch contains attention.
+        rewritten: True when the branch runs on kept tokens only.
+        reason: why not, when ``rewritten`` is False.
+        detail: human-readable explanation of ``reason``.
+        num_ops: number of graph nodes in the branch.
+    """
+
+    index: int
+    layer: str
+    module: str
+    kind: BranchKind
+    attention: str | None
+    rewritten: bool
+    reason: Reason | None = None
+    detail: str = ""
+    num_ops: int = 0
+
+
+@dataclass
+class GraphReport:
+    """What happened to one captured graph."""
+
+    name: str
+    sparse: bool
+    branches: list[BranchRecord] = field(default_factory=list)
+    regions: list[tuple[int, int]] = field(default_factory=list)
+    """Runs of consecutive rewritten branches (first, last index): the stream stays gathered inside."""
+    gathered_inputs: list[str] = field(default_factory=list)
+    """Token-indexed side inputs (rotary tables, masks, ...) gathered for the kept tokens."""
+    tail_on_kept: bool = False
+    """True when the final norm, LM head and loss run on kept positions only."""
+    reason: Reason | None = None
+    detail: str = ""
+
+    @property
+    def refused(self) -> list[BranchRecord]:
+        return [b for b in self.branches if not b.rewritten]
+
+
+@dataclass
+class RewriteReport:
+    """All graphs captured by one sparsified model, newest last. Renders as a rich table."""
+
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    @property
+    def sparse_graph(self) -> GraphReport | None:
+        """The newest graph captured with a keep mask, if any."""
+        for g in reversed(self.graphs):
+            if g.sparse:
+                return g
+        return None
+
+    @property
+    def branches(self) -> list[BranchRecord]:
+        g = self.sparse_graph
+        return g.branches if g else []
+
+    @property
+    def num_rewritten(self) -> int:
+        return sum(b.rewritten for b in self.branches)
+
+    @property
+    def refused(self) -> list[BranchRecord]:
+        return [b for b in self.branches if not b.rewritten]
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        g = self.sparse_graph
+        if g is None:
+            return Text("regate_fx: no graph captured with a keep mask yet (call the model once).")
+        if g.reason is not None and not g.branches:
+            return Text(f"regate_fx: graph not rewritten: {g.reason.value}: {g.detail}", style="red")
+        table = Table(title=f"ReGATE rewrite report ({self.num_rewritten}/{len(g.branches)} branches on kept tokens)")
+        for col in ("#", "layer", "branch", "kind", "attention", "status", "why not"):
+            table.add_column(col)
+        for b in g.branches:
+            status = Text("kept-only", style="green") if b.rewritten else Text("DENSE", style="bold red")
+            why = f"{b.reason.value}: {b.detail}" if b.reason else ""
+            table.add_row(str(b.index), b.layer, b.module, b.kind.value, b.attention or "-", status, why)
+        notes = [
+            f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
+            f"gathered side inputs: {len(g.gathered_inputs)}",
+            f"final norm / LM head / loss on kept tokens only: {'yes' if g.tail_on_kept else 'no'}",
+        ]
+        return Group(table, Text("\n".join(notes)))
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=_Null())
+        console.print(self)
+        return console.export_text()
+
+    __repr__ = __str__
+
+
+class _Null:
+    def write(self, *_):
+        pass
+
+    def flush(self):
+        pass

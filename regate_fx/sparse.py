@@ -1,0 +1,283 @@
+"""`sparsify`: the one-call entry point, and the module it returns."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from regate_fx.errors import KeepMaskError, RewriteError
+from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_backend
+from regate_fx.report import RewriteReport
+
+__all__ = ["KeptLayout", "ReGateOutput", "SparseModel", "SparsifyConfig", "kept_layout", "sparsify"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SparsifyConfig:
+    """Options of :func:`sparsify`.
+
+    Attributes:
+        strict: raise :class:`~regate_fx.RewriteError` when a branch cannot run on kept tokens
+            (default). With ``False`` such branches stay dense and a warning names them.
+        fullgraph: capture the model as one graph (recommended; a graph break raises with the
+            reason instead of silently splitting the model).
+        validate: check every ``keep_mask`` (shape, dtype, device, kept padding, empty samples).
+            Costs one host sync per step on GPU; turn off only once the input pipeline is trusted.
+        print_report: print the rewrite report (a rich table) after the first sparse compile.
+    """
+
+    strict: bool = True
+    fullgraph: bool = True
+    validate: bool = True
+    print_report: bool = False
+
+    def __post_init__(self):
+        for name in ("strict", "fullgraph", "validate", "print_report"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"SparsifyConfig.{name} must be a bool, got {value!r}")
+
+
+@dataclass
+class ReGateOutput(ModelOutput):
+    """Output of a sparsified model.
+
+    Attributes:
+        loss: mean cross-entropy over the kept prediction positions whose next label is supervised
+            (None without labels).
+        logits: (B, T, V); correct at kept positions, zero at pruned ones.
+        token_loss: (B, T) per-position cross-entropy of the prediction made at each position,
+            zero where not computed (pruned, or next label ignored). None without labels.
+        keep_mask: the (B, T) mask the step ran with (None for a dense call).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    keep_mask: torch.Tensor | None = None
+
+
+@dataclass
+class KeptLayout:
+    """Kept positions in a padded (B, K) layout; see `regate_fx.passes.rewrite` for the contract."""
+
+    gather_idx: torch.Tensor  # (B, K) long
+    scatter_idx: torch.Tensor  # (B, K) long
+    valid: torch.Tensor  # (B, K) bool
+
+
+def kept_layout(keep: torch.Tensor) -> KeptLayout:
+    """Build the padded kept layout of a bool keep mask (B, T); every row must keep >= 1 position."""
+    b, t = keep.shape
+    counts = keep.sum(1)  # (B,)
+    # K >= 2 so dynamo never specialises the kept length to 0/1 (that would recompile).
+    k = min(max(int(counts.max()), 2), t)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept first, each ascending
+    scatter_idx = order[:, :k].contiguous()  # (B, K)
+    valid = torch.arange(k, device=keep.device)[None, :] < counts[:, None]  # (B, K)
+    last = scatter_idx.gather(1, (counts - 1).clamp(min=0)[:, None])  # (B, 1) last kept position
+    gather_idx = torch.where(valid, scatter_idx, last)  # (B, K)
+    return KeptLayout(gather_idx, scatter_idx, valid)
+
+
+def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatter_idx, valid, labels):
+    """The function dynamo captures: the model's forward, then logits/loss at kept positions."""
+    logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
+    if gather_idx is None:
+        loss = token_loss = None
+        if labels is not None:
+            target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): label of p+1
+            counted = target != IGNORE_INDEX
+            if inputs.get("attention_mask") is not None:  # a padding position predicts nothing
+                counted = counted & (inputs["attention_mask"] != 0)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), target.clamp(min=0).flatten(),
+                                 reduction="none").view_as(target)
+            token_loss = torch.where(counted, ce, 0.0)  # (B, T)
+            loss = token_loss.sum() / counted.sum().clamp(min=1)
+        return logits, loss, token_loss
+    v = logits.size(-1)
+    kept_logits = logits.gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, v))  # (B, K, V)
+    kept_logits = torch.where(valid.unsqueeze(-1), kept_logits, 0.0)
+    full_logits = torch.zeros_like(logits).scatter(1, scatter_idx.unsqueeze(-1).expand(-1, -1, v), kept_logits)
+    loss = token_loss = None
+    if labels is not None:
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).gather(1, gather_idx)  # (B, K)
+        counted = valid & (target != IGNORE_INDEX)
+        ce = F.cross_entropy(kept_logits.flatten(0, 1).float(), target.clamp(min=0).flatten(),
+                             reduction="none").view_as(target)  # (B, K)
+        ce = torch.where(counted, ce, 0.0)
+        loss = ce.sum() / counted.sum().clamp(min=1)
+        token_loss = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).scatter(1, scatter_idx, ce)
+    return full_logits, loss, token_loss
+
+
+_INSTANCES = itertools.count()
+
+
+def _own_step_function() -> Callable:
+    """A copy of `_step` with its own code object: dynamo caches (and counts recompiles) per code
+    object, so each sparsified model gets its own cache instead of sharing one across models."""
+    code = _step.__code__.replace(co_name=f"regate_step_{next(_INSTANCES)}")
+    return types.FunctionType(code, _step.__globals__, code.co_name, _step.__defaults__, _step.__closure__)
+
+
+class SparseModel(nn.Module):
+    """A model whose decoder runs on the kept tokens of a ReGATE keep mask.
+
+    Shares its parameters with the wrapped model (an optimizer over ``model.parameters()`` trains
+    it); the wrapped model stays usable and dense. Built by :func:`sparsify`.
+
+    Attributes:
+        model: the wrapped model.
+        regate_report: a :class:`~regate_fx.RewriteReport` of every graph captured so far.
+    """
+
+    def __init__(self, model: nn.Module, config: SparsifyConfig, backend: str | Callable):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.regate_report = RewriteReport()
+        self._roles = PlaceholderRoles()
+        params = inspect.signature(model.forward).parameters
+        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self._use_cache_kw = {"use_cache": False} if ("use_cache" in params or accepts_kwargs) else {}
+        self._printed = False
+        _install_output_hooks(model)
+        regate_backend = make_backend(resolve_backend(backend), self.regate_report, self._roles,
+                                      strict=config.strict, log=self._maybe_print)
+        self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
+
+    def _maybe_print(self, _graph_report) -> None:
+        if self.config.print_report and not self._printed:
+            from rich.console import Console
+
+            Console().print(self.regate_report)
+            self._printed = True
+
+    def forward(self, keep_mask: torch.Tensor | None = None, **inputs: Any) -> ReGateOutput:
+        """Run the model; with ``keep_mask`` (bool [B, T]) the decoder computes kept positions only.
+
+        Args:
+            keep_mask: bool (B, T); True = position computed (visible as context in every layer,
+                its prediction counted in the loss). None runs the dense model.
+            **inputs: the wrapped model's keyword arguments (``input_ids`` or ``inputs_embeds``,
+                ``attention_mask``, ``labels``, ``pixel_values``, ...).
+        """
+        labels = inputs.pop("labels", None)
+        seq = inputs.get("input_ids")
+        if seq is None:
+            seq = inputs.get("inputs_embeds")
+        if seq is None:
+            raise ValueError("regate_fx: pass input_ids or inputs_embeds to the sparsified model")
+        layout = None
+        if keep_mask is not None:
+            if self.config.validate:
+                check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
+            layout = kept_layout(keep_mask)
+        for t in [*inputs.values(), labels]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == seq.shape[:2]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if layout is not None:
+            for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        self._roles.set(seq=seq, gather_idx=layout and layout.gather_idx,
+                        scatter_idx=layout and layout.scatter_idx, valid=layout and layout.valid)
+        try:
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                logits, loss, token_loss = self._compiled(
+                    self.model, inputs, self._use_cache_kw,
+                    layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None) or e.__cause__
+            if isinstance(inner, (KeepMaskError, RewriteError)):
+                raise inner.with_traceback(None) from None
+            raise
+        finally:
+            self._roles.set()
+        return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+
+
+def _install_output_hooks(model: nn.Module) -> None:
+    """transformers installs its output-capturing hooks lazily, under a threading.Lock that dynamo
+    cannot trace (a graph break in LLaVA-style models); install them before the first capture."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older/newer transformers without lazy hooks
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
+def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raise :class:`KeepMaskError` (a ValueError) if `keep` cannot drive a sparse step."""
+    if not isinstance(keep, torch.Tensor):
+        raise KeepMaskError(f"keep_mask must be a torch.Tensor of dtype bool, got {type(keep).__name__}")
+    if keep.dtype != torch.bool:
+        raise KeepMaskError(f"keep_mask must have dtype torch.bool, got {keep.dtype}; "
+                            "convert it with keep_mask.bool()")
+    if tuple(keep.shape) != tuple(seq.shape[:2]):
+        raise KeepMaskError(f"keep_mask has shape {tuple(keep.shape)} but the batch is "
+                            f"{tuple(seq.shape[:2])} (batch, tokens); it needs one entry per token")
+    if keep.device != seq.device:
+        raise KeepMaskError(f"keep_mask is on {keep.device} but the inputs are on {seq.device}; "
+                            f"move it with keep_mask.to({str(seq.device)!r})")
+    if attention_mask is not None:
+        kept_pad = keep & (attention_mask == 0)
+        if bool(kept_pad.any()):
+            b, p = (int(x) for x in kept_pad.nonzero()[0])
+            raise KeepMaskError(f"keep_mask keeps padding: sample {b}, position {p} has attention_mask 0; "
+                                "clear it with keep_mask & attention_mask.bool()")
+    empty = ~keep.any(1)
+    if bool(empty.any()):
+        raise KeepMaskError(f"keep_mask keeps no position in sample(s) {empty.nonzero().flatten().tolist()}; "
+                            "every sample needs at least one kept position")
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
+             backend: str | Callable = "inductor") -> SparseModel:
+    """Make a Hugging Face causal LM (or LLaVA-style MLLM) ReGATE-sparse.
+
+    The model is captured with dynamo on its first call; a graph pass finds the residual stream and
+    its attention / MLP / parallel branches from the graph's structure and rewrites them to run on
+    the kept tokens only (gather -> compute -> scatter); the result is compiled with ``backend``.
+
+    Args:
+        model: the model; it is not modified and keeps working densely.
+        config: :class:`SparsifyConfig`; defaults to strict refusal of unrewritable branches.
+        backend: the torch.compile backend used after the pass: ``"eager"``, ``"aot_eager"``,
+            ``"inductor"`` or a callable backend.
+
+    Returns:
+        A :class:`SparseModel` sharing ``model``'s parameters. Call it with the model's keyword
+        arguments plus ``keep_mask``; read ``.regate_report`` for what was rewritten.
+
+    Example:
+        >>> smodel = regate_fx.sparsify(model, backend="eager")
+        >>> out = smodel(input_ids=ids, attention_mask=am, labels=labels, keep_mask=keep)
+        >>> out.loss.backward()
+        >>> print(smodel.regate_report)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = SparsifyConfig()
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+    if not (callable(backend) or backend in ("eager", "aot_eager", "inductor")
+            or backend in torch._dynamo.list_backends()):
+        raise ValueError(f"unknown backend {backend!r}; use 'eager', 'aot_eager', 'inductor' or a callable")
+    return SparseModel(model, config, backend)

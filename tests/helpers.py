@@ -1,0 +1,150 @@
+"""The one comparison helper every correctness test uses: batches, keep masks, the oracle.
+
+The oracle (method.md): a sparsified model at its kept positions equals the *dense* model run on
+the kept subsequence alone, with the original position ids and an all-ones attention mask. Its loss
+is the mean cross-entropy of the kept predictions against the original next labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tests.models import VOCAB, TinyModel
+
+IMAGE_TOKENS = 5  # CLIP 16x16 image, 8x8 patches, CLS kept ("full" strategy)
+ATOL = 2e-5
+RTOL = 2e-4
+
+
+def make_batch(model: TinyModel, batch: int, seq: int, *, pad: str = "none", seed: int = 0,
+               lengths: list[int] | None = None, positions: bool = True) -> dict:
+    """Random input_ids / attention_mask / labels (+ pixel_values for an MLLM); pad 'left'|'right'|'none'."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 2, (batch, seq), generator=g)
+    am = torch.ones(batch, seq, dtype=torch.long)
+    if pad != "none":
+        if lengths is None:
+            lengths = [int(x) for x in torch.randint(max(2, seq // 2), seq + 1, (batch,), generator=g)]
+        for b, n in enumerate(lengths):
+            if pad == "left":
+                am[b, : seq - n] = 0
+            else:
+                am[b, n:] = 0
+    ids = ids.masked_fill(am == 0, 0)
+    out = {"input_ids": ids, "attention_mask": am}
+    if model.multimodal:
+        for b in range(batch):
+            real = am[b].nonzero().flatten()
+            assert len(real) >= IMAGE_TOKENS + 1, "sequence too short for the image"
+            ids[b, real[:IMAGE_TOKENS]] = VOCAB - 1
+        out["pixel_values"] = torch.randn(batch, 3, 16, 16, generator=g)
+    labels = ids.masked_fill(am == 0, -100)
+    if model.multimodal:
+        labels = labels.masked_fill(ids == VOCAB - 1, -100)
+    out["labels"] = labels
+    if positions:  # explicit original position ids: OPT-style models derive them from the mask
+        out["position_ids"] = (am.cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+def random_keep(batch: dict, rho: float, seed: int = 0) -> torch.Tensor:
+    """Keep each real token with probability rho; at least one per sample."""
+    g = torch.Generator().manual_seed(seed)
+    am = batch["attention_mask"].bool()
+    keep = (torch.rand(am.shape, generator=g) < rho) & am
+    first = am.float().argmax(1)
+    keep[torch.arange(am.size(0)), first] = True
+    return keep
+
+
+def _stream_embeddings(model, batch: dict) -> torch.Tensor | None:
+    """For an MLLM: the merged text+image embeddings entering the language model (with grad)."""
+    if "pixel_values" not in batch:
+        return None
+    captured = {}
+
+    def hook(_mod, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    finally:
+        h.remove()
+    return captured["embeds"]
+
+
+def oracle(model, batch: dict, keep: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample logits at kept positions and the loss, from the dense model on kept subsequences."""
+    labels = batch["labels"]
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)  # label of the prediction made at p
+    embeds = _stream_embeddings(model, batch)
+    pos_ids = batch.get("position_ids")
+    logits_out, total, count = [], 0.0, 0
+    for b in range(keep.size(0)):
+        pos = keep[b].nonzero().flatten()
+        ones = torch.ones(1, len(pos), dtype=torch.long)
+        p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]
+        if embeds is not None:
+            hidden = model.model.language_model(inputs_embeds=embeds[b:b + 1, pos], attention_mask=ones,
+                                                position_ids=p, use_cache=False).last_hidden_state
+            logits = model.lm_head(hidden)[0]
+        else:
+            logits = model(input_ids=batch["input_ids"][b:b + 1, pos], attention_mask=ones, position_ids=p,
+                           use_cache=False).logits[0]
+        logits_out.append(logits)
+        t = target[b, pos]
+        m = t != -100
+        if m.any():
+            total = total + F.cross_entropy(logits[m].float(), t[m], reduction="sum")
+            count += int(m.sum())
+    return logits_out, total / max(count, 1)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(actual, expected, what: str, atol: float = ATOL, rtol: float = RTOL) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: float = RTOL) -> None:
+    names = set(actual) | set(expected)
+    for n in sorted(names):
+        a = actual.get(n)
+        e = expected.get(n)
+        if a is None or e is None:  # a parameter that only one side reached must have zero grad
+            other = a if a is not None else e
+            assert float(other.abs().max()) == 0.0, f"grad of {n} exists on one side only"
+            continue
+        assert_close(a, e, f"grad of {n}", atol=atol, rtol=rtol)
+
+
+def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor) -> None:
+    """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's."""
+    model.zero_grad(set_to_none=True)
+    out = smodel(**batch, keep_mask=keep)
+    out.loss.backward()
+    g_sparse = grads(model)
+    model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss = oracle(model, batch, keep)
+    ref_loss.backward()
+    g_ref = grads(model)
+    model.zero_grad(set_to_none=True)
+    for b, ref in enumerate(ref_logits):
+        pos = keep[b].nonzero().flatten()
+        assert_close(out.logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
+        pruned = ~keep[b]
+        assert float(out.logits[b, pruned].abs().sum()) == 0.0, "pruned logits must be zero"
+    assert_close(out.loss.detach(), ref_loss.detach(), "loss")
+    assert_grads_close(g_sparse, g_ref)
+    # token_loss: the per-position CE at counted kept positions, zero elsewhere
+    counted = keep & (F.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100)
+    assert float(out.token_loss[~counted].abs().sum()) == 0.0
+    if counted.any():
+        assert math.isclose(float(out.token_loss[counted].mean()), float(out.loss), rel_tol=1e-4, abs_tol=1e-5)
