@@ -204,6 +204,12 @@ class SparseModel(nn.Module):
             if isinstance(inner, (KeepMaskError, RewriteError)):
                 raise inner.with_traceback(None) from None
             raise
+        except torch._dynamo.exc.Unsupported as e:
+            raise RewriteError(
+                "regate_fx: dynamo could not capture the model as a single graph, so its residual "
+                f"stream cannot be analysed as a whole:\n{str(e).strip()[:1500]}\n"
+                "Fix the graph break in the model's forward (see the hint above), or pass "
+                "SparsifyConfig(fullgraph=False) to rewrite each captured piece separately.") from e
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)

@@ -140,11 +140,11 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor) -> None
         pos = keep[b].nonzero().flatten()
         assert_close(out.logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
         pruned = ~keep[b]
-        assert float(out.logits[b, pruned].abs().sum()) == 0.0, "pruned logits must be zero"
+        assert float(out.logits[b, pruned].detach().abs().sum()) == 0.0, "pruned logits must be zero"
     assert_close(out.loss.detach(), ref_loss.detach(), "loss")
     assert_grads_close(g_sparse, g_ref)
     # token_loss: the per-position CE at counted kept positions, zero elsewhere
     counted = keep & (F.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100)
-    assert float(out.token_loss[~counted].abs().sum()) == 0.0
+    assert float(out.token_loss[~counted].detach().abs().sum()) == 0.0
     if counted.any():
         assert math.isclose(float(out.token_loss[counted].mean()), float(out.loss), rel_tol=1e-4, abs_tol=1e-5)

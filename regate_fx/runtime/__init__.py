@@ -1,3 +1,54 @@
 """ReGATE runtime: scoring, the dual-cycle schedule, selection and the teacher cache."""
 
-__all__: list[str] = []
+from regate_fx.runtime.cache import (
+    CacheCorruptError,
+    CacheError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    TeacherCache,
+    dataset_fingerprint,
+    token_checksums,
+)
+from regate_fx.runtime.config import ReGateConfig
+from regate_fx.runtime.data import collate
+from regate_fx.runtime.regate import ReGate, parse_batch
+from regate_fx.runtime.schedule import constant_rho, dual_cycle_rho, mean_rho, schedule_rho
+from regate_fx.runtime.selection import budget, keep_from_scores, random_scores, select_topk
+from regate_fx.runtime.store import DifficultyStore
+from regate_fx.runtime.teacher import (
+    TextTeacher,
+    causal_lm_teacher,
+    check_same_vocab,
+    text_only_teacher,
+    visual_token_ids_from_config,
+    weights_fingerprint,
+)
+
+__all__ = [
+    "CacheCorruptError",
+    "CacheError",
+    "CacheIncompleteError",
+    "CacheMismatchError",
+    "DifficultyStore",
+    "ReGate",
+    "ReGateConfig",
+    "TeacherCache",
+    "TextTeacher",
+    "budget",
+    "causal_lm_teacher",
+    "check_same_vocab",
+    "collate",
+    "constant_rho",
+    "dataset_fingerprint",
+    "dual_cycle_rho",
+    "keep_from_scores",
+    "mean_rho",
+    "parse_batch",
+    "random_scores",
+    "schedule_rho",
+    "select_topk",
+    "text_only_teacher",
+    "token_checksums",
+    "visual_token_ids_from_config",
+    "weights_fingerprint",
+]

@@ -1,0 +1,657 @@
+"""The teacher cache: reference losses computed once over the dataset, stored on disk.
+
+Layout of a cache directory (format version 1)::
+
+    manifest.json      the source of truth, replaced atomically after every commit
+    shard-*.npz        while computing: committed batches (sample ids, lengths, values)
+    values.bin         when complete: every sample's values, flat, in sample-id order
+    index.npz          when complete: offsets, lengths and token checksums per sample id
+
+Every file is written to a temporary name, fsynced, and renamed (``os.replace``); the manifest
+lists a file only after it is durable, so a process killed at any point leaves a cache that
+either resumes (``TeacherCache.compute`` computes only the batches no manifest-listed shard holds)
+or opens. A cache whose fingerprints (teacher weights, dataset token ids), dtype or format differ,
+or whose files do not match their recorded size and SHA-256, is refused with a :class:`CacheError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from regate_fx.runtime.data import collate, read_sample
+from regate_fx.runtime.selection import hash32
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CACHE_VERSION",
+    "CacheCorruptError",
+    "CacheError",
+    "CacheIncompleteError",
+    "CacheMismatchError",
+    "ReferenceTeacher",
+    "TeacherCache",
+    "dataset_fingerprint",
+    "token_checksums",
+]
+
+CACHE_FORMAT = "regate_fx.teacher_cache"
+CACHE_VERSION = 1
+DTYPES = ("float32", "float16")
+_MANIFEST = "manifest.json"
+_VALUES = "values.bin"
+_INDEX = "index.npz"
+_TMP = ".regate-tmp"
+_HASH_CHUNK = 1 << 24
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot be used."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was computed for another teacher, dataset, dtype or format version."""
+
+
+class CacheCorruptError(CacheError):
+    """The cache's files are missing, truncated or do not match their recorded checksums."""
+
+
+class CacheIncompleteError(CacheError):
+    """The computation was interrupted; resume it with :meth:`TeacherCache.compute`."""
+
+
+class ReferenceTeacher(Protocol):
+    """What :meth:`TeacherCache.compute` needs from a teacher (:class:`TextTeacher` is one)."""
+
+    pad_token_id: int | None
+
+    def fingerprint(self) -> str: ...
+
+    def reference_losses(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------- helpers
+def token_checksums(input_ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per-sample checksum of the real tokens and their in-sample positions.
+
+    Cheap and batched; the cache stores one per sample and training batches are checked against
+    it, which catches sample ids that do not match the dataset the cache was computed on.
+
+    Args:
+        input_ids: long ``[B, T]``.
+        positions: long ``[B, T]`` in-sample positions.
+        real: bool ``[B, T]``.
+
+    Returns:
+        Long ``[B]`` (sum of 32-bit hashes; no overflow for T < 2**31).
+    """
+    h = hash32(hash32(positions.long() + 0x632BE5AB) ^ input_ids.long())  # (B, T)
+    return torch.where(real, h, torch.zeros_like(h)).sum(dim=1)
+
+
+def _sample_digest(sid: int, ids: torch.Tensor, labels: torch.Tensor, vis: torch.Tensor | None) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([sid, ids.numel(), vis is not None], dtype=np.int64).tobytes())
+    h.update(ids.numpy().astype(np.int64).tobytes())
+    h.update(labels.numpy().astype(np.int64).tobytes())
+    if vis is not None:
+        h.update(vis.numpy().astype(np.uint8).tobytes())
+    return h.digest()
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+class _Scan:
+    """One pass over the dataset: ids, lengths, token checksums and the dataset fingerprint."""
+
+    def __init__(self, dataset: Sequence, progress: bool) -> None:
+        n = len(dataset)
+        if n < 1:
+            raise ValueError("the dataset is empty")
+        self.index_of = np.full(n, -1, dtype=np.int64)  # sample id -> dataset index
+        self.lengths = np.zeros(n, dtype=np.int64)
+        self.checksums = np.zeros(n, dtype=np.int64)
+        digests = bytearray(16 * n)
+        with _progress(progress) as bar:
+            task = bar.add_task("fingerprinting dataset", total=n)
+            for i in range(n):
+                sid, ids, labels, vis = read_sample(dataset[i], i)
+                if not 0 <= sid < n:
+                    raise ValueError(
+                        f"sample {i} has sample_id {sid}; sample ids must be 0 .. len(dataset) - 1 "
+                        f"= {n - 1}"
+                    )
+                if self.index_of[sid] >= 0:
+                    raise ValueError(f"sample id {sid} occurs twice (indices {self.index_of[sid]} and {i})")
+                self.index_of[sid] = i
+                self.lengths[sid] = ids.numel()
+                row = ids.view(1, -1)  # (1, L)
+                pos = torch.arange(ids.numel()).view(1, -1)  # (1, L)
+                self.checksums[sid] = int(token_checksums(row, pos, torch.ones_like(row, dtype=torch.bool))[0])
+                digests[16 * sid : 16 * sid + 16] = _sample_digest(sid, ids, labels, vis)
+                bar.advance(task)
+        h = hashlib.sha256(f"{CACHE_FORMAT}/dataset/{n}".encode())
+        h.update(bytes(digests))
+        self.fingerprint = h.hexdigest()
+
+    def plan(self, batch_size: int) -> list[np.ndarray]:
+        """Batches of sample ids: sorted by (length, id), chunked; deterministic."""
+        order = np.lexsort((np.arange(self.lengths.size), self.lengths))
+        return [order[s : s + batch_size] for s in range(0, order.size, batch_size)]
+
+
+def dataset_fingerprint(dataset: Sequence, *, progress: bool = False) -> str:
+    """SHA-256 over every sample's id, token ids, labels and visual mask, in sample-id order."""
+    return _Scan(dataset, progress).fingerprint
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(file)`` to a temporary name, fsync, rename over ``path``."""
+    tmp = path.with_name(path.name + _TMP)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    _atomic_write(root / _MANIFEST, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    with open(root / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise CacheError(f"another process is computing the teacher cache at {root}") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / _MANIFEST
+    if not path.exists():
+        raise CacheError(
+            f"no teacher cache at {root} (no {_MANIFEST}); compute one with "
+            f"TeacherCache.compute(path, teacher, dataset)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorruptError(f"the teacher cache manifest {path} is not valid JSON ({e}); delete {root} and recompute") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise CacheCorruptError(f"{path} is not a regate_fx teacher cache manifest; delete {root} and recompute")
+    if manifest.get("version") != CACHE_VERSION:
+        raise CacheMismatchError(
+            f"the teacher cache at {root} has format version {manifest.get('version')!r}; this "
+            f"regate_fx reads version {CACHE_VERSION}. Recompute it into a new directory"
+        )
+    required = ("state", "teacher_fingerprint", "dataset_fingerprint", "dtype", "num_samples", "batch_size")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise CacheCorruptError(f"the teacher cache manifest {path} lacks {missing}; delete {root} and recompute")
+    return manifest
+
+
+def _check_file(root: Path, entry: dict, verify: bool) -> Path:
+    path = root / entry["file"]
+    if not path.is_file():
+        raise CacheCorruptError(f"teacher cache file {path} is missing; delete {root} and recompute")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CacheCorruptError(
+            f"teacher cache file {path} has {size} bytes, the manifest records {entry['bytes']} "
+            f"(truncated or overwritten); delete {root} and recompute"
+        )
+    if verify and _sha256_file(path) != entry["sha256"]:
+        raise CacheCorruptError(
+            f"teacher cache file {path} does not match its recorded SHA-256 (corrupt); delete "
+            f"{root} and recompute"
+        )
+    return path
+
+
+def _check_match(manifest: dict, root: Path, *, teacher_fp: str | None, dataset_fp: str | None, dtype: str | None, num_samples: int | None) -> None:
+    if teacher_fp is not None and manifest["teacher_fingerprint"] != teacher_fp:
+        raise CacheMismatchError(
+            f"the teacher cache at {root} was computed with another teacher (weights fingerprint "
+            f"{manifest['teacher_fingerprint'][:12]}..., this teacher {teacher_fp[:12]}...); "
+            f"refusing to use its reference losses. Use a new directory for this teacher"
+        )
+    if num_samples is not None and manifest["num_samples"] != num_samples:
+        raise CacheMismatchError(
+            f"the teacher cache at {root} holds {manifest['num_samples']} samples but the dataset "
+            f"has {num_samples}; refusing to use it. Use a new directory for this dataset"
+        )
+    if dataset_fp is not None and manifest["dataset_fingerprint"] != dataset_fp:
+        raise CacheMismatchError(
+            f"the teacher cache at {root} was computed on other data (dataset fingerprint "
+            f"{manifest['dataset_fingerprint'][:12]}..., this dataset {dataset_fp[:12]}...); "
+            f"refusing to use it. Use a new directory for this dataset"
+        )
+    if dtype is not None and manifest["dtype"] != dtype:
+        raise CacheMismatchError(
+            f"the teacher cache at {root} stores {manifest['dtype']} but {dtype} was requested; "
+            f"use the same dtype or a new directory"
+        )
+
+
+def _load_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.array(z[k]) for k in keys}
+    except Exception as e:  # zip/CRC/format errors all mean the same thing here
+        raise CacheCorruptError(f"cannot read teacher cache file {path} ({type(e).__name__}: {e})") from e
+
+
+# --------------------------------------------------------------------------- the cache
+class TeacherCache:
+    """Reference losses ``r[sample_id, position]`` on disk, ragged per sample.
+
+    ``r[n, q]`` is the teacher's loss of the prediction made at in-sample position ``q`` (of token
+    ``q + 1``); NaN where that prediction is not supervised. Build one with :meth:`compute`, open
+    an existing one with :meth:`open`.
+    """
+
+    def __init__(self, root: Path, manifest: dict, index: dict[str, np.ndarray]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        self._offsets = index["offsets"]
+        self._lengths = index["lengths"]
+        self._checksums = index["checksums"]
+        n = int(manifest["num_values"])
+        self._values = (
+            np.memmap(root / _VALUES, dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
+        )
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_samples(self) -> int:
+        """Number of samples (ids ``0 .. num_samples - 1``)."""
+        return int(self.manifest["num_samples"])
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        """SHA-256 of the teacher's weights and settings."""
+        return self.manifest["teacher_fingerprint"]
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        """SHA-256 of the dataset's token ids and labels."""
+        return self.manifest["dataset_fingerprint"]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Long ``[num_samples]``: each sample's number of real tokens."""
+        return torch.from_numpy(self._lengths.copy())
+
+    @property
+    def checksums(self) -> torch.Tensor:
+        """Long ``[num_samples]``: each sample's :func:`token_checksums` value."""
+        return torch.from_numpy(self._checksums.copy())
+
+    def sample(self, sample_id: int) -> np.ndarray:
+        """One sample's reference losses as float32 (a copy)."""
+        off, n = int(self._offsets[sample_id]), int(self._lengths[sample_id])
+        return np.asarray(self._values[off : off + n], dtype=np.float32)
+
+    def lookup(self, sample_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``r`` at ``(sample_ids[b], positions[b, p])``; NaN where not ``valid``.
+
+        Args:
+            sample_ids: long ``[B]``.
+            positions: long ``[B, T]`` in-sample positions.
+            valid: bool ``[B, T]``.
+
+        Returns:
+            Float32 ``[B, T]`` on the CPU.
+        """
+        sids = sample_ids.detach().to("cpu", torch.long).numpy()  # (B,)
+        if sids.size and (sids.min() < 0 or sids.max() >= self.num_samples):
+            raise ValueError(f"a sample id is outside [0, {self.num_samples}) of the teacher cache")
+        pos = positions.detach().to("cpu", torch.long).numpy()  # (B, T)
+        ok = valid.detach().cpu().numpy().astype(bool) & (pos >= 0) & (pos < self._lengths[sids][:, None])
+        out = np.full(pos.shape, np.nan, dtype=np.float32)
+        out[ok] = self._values[(self._offsets[sids][:, None] + pos)[ok]]
+        return torch.from_numpy(out)
+
+    def check_batch(self, sample_ids: torch.Tensor, lengths: torch.Tensor, checksums: torch.Tensor) -> None:
+        """Refuse a batch whose samples are not the ones the cache was computed on.
+
+        Raises:
+            ValueError: a sample's length or token checksum differs from the cache's.
+        """
+        sids = sample_ids.detach().to("cpu", torch.long).numpy()
+        if sids.size and (sids.min() < 0 or sids.max() >= self.num_samples):
+            raise ValueError(f"a sample id is outside [0, {self.num_samples}) of the teacher cache")
+        ln = lengths.detach().to("cpu", torch.long).numpy()
+        cs = checksums.detach().to("cpu", torch.long).numpy()
+        bad = (self._lengths[sids] != ln) | (self._checksums[sids] != cs)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            sid, cached = int(sids[i]), int(self._lengths[sids[i]])
+            what = (
+                f"has {int(ln[i])} real tokens in this batch but {cached} in the teacher cache"
+                if cached != int(ln[i])
+                else "has other token ids in this batch than in the teacher cache"
+            )
+            raise ValueError(
+                f"sample id {sid} {what}; the loader's sample ids, tokenization or truncation "
+                f"differ from the dataset the cache was computed on"
+            )
+
+    # ------------------------------------------------------------ open
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        teacher: ReferenceTeacher | None = None,
+        dataset: Sequence | None = None,
+        teacher_fingerprint: str | None = None,
+        dataset_fingerprint: str | None = None,
+        verify: bool = True,
+    ) -> "TeacherCache":
+        """Open a complete cache, refusing it if corrupt or computed for another teacher/dataset.
+
+        Args:
+            path: the cache directory.
+            teacher: if given, its fingerprint must match the cache's.
+            dataset: if given, its fingerprint must match (one pass over the dataset).
+            teacher_fingerprint: an expected teacher fingerprint (instead of ``teacher``).
+            dataset_fingerprint: an expected dataset fingerprint (instead of ``dataset``).
+            verify: check every file's SHA-256 (sizes are always checked).
+
+        Raises:
+            CacheIncompleteError: the computation was interrupted.
+            CacheMismatchError: another teacher, dataset or format version.
+            CacheCorruptError: missing, truncated or altered files.
+        """
+        root = Path(path)
+        manifest = _read_manifest(root)
+        if teacher is not None:
+            teacher_fingerprint = teacher.fingerprint()
+        num_samples = None
+        if dataset is not None:
+            dataset_fingerprint = _Scan(dataset, progress=False).fingerprint
+            num_samples = len(dataset)
+        _check_match(manifest, root, teacher_fp=teacher_fingerprint, dataset_fp=dataset_fingerprint, dtype=None, num_samples=num_samples)
+        if manifest["state"] != "complete":
+            raise CacheIncompleteError(
+                f"the teacher cache at {root} is incomplete ({len(manifest.get('shards', []))} shards "
+                f"committed); resume it with TeacherCache.compute({str(root)!r}, teacher, dataset)"
+            )
+        return cls._open_complete(root, manifest, verify)
+
+    @classmethod
+    def _open_complete(cls, root: Path, manifest: dict, verify: bool) -> "TeacherCache":
+        try:
+            files = manifest["files"]
+            num_values = int(manifest["num_values"])
+            n = int(manifest["num_samples"])
+            dtype = np.dtype(manifest["dtype"])
+            values_entry, index_entry = files["values"], files["index"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheCorruptError(f"the teacher cache manifest in {root} is malformed ({e}); delete {root} and recompute") from e
+        if manifest["dtype"] not in DTYPES:
+            raise CacheCorruptError(f"the teacher cache in {root} has unknown dtype {manifest['dtype']!r}")
+        _check_file(root, index_entry, verify)
+        _check_file(root, values_entry, verify)
+        if values_entry["bytes"] != num_values * dtype.itemsize:
+            raise CacheCorruptError(f"the teacher cache in {root}: values.bin size disagrees with num_values")
+        index = _load_npz(root / _INDEX, ("offsets", "lengths", "checksums"))
+        shapes_ok = all(index[k].shape == (n,) and index[k].dtype == np.int64 for k in index)
+        if not shapes_ok or (index["lengths"] < 0).any() or (index["offsets"] < 0).any() or (
+            n and (index["offsets"] + index["lengths"]).max() > num_values
+        ):
+            raise CacheCorruptError(f"the teacher cache index in {root} is inconsistent; delete {root} and recompute")
+        return cls(root, manifest, index)
+
+    # ------------------------------------------------------------ compute
+    @classmethod
+    def compute(
+        cls,
+        path: str | os.PathLike,
+        teacher: ReferenceTeacher,
+        dataset: Sequence,
+        *,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        shard_samples: int = 1024,
+        progress: bool = True,
+        verify: bool = True,
+    ) -> "TeacherCache":
+        """Compute (or resume, or just open) the cache of ``teacher``'s losses over ``dataset``.
+
+        Samples are batched by length (sorted by (length, id), chunks of ``batch_size``, right
+        padded), run under ``torch.no_grad``, and committed in shards of about ``shard_samples``
+        samples. If ``path`` holds an interrupted computation for the same teacher and dataset,
+        only the missing batches are computed (with the batch size recorded in the manifest, so
+        the result is bit-for-bit that of an uninterrupted run). A complete matching cache is
+        opened without recomputation.
+
+        Args:
+            path: the cache directory (created if needed).
+            teacher: a :class:`ReferenceTeacher`, e.g. from :func:`text_only_teacher`.
+            dataset: a sequence of samples (see :mod:`regate_fx.runtime.data`); sample ids must
+                be ``0 .. len(dataset) - 1``.
+            batch_size: samples per teacher forward.
+            dtype: ``"float32"`` or ``"float16"`` on disk.
+            shard_samples: samples per committed shard (the most work a crash can lose).
+            progress: show rich progress bars.
+            verify: check SHA-256 of shards and final files.
+
+        Raises:
+            CacheMismatchError: ``path`` holds a cache for another teacher, dataset or dtype.
+            CacheCorruptError: ``path`` holds damaged files.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(shard_samples, bool) or not isinstance(shard_samples, int) or shard_samples < 1:
+            raise ValueError(f"shard_samples must be an int >= 1, got {shard_samples!r}")
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        with _lock(root):
+            teacher_fp = teacher.fingerprint()
+            scan = _Scan(dataset, progress)
+            if (root / _MANIFEST).exists():
+                manifest = _read_manifest(root)
+                _check_match(manifest, root, teacher_fp=teacher_fp, dataset_fp=scan.fingerprint, dtype=dtype, num_samples=len(dataset))
+                if manifest["state"] == "complete":
+                    return cls._open_complete(root, manifest, verify)
+                if manifest["batch_size"] != batch_size:
+                    warnings.warn(
+                        f"resuming the teacher cache at {root} with its recorded batch_size="
+                        f"{manifest['batch_size']} (not {batch_size}) so the result matches an "
+                        f"uninterrupted run",
+                        stacklevel=2,
+                    )
+                    batch_size = int(manifest["batch_size"])
+            else:
+                manifest = {
+                    "format": CACHE_FORMAT,
+                    "version": CACHE_VERSION,
+                    "state": "partial",
+                    "teacher_fingerprint": teacher_fp,
+                    "dataset_fingerprint": scan.fingerprint,
+                    "dtype": dtype,
+                    "num_samples": len(dataset),
+                    "batch_size": batch_size,
+                    "shards": [],
+                }
+                _write_manifest(root, manifest)
+            listed = {e["file"] for e in manifest["shards"]}
+            for stale in [*root.glob(f"*{_TMP}"), *root.glob("shard-*.npz")]:
+                if stale.name not in listed:  # leftovers of a killed writer
+                    stale.unlink()
+            _Computation(root, manifest, teacher, dataset, scan, progress, verify, shard_samples).run()
+            return cls._open_complete(root, manifest, verify)
+
+
+class _Computation:
+    """The resumable part of :meth:`TeacherCache.compute` (under the directory lock)."""
+
+    def __init__(self, root, manifest, teacher, dataset, scan, progress, verify, shard_samples) -> None:
+        self.root, self.manifest, self.teacher, self.dataset = root, manifest, teacher, dataset
+        self.scan, self.progress, self.verify, self.shard_samples = scan, progress, verify, shard_samples
+        self.np_dtype = np.dtype(manifest["dtype"])
+        self.plan = scan.plan(int(manifest["batch_size"]))
+
+    def run(self) -> None:
+        done = np.zeros(len(self.plan), dtype=bool)
+        for entry in self.manifest["shards"]:
+            _check_file(self.root, entry, self.verify)
+            lo, hi = entry["batches"]
+            done[lo:hi] = True
+        todo = np.flatnonzero(~done)
+        pad = self.teacher.pad_token_id if getattr(self.teacher, "pad_token_id", None) is not None else 0
+        with _progress(self.progress) as bar:
+            total = sum(int(self.plan[i].size) for i in range(len(self.plan)))
+            task = bar.add_task("teacher reference losses", total=total, completed=total - sum(int(self.plan[i].size) for i in todo))
+            pending: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
+            for j, b in enumerate(todo):
+                ids = self.plan[b]
+                batch = collate([self.dataset[int(self.scan.index_of[s])] for s in ids], pad_token_id=pad, indices=[int(self.scan.index_of[s]) for s in ids])
+                if not np.array_equal(batch["sample_id"].numpy(), ids):
+                    raise ValueError("the dataset changed while the teacher cache was being computed")
+                r = self.teacher.reference_losses(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("visual_mask")
+                )  # (B, T)
+                rows = [r[k, : int(self.scan.lengths[s])].numpy().astype(self.np_dtype) for k, s in enumerate(ids)]
+                pending.append((int(b), ids, rows))
+                bar.advance(task, int(ids.size))
+                last = j + 1 == todo.size
+                boundary = last or todo[j + 1] != b + 1
+                if boundary or sum(p[1].size for p in pending) >= self.shard_samples:
+                    self._commit(pending)
+                    pending = []
+        self._finalize()
+
+    def _commit(self, pending) -> None:
+        lo, hi = pending[0][0], pending[-1][0] + 1
+        ids = np.concatenate([p[1] for p in pending]).astype(np.int64)
+        rows = [row for p in pending for row in p[2]]
+        lengths = np.array([row.size for row in rows], dtype=np.int64)
+        values = np.concatenate(rows) if rows else np.zeros(0, self.np_dtype)
+        name = f"shard-{lo:08d}-{hi:08d}.npz"
+        _atomic_write(self.root / name, lambda f: np.savez(f, sample_ids=ids, lengths=lengths, values=values))
+        path = self.root / name
+        self.manifest["shards"].append(
+            {"file": name, "batches": [lo, hi], "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+        )
+        _write_manifest(self.root, self.manifest)
+
+    def _finalize(self) -> None:
+        lengths = self.scan.lengths
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        num_values = int(lengths.sum())
+        tmp = self.root / (_VALUES + _TMP)
+        with open(tmp, "wb") as f:
+            f.truncate(num_values * self.np_dtype.itemsize)
+        if num_values:
+            out = np.memmap(tmp, dtype=self.np_dtype, mode="r+", shape=(num_values,))
+            seen = np.zeros(lengths.size, dtype=bool)  # per sample id
+            for entry in self.manifest["shards"]:
+                z = _load_npz(self.root / entry["file"], ("sample_ids", "lengths", "values"))
+                sids = z["sample_ids"]
+                if (
+                    seen[sids].any()
+                    or not np.array_equal(z["lengths"], lengths[sids])
+                    or z["values"].dtype != self.np_dtype
+                    or z["values"].size != int(z["lengths"].sum())
+                ):
+                    raise CacheCorruptError(
+                        f"teacher cache shard {entry['file']} disagrees with the dataset or "
+                        f"another shard; delete {self.root} and recompute"
+                    )
+                seen[sids] = True
+                starts = offsets[sids] - np.concatenate([[0], np.cumsum(z["lengths"])[:-1]])
+                dest = np.repeat(starts, z["lengths"]) + np.arange(z["values"].size)  # (n,)
+                out[dest] = z["values"]
+            if not seen.all():
+                raise CacheCorruptError(
+                    f"the shards in {self.root} do not cover the dataset; delete it and recompute"
+                )
+            out.flush()
+            del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / _VALUES)
+        _fsync_dir(self.root)
+        _atomic_write(
+            self.root / _INDEX,
+            lambda f: np.savez(f, offsets=offsets, lengths=lengths, checksums=self.scan.checksums),
+        )
+        self.manifest.update(
+            state="complete",
+            num_values=num_values,
+            files={
+                name: {"file": fname, "bytes": (self.root / fname).stat().st_size, "sha256": _sha256_file(self.root / fname)}
+                for name, fname in (("values", _VALUES), ("index", _INDEX))
+            },
+        )
+        shard_files = [e["file"] for e in self.manifest["shards"]]
+        self.manifest["shards"] = []
+        _write_manifest(self.root, self.manifest)
+        for name in shard_files:  # only after the complete manifest is durable
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()

@@ -1,0 +1,63 @@
+"""Every family in the model table, in sdpa and eager attention, against the unsparsified model
+(keep all) and against the oracle (random keep masks, left/right padding, batch sizes 1-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import regate_fx
+from tests.helpers import (assert_close, assert_grads_close, check_against_oracle, grads, make_batch,
+                           random_keep)
+from tests.models import MODELS
+
+ATTN = ["sdpa", "eager"]
+
+
+@pytest.fixture(scope="module", params=[(m, a) for m in MODELS for a in ATTN],
+                ids=lambda p: f"{p[0].name}-{p[1]}")
+def pair(request):
+    tm, attn = request.param
+    model = tm(attn)
+    return tm, model, regate_fx.sparsify(model, backend="eager")
+
+
+def test_keep_all_reproduces_unsparsified_model(pair):
+    tm, model, smodel = pair
+    batch = make_batch(tm, 2, 12, seed=5, positions=False)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    model.zero_grad(set_to_none=True)
+    out = smodel(**batch, keep_mask=keep)
+    out.loss.backward()
+    g_sparse = grads(model)
+    model.zero_grad(set_to_none=True)
+    dense = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    loss = F.cross_entropy(dense.logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    loss.backward()
+    assert_close(out.logits.detach(), dense.logits.detach(), "logits", atol=1e-5, rtol=1e-5)
+    assert_close(out.loss.detach(), loss.detach(), "loss", atol=1e-6, rtol=1e-6)
+    assert_grads_close(g_sparse, grads(model), atol=1e-5, rtol=1e-5)
+    model.zero_grad(set_to_none=True)
+    assert smodel.regate_report.refused == []
+    assert smodel.regate_report.num_rewritten >= 2
+
+
+@pytest.mark.parametrize("pad,batch_size,rho", [("left", 3, 0.5), ("right", 2, 0.3), ("none", 1, 0.6),
+                                                ("left", 4, 0.8)])
+def test_random_keep_matches_oracle(pair, pad, batch_size, rho):
+    tm, model, smodel = pair
+    batch = make_batch(tm, batch_size, 14, pad=pad, seed=batch_size)
+    check_against_oracle(smodel, model, batch, random_keep(batch, rho, seed=7))
+
+
+def test_model_itself_stays_dense(pair):
+    tm, model, smodel = pair
+    batch = make_batch(tm, 2, 10, seed=1, positions=False)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    before = model(**inputs, use_cache=False).logits
+    smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    after = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(before, after)
+    assert set(map(id, smodel.parameters())) == set(map(id, model.parameters()))

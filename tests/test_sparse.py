@@ -1,0 +1,134 @@
+"""The public API: bad input, configuration, parameter sharing, the report, recompilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from regate_fx import KeepMaskError, SparsifyConfig, kept_layout
+from tests.helpers import make_batch, random_keep
+from tests.models import BY_NAME
+
+LLAMA = BY_NAME["llama"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = LLAMA("sdpa")
+    return model, regate_fx.sparsify(model, backend="eager")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda k: k[:, :-1], r"shape \(2, 9\).*\(2, 10\)"),
+    (lambda k: k.long(), "dtype torch.bool"),
+    (lambda k: k.to("meta"), "is on meta"),
+    (lambda k: k.tolist(), "torch.Tensor"),
+])
+def test_malformed_keep_mask_is_a_clear_value_error(llama, bad, match):
+    _, smodel = llama
+    batch = make_batch(LLAMA, 2, 10)
+    with pytest.raises(ValueError, match=match):
+        smodel(**batch, keep_mask=bad(random_keep(batch, 0.5)))
+
+
+def test_kept_padding_is_refused(llama):
+    _, smodel = llama
+    batch = make_batch(LLAMA, 2, 10, pad="left", lengths=[6, 10])
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    with pytest.raises(KeepMaskError, match=r"keeps padding: sample 0, position 0.*attention_mask"):
+        smodel(**batch, keep_mask=keep)
+
+
+def test_sample_with_no_kept_position_is_refused(llama):
+    _, smodel = llama
+    batch = make_batch(LLAMA, 3, 10)
+    keep = random_keep(batch, 0.5)
+    keep[1] = False
+    with pytest.raises(KeepMaskError, match=r"no position in sample\(s\) \[1\]"):
+        smodel(**batch, keep_mask=keep)
+
+
+def test_missing_inputs_and_bad_arguments():
+    model = LLAMA("sdpa")
+    with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
+        regate_fx.sparsify(model, backend="eager")(attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        regate_fx.sparsify(model, backend="nope")
+    with pytest.raises(ValueError, match="SparsifyConfig.strict must be a bool, got 'yes'"):
+        SparsifyConfig(strict="yes")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        regate_fx.sparsify("model")
+
+
+def test_optimizer_over_model_parameters_trains_the_sparse_model():
+    model = LLAMA("sdpa").train()
+    smodel = regate_fx.sparsify(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = make_batch(LLAMA, 2, 12, seed=3)
+    keep = random_keep(batch, 0.6, seed=1)
+    losses = []
+    for _ in range(5):
+        out = smodel(**batch, keep_mask=keep)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    assert losses[-1] < losses[0]
+
+
+def test_dense_call_counts_every_supervised_non_padding_prediction(llama):
+    model, smodel = llama
+    batch = make_batch(LLAMA, 2, 10, pad="right", lengths=[7, 10])
+    dense = smodel(**batch)
+    keep_all = smodel(**batch, keep_mask=batch["attention_mask"].bool())
+    torch.testing.assert_close(dense.loss, keep_all.loss)
+    torch.testing.assert_close(dense.token_loss, keep_all.token_loss)
+    assert dense.keep_mask is None
+
+
+def test_kept_layout_contract():
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    lay = kept_layout(keep)
+    assert lay.gather_idx.tolist() == [[0, 2, 3], [3, 3, 3]]
+    assert lay.valid.tolist() == [[True, True, True], [True, False, False]]
+    assert lay.scatter_idx[0].tolist() == [0, 2, 3]
+    assert lay.scatter_idx[1, 0] == 3 and sorted(lay.scatter_idx[1].tolist()) == [0, 1, 3]  # distinct
+    one = kept_layout(torch.tensor([[0, 1, 0, 0]], dtype=torch.bool))
+    assert one.gather_idx.shape == (1, 2)  # K >= 2: dynamo never specialises it to 1
+
+
+def test_report_renders_as_rich_table(llama):
+    _, smodel = llama
+    batch = make_batch(LLAMA, 2, 10)
+    smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    text = str(smodel.regate_report)
+    assert "ReGATE rewrite report (4/4 branches on kept tokens)" in text
+    assert "model.layers.1.self_attn" in text and "kept-only" in text
+    from rich.console import Console
+    console = Console(record=True, width=160)
+    console.print(smodel.regate_report)
+    assert "model.layers.0.mlp" in console.export_text()
+
+
+def test_no_recompilation_storm_with_varying_masks():
+    """After warm-up, 50 steps with random masks at varying rho (and so a different kept length K
+    every step) recompile nothing: B, T and K are symbolic from the first capture."""
+    from torch._dynamo.utils import counters
+
+    model = LLAMA("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(LLAMA, 3, 24, pad="left", seed=0)
+    smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=0)).loss.backward()  # warm-up
+    graphs_before = counters["stats"]["unique_graphs"]
+    gen = torch.Generator().manual_seed(0)
+    ks = set()
+    for step in range(50):
+        rho = float(torch.empty(()).uniform_(0.1, 1.0, generator=gen))
+        keep = random_keep(batch, rho, seed=step + 1)
+        ks.add(int(keep.sum(1).max()))
+        smodel(**batch, keep_mask=keep).loss.backward()
+    model.zero_grad()
+    assert len(ks) > 5  # the kept length really varied
+    assert counters["stats"]["unique_graphs"] - graphs_before == 0
+    assert sum(g.sparse for g in smodel.regate_report.graphs) == 1

@@ -1,0 +1,86 @@
+"""A hand-written pre-norm decoder whose MLP can be swapped for token-mixing variants.
+
+Negative tests use it: a conv or cumsum along the sequence must not be rewritten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    """mix: None (token-wise), 'conv' (depthwise conv along the sequence) or 'cumsum'."""
+
+    def __init__(self, d: int, mix: str | None = None):
+        super().__init__()
+        self.mix = mix
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        if mix == "conv":
+            self.conv = nn.Conv1d(2 * d, 2 * d, kernel_size=3, padding=2, groups=2 * d)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))  # (B, T, 2D)
+        if self.mix == "conv":
+            h = self.conv(h.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)  # causal conv over tokens
+        elif self.mix == "cumsum":
+            h = h.cumsum(dim=1)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, mix: str | None):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.mlp = Attention(d, heads), MLP(d, mix)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ToyLM(nn.Module):
+    """mixes: the MLP variant of each layer, e.g. [None, 'conv']."""
+
+    def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d, heads, m) for m in mixes)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return CausalLMOutput(logits=self.head(self.norm(x)))
+
+
+class NoStreamLM(nn.Module):
+    """No residual stream at all: a bag of token-wise layers."""
+
+    def __init__(self, vocab: int = 64, d: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.proj = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return CausalLMOutput(logits=self.proj(torch.tanh(self.embed(input_ids))))
