@@ -21,6 +21,7 @@ class TinyModel:
     name: str
     build: Callable[[str], torch.nn.Module]
     multimodal: bool = False
+    attns: tuple[str, ...] = ("sdpa", "eager")  # attention implementations the family offers
 
     def __call__(self, attn: str = "sdpa") -> torch.nn.Module:
         torch.manual_seed(0)
@@ -65,6 +66,27 @@ MODELS = [
                              dropout=0.0, attention_dropout=0.0)),
     TinyModel("falcon", _causal(tf.FalconConfig, tf.FalconForCausalLM, new_decoder_architecture=False,
                                 parallel_attn=True, alibi=False, hidden_dropout=0.0, attention_dropout=0.0)),
+    TinyModel("gpt_j", _causal(tf.GPTJConfig, tf.GPTJForCausalLM, rotary_dim=4, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0)),
+    TinyModel("cohere", _causal(tf.CohereConfig, tf.CohereForCausalLM, num_key_value_heads=2)),
     TinyModel("llava", _llava, multimodal=True),
 ]
-BY_NAME = {m.name: m for m in MODELS}
+
+# Families beyond the required list, tried as a new user would (one oracle check each).
+EXTRA_MODELS = [
+    TinyModel("gpt2", _causal(tf.GPT2Config, tf.GPT2LMHeadModel, n_inner=64, resid_pdrop=0.0,
+                              embd_pdrop=0.0, attn_pdrop=0.0)),
+    TinyModel("starcoder2", _causal(tf.Starcoder2Config, tf.Starcoder2ForCausalLM, num_key_value_heads=2,
+                                    residual_dropout=0.0, embedding_dropout=0.0, sliding_window=None)),
+    TinyModel("olmo2", _causal(tf.Olmo2Config, tf.Olmo2ForCausalLM, num_key_value_heads=2)),
+    TinyModel("granite", _causal(tf.GraniteConfig, tf.GraniteForCausalLM, num_key_value_heads=2)),
+    TinyModel("stablelm", _causal(tf.StableLmConfig, tf.StableLmForCausalLM, num_key_value_heads=2)),
+    TinyModel("phi3", _causal(tf.Phi3Config, tf.Phi3ForCausalLM, num_key_value_heads=2, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0)),
+    TinyModel("gemma2", _causal(tf.Gemma2Config, tf.Gemma2ForCausalLM, num_key_value_heads=2, head_dim=8),
+              attns=("eager",)),
+    TinyModel("gemma3", _causal(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, num_key_value_heads=2, head_dim=8)),
+    TinyModel("falcon_gqa", _causal(tf.FalconConfig, tf.FalconForCausalLM, new_decoder_architecture=True,
+                                    num_kv_heads=2, alibi=False, hidden_dropout=0.0, attention_dropout=0.0)),
+]
+BY_NAME = {m.name: m for m in MODELS + EXTRA_MODELS}

@@ -326,21 +326,24 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                     _owner(user, region, branches).refuse(
                         Reason.NO_BATCH_AXIS,
                         f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis")
-            elif isinstance(v, torch.SymInt) and sym.has_seq(v) and not _sym_derivable(a, sym):
+            elif sym.size_has_seq(v) and not _sym_derivable(a, sym):
                 user = next(u for u in a.users if u in members)
                 _owner(user, region, branches).refuse(
                     Reason.SYMBOLIC_SIZE, f"size '{a.name}' = {v} cannot be re-derived for kept tokens")
         region.side_inputs = list(side)
 
 
-_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg, operator.mod}
+# Size arithmetic the rewrite can replay with K in place of T: `T * H`, `torch.Size([B, T, D])`
+# (GPT-2's Conv1D builds its output shape that way), `x.size()[:-1] + (D,)`.
+_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg, operator.mod,
+            operator.getitem, torch.Size}
 
 
 def _sym_derivable(a: fx.Node, sym: TokenSymbols) -> bool:
-    """Whether a size expression that involves the sequence length can be rebuilt with K."""
+    """Whether a size (or tuple of sizes) that involves the sequence length can be rebuilt with K."""
     v = node_value(a)
-    if not sym.has_seq(v) or sym.is_seq(v):
-        return True
-    if a.op == "call_function" and a.target in _SYM_OPS:
+    if isinstance(v, torch.Tensor) or not sym.size_has_seq(v) or sym.is_seq(v):
+        return True  # tensors are gathered; sizes without T are kept as they are
+    if (a.op == "call_function" and a.target in _SYM_OPS) or (a.op == "call_method" and a.target == "size"):
         return all(_sym_derivable(x, sym) for x in a.all_input_nodes)
     return False

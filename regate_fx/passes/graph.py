@@ -99,6 +99,14 @@ class TokenSymbols:
             return False
         return bool(self.seq.free_symbols & getattr(expr, "free_symbols", set()))
 
+    def size_has_seq(self, value: Any) -> bool:
+        """Whether a non-tensor value (a SymInt, or a tuple/torch.Size of sizes) involves T."""
+        if isinstance(value, torch.SymInt):
+            return self.has_seq(value)
+        if isinstance(value, (tuple, list)):
+            return any(self.size_has_seq(v) for v in value)
+        return False
+
     def is_seq(self, size: Any) -> bool:
         return self.seq_is_symbolic and self.canon(size) == self.seq
 

@@ -51,7 +51,7 @@ _ELEMENTWISE = {
 # Ops that only move or reinterpret data; a token axis stays a token axis.
 _SHAPE = {
     "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
-    "flatten", "unflatten", "view_as", "reshape_as", "movedim", "swapaxes", "t",
+    "flatten", "unflatten", "view_as", "reshape_as", "movedim", "swapaxes", "t", "broadcast_to",
 }
 # Ops that produce sizes or constants (their tensors carry no token data).
 _META = {
@@ -64,7 +64,12 @@ _DIM_REDUCE = {
     "mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod", "argmax", "argmin",
     "all", "any", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort", "argsort",
     "topk", "var_mean", "std_mean", "count_nonzero", "nansum", "nanmean", "normalize", "median",
-    "max", "min", "flip", "roll",
+    "max", "min", "flip", "roll", "kthvalue",
+}
+# Where each reduction takes its dim (position, keyword, default); unlisted: (1, "dim", None = all).
+_DIM_ARG = {
+    "topk": (2, "dim", -1), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "norm": (2, "dim", None),
+    "normalize": (2, "dim", 1), "roll": (2, "dims", None), "kthvalue": (2, "dim", -1),
 }
 # Ops that split or join along `dim`: fine on hidden axes, a token mix on the token axis.
 _DIM_SPLIT = {
@@ -133,7 +138,11 @@ def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
             return _mix("linear contracts the token axis")
         return OK
     if name in ("matmul", "bmm", "mm"):
-        return _classify_matmul(node, sym)
+        return _classify_matmul(node, node.args[0], node.args[1], sym)
+    if name in ("addmm", "baddbmm", "addbmm"):
+        # bias + a @ b: GPT-2's Conv1D projection (addmm), Bloom's ALiBi scores (baddbmm).
+        return _classify_matmul(node, _arg(node, 1, "mat1" if name == "addmm" else "batch1"),
+                                _arg(node, 2, "mat2" if name == "addmm" else "batch2"), sym)
     if name in ("softmax", "log_softmax", "_softmax"):
         dims = _dims(_arg(node, 1, "dim"), nd)
         if dims is None:
@@ -162,14 +171,11 @@ def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
     if name in _MIXING_NORMS:
         return _mix(f"{name} pools statistics over tokens")
     if name in _DIM_REDUCE:
-        second = _arg(node, 1, "dim")
+        pos, key, default = _DIM_ARG.get(name, (1, "dim", None))
+        second = _arg(node, pos, key, default)
         if name in ("max", "min") and isinstance(second, fx.Node):
             return OK  # elementwise max/min of two tensors
-        if name == "roll":
-            second = _arg(node, 2, "dims")
-        if name == "normalize":
-            second = _arg(node, 2, "dim", 1)
-        dims = _dims(second, nd) if second is not None else list(range(nd))
+        dims = _dims(second, nd) if second is not None else list(range(nd))  # None: all dims
         if dims is None:
             return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"{name} with a symbolic dim")
         if set(dims) & set(x_tok):
@@ -201,8 +207,7 @@ def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
     return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"'{name}' on a token-indexed tensor")
 
 
-def _classify_matmul(node: fx.Node, sym: TokenSymbols) -> Verdict:
-    a, b = node.args[0], node.args[1]
+def _classify_matmul(node: fx.Node, a: Any, b: Any, sym: TokenSymbols) -> Verdict:
     av, bv = node_value(a), node_value(b)
     if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor)):
         return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail="matmul with a non-tensor operand")

@@ -115,13 +115,13 @@ def _rewrite_region(graph: fx.Graph, region: Region, sym: TokenSymbols, kept: Ke
         env[start] = graph.call_function(gather_tokens, (start, kept.gather_idx, (1,)))  # (B, K, D)
 
     def sym_k(a: fx.Node, before: fx.Node) -> fx.Node:
-        """Rebuild a size expression with T replaced by K."""
-        v = node_value(a)
-        if sym.is_seq(v):
+        """Rebuild a size expression (analyse._sym_derivable said it can be) with T replaced by K."""
+        if sym.is_seq(node_value(a)):
             return k_node
-        args = [sym_k(x, before) if isinstance(x, fx.Node) else x for x in a.args]
         with graph.inserting_before(before):
-            return graph.call_function(a.target, tuple(args))
+            new = graph.node_copy(a, lambda x: lookup(x, before))
+        new.meta = {}
+        return new
 
     def lookup(a: fx.Node, at: fx.Node) -> fx.Node:
         if a in env:
@@ -129,7 +129,7 @@ def _rewrite_region(graph: fx.Graph, region: Region, sym: TokenSymbols, kept: Ke
         v = node_value(a)
         if isinstance(v, torch.Tensor) and sym.token_dims(v):
             return gathered_side(a)
-        if isinstance(v, torch.SymInt) and sym.has_seq(v):
+        if not isinstance(v, torch.Tensor) and sym.size_has_seq(v):
             return sym_k(a, at)
         return a
 
