@@ -79,6 +79,8 @@ class GraphReport:
     """Token-indexed side inputs (rotary tables, masks, ...) gathered for the kept tokens."""
     tail_on_kept: bool = False
     """True when the final norm, LM head and loss run on kept positions only."""
+    tail_detail: str = ""
+    """Why the tail runs at full length, when it does."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -134,7 +136,8 @@ class RewriteReport:
         notes = [
             f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
             f"gathered side inputs: {len(g.gathered_inputs)}",
-            f"final norm / LM head / loss on kept tokens only: {'yes' if g.tail_on_kept else 'no'}",
+            "final norm / LM head / loss on kept tokens only: "
+            + ("yes" if g.tail_on_kept else f"no ({g.tail_detail})"),
         ]
         return Group(table, Text("\n".join(notes)))
 

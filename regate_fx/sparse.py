@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_backend
+from regate_fx.passes.kernels import kept_rows
 from regate_fx.report import RewriteReport
 
 __all__ = ["KeptLayout", "ReGateOutput", "SparseModel", "SparsifyConfig", "kept_layout", "sparsify"]
@@ -34,15 +35,19 @@ class SparsifyConfig:
         validate: check every ``keep_mask`` (shape, dtype, device, kept padding, empty samples).
             Costs one host sync per step on GPU; turn off only once the input pipeline is trusted.
         print_report: print the rewrite report (a rich table) after the first sparse compile.
+        return_logits: return ``out.logits`` (B, T, V) at sparse steps. Training loops that only
+            read the loss can turn it off: the step then never materialises a (B, T, V) tensor
+            (``out.logits`` is None; ``out.loss`` and ``out.token_loss`` are unchanged).
     """
 
     strict: bool = True
     fullgraph: bool = True
     validate: bool = True
     print_report: bool = False
+    return_logits: bool = True
 
     def __post_init__(self):
-        for name in ("strict", "fullgraph", "validate", "print_report"):
+        for name in ("strict", "fullgraph", "validate", "print_report", "return_logits"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"SparsifyConfig.{name} must be a bool, got {value!r}")
@@ -55,7 +60,8 @@ class ReGateOutput(ModelOutput):
     Attributes:
         loss: mean cross-entropy over the kept prediction positions whose next label is supervised
             (None without labels).
-        logits: (B, T, V); correct at kept positions, zero at pruned ones.
+        logits: (B, T, V); correct at kept positions, zero at pruned ones (None at a sparse step
+            with ``SparsifyConfig(return_logits=False)``).
         token_loss: (B, T) per-position cross-entropy of the prediction made at each position,
             zero where not computed (pruned, or next label ignored). None without labels.
         keep_mask: the (B, T) mask the step ran with (None for a dense call).
@@ -90,7 +96,8 @@ def kept_layout(keep: torch.Tensor) -> KeptLayout:
     return KeptLayout(gather_idx, scatter_idx, valid)
 
 
-def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatter_idx, valid, labels):
+def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatter_idx, valid, labels,
+          return_logits: bool = True):
     """The function dynamo captures: the model's forward, then logits/loss at kept positions."""
     logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
     if gather_idx is None:
@@ -105,10 +112,17 @@ def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatte
             token_loss = torch.where(counted, ce, 0.0)  # (B, T)
             loss = token_loss.sum() / counted.sum().clamp(min=1)
         return logits, loss, token_loss
-    v = logits.size(-1)
-    kept_logits = logits.gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, v))  # (B, K, V)
+    # kept_rows marks the output for the pass: it replays the tail (final norm, LM head) on the
+    # kept rows, so the full-length logits are never computed.
+    kept_logits = kept_rows(logits, gather_idx)  # (B, K, V)
     kept_logits = torch.where(valid.unsqueeze(-1), kept_logits, 0.0)
-    full_logits = torch.zeros_like(logits).scatter(1, scatter_idx.unsqueeze(-1).expand(-1, -1, v), kept_logits)
+    seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+    b, t = seq.size(0), seq.size(1)  # not logits.size(): that would keep the full logits alive
+    v = kept_logits.size(-1)
+    full_logits = None
+    if return_logits:
+        full_logits = kept_logits.new_zeros(b, t, v).scatter(
+            1, scatter_idx.unsqueeze(-1).expand(-1, -1, v), kept_logits)  # (B, T, V), zero where pruned
     loss = token_loss = None
     if labels is not None:
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).gather(1, gather_idx)  # (B, K)
@@ -184,10 +198,12 @@ class SparseModel(nn.Module):
             if self.config.validate:
                 check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
             layout = kept_layout(keep_mask)
+        # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         for t in [*inputs.values(), labels]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == seq.shape[:2]:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == seq.shape[0]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)  # per-sample inputs (pixel_values, ...)
+                if t.dim() >= 2 and t.shape[1] == seq.shape[1]:
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
         if layout is not None:
             for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -198,7 +214,8 @@ class SparseModel(nn.Module):
             with torch.fx.experimental._config.patch(use_duck_shape=False):
                 logits, loss, token_loss = self._compiled(
                     self.model, inputs, self._use_cache_kw,
-                    layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels)
+                    layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels,
+                    self.config.return_logits)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (KeepMaskError, RewriteError)):

@@ -137,7 +137,7 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor) -> None
     ref_loss.backward()
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)
-    for b, ref in enumerate(ref_logits):
+    for b, ref in enumerate(ref_logits if out.logits is not None else []):  # None: return_logits=False
         pos = keep[b].nonzero().flatten()
         assert_close(out.logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
         pruned = ~keep[b]

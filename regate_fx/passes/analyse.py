@@ -22,10 +22,11 @@ import torch
 import torch.fx as fx
 
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name, param_path
+from regate_fx.passes.kernels import kept_rows
 from regate_fx.passes.ops import classify
 from regate_fx.report import BranchKind, Reason
 
-__all__ = ["Analysis", "Branch", "Region", "analyse"]
+__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -73,10 +74,23 @@ class Region:
 
 
 @dataclass
+class Tail:
+    """The ops after the stream that produce the model's output (final norm, LM head, logit
+    soft-capping): replayed on the last region's kept rows instead of all T rows."""
+
+    take: fx.Node  # the kept_rows(output, gather_idx) marker
+    end: fx.Node  # the stream value the tail starts from (the last region's end)
+    nodes: list[fx.Node]
+
+
+@dataclass
 class Analysis:
     sym: TokenSymbols | None
     branches: list[Branch] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
+    tail: Tail | None = None
+    tail_detail: str = ""
+    """Why the tail runs at full length, when it does."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -261,6 +275,7 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node) -> Analysis:
         _check_regions(analysis, anc, sym, stream_set)
         if sum(b.ok for b in branches) == before:
             break
+    analysis.tail, analysis.tail_detail = find_tail(graph, analysis, anc)
     return analysis
 
 
@@ -318,19 +333,56 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                 if a not in members:
                     side[a] = None
         for a in side:
-            v = node_value(a)
-            if isinstance(v, torch.Tensor):
-                toks = sym.token_dims(v)
-                if toks and (0 in toks or not (sym.is_batch(v.shape[0]) or sym.canon(v.shape[0]) == 1)):
-                    user = next(u for u in a.users if u in members)
-                    _owner(user, region, branches).refuse(
-                        Reason.NO_BATCH_AXIS,
-                        f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis")
-            elif sym.size_has_seq(v) and not _sym_derivable(a, sym):
+            problem = _side_input_problem(a, sym)
+            if problem is not None:
                 user = next(u for u in a.users if u in members)
-                _owner(user, region, branches).refuse(
-                    Reason.SYMBOLIC_SIZE, f"size '{a.name}' = {v} cannot be re-derived for kept tokens")
+                _owner(user, region, branches).refuse(*problem)
         region.side_inputs = list(side)
+
+
+def _side_input_problem(a: fx.Node, sym: TokenSymbols) -> tuple[Reason, str] | None:
+    """Why a value computed outside a replayed piece cannot be brought to kept tokens, if it can't."""
+    v = node_value(a)
+    if isinstance(v, torch.Tensor):
+        toks = sym.token_dims(v)
+        if toks and (0 in toks or not (sym.is_batch(v.shape[0]) or sym.canon(v.shape[0]) == 1)):
+            return (Reason.NO_BATCH_AXIS,
+                    f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis")
+    elif sym.size_has_seq(v) and not _sym_derivable(a, sym):
+        return Reason.SYMBOLIC_SIZE, f"size '{a.name}' = {v} cannot be re-derived for kept tokens"
+    return None
+
+
+def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail | None, str]:
+    """The ops between the end of the stream and the `kept_rows` marker (final norm, LM head).
+
+    They can run on kept rows only when the last region ends the stream, every op is token-wise,
+    and nothing in between is used elsewhere. Returns (tail, "") or (None, why not).
+    """
+    sym = analysis.sym
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target is kept_rows]
+    if len(takes) != 1:
+        return None, "the model's output is not read at kept rows once (no kept_rows marker)"
+    take = takes[0]
+    if not analysis.regions or analysis.regions[-1].last != len(analysis.branches) - 1:
+        return None, "the last branch of the stream runs dense"
+    end = analysis.regions[-1].end
+    x = take.args[0]
+    nodes = anc.members(anc.descendants_of_any([end]) & (anc.ancestors(x) | anc.bit(x)))
+    if not nodes:
+        return None, "the output does not depend on the end of the stream"
+    members = set(nodes)
+    for n in nodes:
+        v = classify(n, sym)
+        if not v.ok or v.attention:
+            return None, f"'{n.name}' is not token-wise ({v.detail or 'attention'})"
+        for u in n.users:
+            if u not in members and u is not take:
+                return None, f"'{n.name}' is also used by '{u.name}'"
+        for a in n.all_input_nodes:
+            if a not in members and a is not end and _side_input_problem(a, sym):
+                return None, _side_input_problem(a, sym)[1]
+    return Tail(take, end, nodes), ""
 
 
 # Size arithmetic the rewrite can replay with K in place of T: `T * H`, `torch.Size([B, T, D])`

@@ -92,6 +92,7 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
                                    report=report)
             warnings.warn(msg, stacklevel=2)
         g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
+        g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
         if log is not None:
             log(g)

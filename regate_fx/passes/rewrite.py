@@ -18,55 +18,16 @@ stream value that entered it: pruned positions are carried unchanged, as the met
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.analyse import Analysis, Region
+from regate_fx.passes.analyse import Analysis, Region, Tail
 from regate_fx.passes.graph import TokenSymbols, node_value
+from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, scatter_tokens, sdpa_key_mask
 
-__all__ = ["KeptInputs", "gather_tokens", "mask_keys_scores", "scatter_tokens", "sdpa_key_mask", "rewrite"]
-
-
-# --- functions the rewritten graph calls (traced through by aot_autograd / inductor) -----------
-
-def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Gather `x` at the kept positions along each token axis in `dims` (batch axis first)."""
-    b, k = gather_idx.shape
-    if x.size(0) != b:
-        x = x.expand(b, *x.shape[1:])  # (1, ...) broadcast over the batch -> (B, ...)
-    for d in dims:
-        shape = [1] * x.dim()
-        shape[0], shape[d] = b, k
-        sizes = list(x.shape)
-        sizes[d] = k
-        x = x.gather(d, gather_idx.view(shape).expand(sizes))  # token axis d: T -> K
-    return x
-
-
-def scatter_tokens(base: torch.Tensor, kept: torch.Tensor, scatter_idx: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
-    """Write `kept` (B, K, D) back into `base` (B, T, D); padding slots rewrite pruned rows unchanged."""
-    idx = scatter_idx.unsqueeze(-1).expand(-1, -1, base.size(-1))  # (B, K, D)
-    src = torch.where(valid.unsqueeze(-1), kept.to(base.dtype), base.gather(1, idx))  # (B, K, D)
-    return base.scatter(1, idx, src)  # (B, T, D)
-
-
-def sdpa_key_mask(mask: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-    """Combine an SDPA attention mask with the key validity of the padded kept layout."""
-    keys = valid[:, None, None, :]  # (B, 1, 1, K)
-    if mask is None:
-        return keys
-    if mask.dtype == torch.bool:
-        return mask & keys  # (B, H|1, K, K)
-    return mask.masked_fill(~keys, float("-inf"))
-
-
-def mask_keys_scores(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mask padding-slot keys in eager attention scores (B, H, K, K) before the softmax."""
-    return scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+__all__ = ["KeptInputs", "rewrite"]
 
 
 # --- the rewrite --------------------------------------------------------------------------------
@@ -85,7 +46,11 @@ def _sdpa_is_causal(node: fx.Node) -> bool:
 
 
 def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[str]:
-    """Rewrite every region of `analysis` in place. Returns the names of gathered side inputs."""
+    """Rewrite every region (and the tail) of `analysis` in place.
+
+    Returns:
+        The names of the token-indexed side inputs that were gathered.
+    """
     graph = gm.graph
     sym = analysis.sym
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -97,66 +62,103 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[st
         if a not in gathered:
             dims = sym.token_dims(node_value(a))
             with graph.inserting_after(a if a.op != "placeholder" else k_node):
-                gathered[a] = graph.call_function(gather_tokens, (a, kept.gather_idx, dims))
+                gathered[a] = graph.call_function(gather_tokens, (a, kept.gather_idx, dims))  # T -> K
         return gathered[a]
 
+    replay = _Replay(graph, sym, kept, k_node, gathered_side)
+    env: dict[fx.Node, fx.Node] = {}
     for region in analysis.regions:
-        _rewrite_region(graph, region, sym, kept, k_node, gathered_side)
+        env = _rewrite_region(replay, region)
+    if analysis.tail is not None:
+        _rewrite_tail(replay, analysis.tail, env)
     gm.recompile()
     return [a.name for a in gathered]
 
 
-def _rewrite_region(graph: fx.Graph, region: Region, sym: TokenSymbols, kept: KeptInputs,
-                    k_node: fx.Node, gathered_side) -> None:
-    members = set(region.nodes)
-    env: dict[fx.Node, fx.Node] = {}
-    start = region.start
-    with graph.inserting_after(start):
-        env[start] = graph.call_function(gather_tokens, (start, kept.gather_idx, (1,)))  # (B, K, D)
+class _Replay:
+    """Copies nodes so that they compute on kept tokens: (B, T, ...) values become (B, K, ...)."""
 
-    def sym_k(a: fx.Node, before: fx.Node) -> fx.Node:
-        """Rebuild a size expression (analyse._sym_derivable said it can be) with T replaced by K."""
-        if sym.is_seq(node_value(a)):
-            return k_node
-        with graph.inserting_before(before):
-            new = graph.node_copy(a, lambda x: lookup(x, before))
-        new.meta = {}
-        return new
+    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: KeptInputs, k_node: fx.Node, gathered_side):
+        self.graph, self.sym, self.kept, self.k_node = graph, sym, kept, k_node
+        self.gathered_side = gathered_side
 
-    def lookup(a: fx.Node, at: fx.Node) -> fx.Node:
+    def lookup(self, a: fx.Node, at: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        """The kept-token version of input `a` of a node replayed just before `at`."""
         if a in env:
             return env[a]
         v = node_value(a)
-        if isinstance(v, torch.Tensor) and sym.token_dims(v):
-            return gathered_side(a)
-        if not isinstance(v, torch.Tensor) and sym.size_has_seq(v):
-            return sym_k(a, at)
+        if isinstance(v, torch.Tensor) and self.sym.token_dims(v):
+            return self.gathered_side(a)
+        if not isinstance(v, torch.Tensor) and self.sym.size_has_seq(v):
+            return self.sym_k(a, at, env)
         return a
 
-    for n in region.nodes:
-        with graph.inserting_after(n):
-            new = graph.node_copy(n, lambda a, n=n: lookup(a, n))
+    def sym_k(self, a: fx.Node, before: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        """Rebuild a size expression (analyse._sym_derivable said it can be) with T replaced by K."""
+        if self.sym.is_seq(node_value(a)):
+            return self.k_node
+        with self.graph.inserting_before(before):
+            new = self.graph.node_copy(a, lambda x: self.lookup(x, before, env))
         new.meta = {}
-        env[n] = new
-        if n.op == "call_function" and "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
-            _mask_sdpa_keys(graph, new, kept.valid, causal=_sdpa_is_causal(n))
-        elif _is_attention_softmax(n, sym):
-            with graph.inserting_before(new):
-                masked = graph.call_function(mask_keys_scores, (new.args[0], kept.valid))
-            new.update_arg(0, masked)
+        return new
 
+    def run(self, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
+        """Replay `nodes` (in graph order) on kept tokens, each right after its original."""
+        graph, sym, valid = self.graph, self.sym, self.kept.valid
+        for n in nodes:
+            with graph.inserting_after(n):
+                new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
+            new.meta = {}
+            env[n] = new
+            if n.op == "call_function" and "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
+                _mask_sdpa_keys(graph, new, valid, causal=_sdpa_is_causal(n))
+            elif _is_attention_softmax(n, sym):
+                with graph.inserting_before(new):
+                    masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
+                new.update_arg(0, masked)
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    for n in reversed(nodes):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
+    """Gather the stream once, replay the region on kept tokens, scatter what leaves it."""
+    graph, kept = replay.graph, replay.kept
+    members = set(region.nodes)
+    start = region.start
+    with graph.inserting_after(start):
+        env = {start: graph.call_function(gather_tokens, (start, kept.gather_idx, (1,)))}  # (B, K, D)
+    replay.run(region.nodes, env)
     # Stream values leaving the region (its end, and any stream value used after it).
     for n in region.nodes:
         outside = [u for u in n.users if u not in members and u not in env.values()]
         if not outside:
             continue
         with graph.inserting_after(env[n]):
-            full = graph.call_function(scatter_tokens, (start, env[n], kept.scatter_idx, kept.valid))
+            full = graph.call_function(scatter_tokens, (start, env[n], kept.scatter_idx, kept.valid))  # (B, T, D)
         for u in outside:
             u.replace_input_with(n, full)
-    for n in reversed(region.nodes):
-        if not n.users:
-            graph.erase_node(n)
+    _erase_dead(graph, region.nodes)
+    return env
+
+
+def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> None:
+    """Run the final norm / LM head on the last region's gathered stream, not on all T rows.
+
+    The marker `kept_rows(x)` asked for x's kept rows (B, K, V); the replayed x is exactly that.
+    """
+    graph = replay.graph
+    end_k = env[tail.end]  # (B, K, D): the stream before it was scattered back
+    scattered = [u for u in end_k.users if u.target is scatter_tokens]
+    env = {s: end_k for s in scattered}  # the tail reads the scattered stream; read the gathered one
+    replay.run(tail.nodes, env)
+    tail.take.replace_all_uses_with(env[tail.take.args[0]])  # (B, K, V)
+    graph.erase_node(tail.take)
+    _erase_dead(graph, tail.nodes)
+    _erase_dead(graph, scattered)
 
 
 def _is_attention_softmax(n: fx.Node, sym: TokenSymbols) -> bool:
@@ -177,5 +179,3 @@ def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node, causal: bool)
     else:
         new.update_kwarg("attn_mask", combined)
 
-
-_ = operator

@@ -227,6 +227,11 @@ def _lock(root: Path) -> Iterator[None]:
 def _read_manifest(root: Path) -> dict:
     path = root / _MANIFEST
     if not path.exists():
+        if any((root / f).exists() for f in (_VALUES, _INDEX)) or any(root.glob("shard-*.npz")):
+            raise CacheCorruptError(
+                f"the teacher cache at {root} has data files but no {_MANIFEST} (deleted or never "
+                f"written); delete {root} and recompute"
+            )
         raise CacheError(
             f"no teacher cache at {root} (no {_MANIFEST}); compute one with "
             f"TeacherCache.compute(path, teacher, dataset)"
@@ -246,10 +251,30 @@ def _read_manifest(root: Path) -> dict:
     missing = [k for k in required if k not in manifest]
     if missing:
         raise CacheCorruptError(f"the teacher cache manifest {path} lacks {missing}; delete {root} and recompute")
+    for k in required:
+        v = manifest[k]
+        if k in ("num_samples", "batch_size"):
+            bad = isinstance(v, bool) or not isinstance(v, int) or v < 1
+        else:
+            bad = not isinstance(v, str)
+        if bad:
+            raise CacheCorruptError(f"the teacher cache manifest {path} has {k}={v!r}; delete {root} and recompute")
     return manifest
 
 
 def _check_file(root: Path, entry: dict, verify: bool) -> Path:
+    ok = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and Path(entry["file"]).name == entry["file"]  # a plain name inside the cache directory
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
+    if not ok:
+        raise CacheCorruptError(
+            f"the teacher cache manifest in {root} has a malformed file entry {entry!r}; delete "
+            f"{root} and recompute"
+        )
     path = root / entry["file"]
     if not path.is_file():
         raise CacheCorruptError(f"teacher cache file {path} is missing; delete {root} and recompute")
@@ -265,6 +290,28 @@ def _check_file(root: Path, entry: dict, verify: bool) -> Path:
             f"{root} and recompute"
         )
     return path
+
+
+def _check_shard_list(root: Path, manifest: dict, num_batches: int) -> None:
+    """A partial manifest's shard list: entries with a file name and a batch range in the plan."""
+    shards = manifest.get("shards")
+
+    def ok(e: Any) -> bool:
+        b = e.get("batches") if isinstance(e, dict) else None
+        return (
+            isinstance(e, dict)
+            and isinstance(e.get("file"), str)
+            and isinstance(b, list)
+            and len(b) == 2
+            and all(isinstance(x, int) for x in b)
+            and 0 <= b[0] < b[1] <= num_batches
+        )
+
+    if not isinstance(shards, list) or not all(ok(e) for e in shards):
+        raise CacheCorruptError(
+            f"the teacher cache manifest in {root} has a malformed shard list; delete {root} and "
+            f"recompute"
+        )
 
 
 def _check_match(manifest: dict, root: Path, *, teacher_fp: str | None, dataset_fp: str | None, dtype: str | None, num_samples: int | None) -> None:
@@ -407,6 +454,7 @@ class TeacherCache:
         dataset: Sequence | None = None,
         teacher_fingerprint: str | None = None,
         dataset_fingerprint: str | None = None,
+        dtype: str | None = None,
         verify: bool = True,
     ) -> "TeacherCache":
         """Open a complete cache, refusing it if corrupt or computed for another teacher/dataset.
@@ -417,11 +465,12 @@ class TeacherCache:
             dataset: if given, its fingerprint must match (one pass over the dataset).
             teacher_fingerprint: an expected teacher fingerprint (instead of ``teacher``).
             dataset_fingerprint: an expected dataset fingerprint (instead of ``dataset``).
+            dtype: if given, the on-disk dtype the cache must have (``"float32"``/``"float16"``).
             verify: check every file's SHA-256 (sizes are always checked).
 
         Raises:
             CacheIncompleteError: the computation was interrupted.
-            CacheMismatchError: another teacher, dataset or format version.
+            CacheMismatchError: another teacher, dataset, dtype or format version.
             CacheCorruptError: missing, truncated or altered files.
         """
         root = Path(path)
@@ -432,7 +481,7 @@ class TeacherCache:
         if dataset is not None:
             dataset_fingerprint = _Scan(dataset, progress=False).fingerprint
             num_samples = len(dataset)
-        _check_match(manifest, root, teacher_fp=teacher_fingerprint, dataset_fp=dataset_fingerprint, dtype=None, num_samples=num_samples)
+        _check_match(manifest, root, teacher_fp=teacher_fingerprint, dataset_fp=dataset_fingerprint, dtype=dtype, num_samples=num_samples)
         if manifest["state"] != "complete":
             raise CacheIncompleteError(
                 f"the teacher cache at {root} is incomplete ({len(manifest.get('shards', []))} shards "
@@ -539,6 +588,7 @@ class TeacherCache:
                     "shards": [],
                 }
                 _write_manifest(root, manifest)
+            _check_shard_list(root, manifest, len(scan.plan(int(manifest["batch_size"]))))
             listed = {e["file"] for e in manifest["shards"]}
             for stale in [*root.glob(f"*{_TMP}"), *root.glob("shard-*.npz")]:
                 if stale.name not in listed:  # leftovers of a killed writer

@@ -20,7 +20,7 @@ import torch
 
 from regate_fx.runtime.cache import TeacherCache, token_checksums
 from regate_fx.runtime.config import ReGateConfig
-from regate_fx.runtime.schedule import schedule_rho
+from regate_fx.runtime.schedule import _check_step, schedule_rho
 from regate_fx.runtime.selection import (
     candidate_mask,
     default_labels,
@@ -205,6 +205,7 @@ class ReGate:
         ``lam > 0``, else +inf), the pseudo-random scores for random selection. Only candidate
         positions are meaningful.
         """
+        step = _check_step(step)
         pb = parse_batch(batch, self.config)
         self._check_cache(pb)
         with torch.no_grad():
@@ -215,8 +216,11 @@ class ReGate:
 
         Protected positions (visual ids, special ids, ``visual_mask``, ``protected_mask``) are
         always kept, padding never; of the candidates V, ``ceil(rho * |V|)`` with the highest
-        score are kept (ties: lower position first); at rho = 1 every real position is kept.
+        score are kept (ties: lower position first); at rho = 1 every real position is kept. A
+        sample left with no position keeps its first real one (see
+        :func:`~regate_fx.runtime.selection.keep_from_scores`).
         """
+        step = _check_step(step)
         pb = parse_batch(batch, self.config)
         self._check_cache(pb)
         rho = self.rho(step)

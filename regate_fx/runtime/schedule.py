@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import operator
+
 from regate_fx.runtime.config import ReGateConfig
 
 __all__ = ["constant_rho", "dual_cycle_rho", "mean_rho", "schedule_rho"]
 
 
 def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    """``step`` as an int (Python, numpy or 0-d integer tensor) >= 0; bools and floats refused."""
+    try:
+        value = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
         raise ValueError(f"step must be an int >= 0 (the global training step), got {step!r}")
-    return step
+    return value
 
 
 def dual_cycle_rho(

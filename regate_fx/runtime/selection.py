@@ -169,6 +169,11 @@ def keep_from_scores(
 ) -> torch.Tensor:
     """The keep mask: protected + top ``ceil(rho * |V|)`` candidates; all real tokens at rho = 1.
 
+    A sample that would keep nothing (no candidate and nothing protected, e.g. a prompt-only
+    sample whose answer was truncated away) keeps its first real position instead: the sparse
+    model needs at least one position per sample, and that position predicts no supervised token,
+    so the loss is unchanged.
+
     Args:
         scores: float ``[B, T]`` (only read at candidates).
         real: bool ``[B, T]``; padding is never kept.
@@ -184,7 +189,9 @@ def keep_from_scores(
     if rho == 1.0:
         return real.clone()
     k = budget(rho, candidates.sum(dim=1))  # (B,)
-    return (select_topk(scores, candidates, k) | protected) & real
+    keep = (select_topk(scores, candidates, k) | protected) & real  # (B, T)
+    first = real & (real.long().cumsum(dim=1) == 1)  # (B, T), the first real position
+    return keep | (first & ~keep.any(dim=1, keepdim=True))
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ seen. NaN marks a position never observed, so the first observation initialises 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +280,34 @@ class DifficultyStore:
         self._values[idx] = new.astype(np.float32)
 
     # ----------------------------------------------------------------- state
+    def _values_snapshot(self) -> torch.Tensor:
+        """A float32 copy of the used values: in RAM, or for a memmap store a file-backed tensor.
+
+        The memmap snapshot is written next to the store's file in chunks and memory-mapped
+        (its name is unlinked at once where the OS allows it), so a checkpoint of a store larger
+        than memory never holds it all in RAM: ``torch.save`` pages through it.
+        """
+        if self.path is None or self._used == 0:
+            values = torch.empty(self._used, dtype=torch.float32)
+            vnp = values.numpy()
+            for s in range(0, self._used, _CHUNK):
+                vnp[s : s + _CHUNK] = self._values[s : min(s + _CHUNK, self._used)]
+            return values
+        self.flush()
+        fd, name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".snapshot", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for s in range(0, self._used, _CHUNK):
+                    f.write(np.ascontiguousarray(self._values[s : min(s + _CHUNK, self._used)]).tobytes())
+            values = torch.from_file(name, shared=False, size=self._used, dtype=torch.float32)
+        finally:
+            with contextlib.suppress(OSError):  # POSIX: the mapping outlives the name
+                os.unlink(name)
+        return values
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit (a copy; O(store size) memory)."""
-        values = torch.empty(self._used, dtype=torch.float32)
-        vnp = values.numpy()
-        for s in range(0, self._used, _CHUNK):
-            vnp[s : s + _CHUNK] = self._values[s : min(s + _CHUNK, self._used)]
+        """Everything needed to continue bit-for-bit (a snapshot, see :meth:`_values_snapshot`)."""
+        values = self._values_snapshot()
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -325,7 +349,7 @@ class DifficultyStore:
             raise ValueError("corrupt DifficultyStore state: a sample extends past the values")
         self._reserve(used)
         for s in range(0, used, _CHUNK):
-            self._values[s : s + _CHUNK] = values[s : s + _CHUNK]
+            self._values[s : min(s + _CHUNK, used)] = values[s : s + _CHUNK]
         self._offsets = offsets.copy()
         self._lengths = lengths.copy()
         self._used = used

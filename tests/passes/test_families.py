@@ -40,6 +40,7 @@ def test_keep_all_reproduces_unsparsified_model(pair):
     model.zero_grad(set_to_none=True)
     assert smodel.regate_report.refused == []
     assert smodel.regate_report.num_rewritten >= 2
+    assert smodel.regate_report.sparse_graph.tail_on_kept
 
 
 @pytest.mark.parametrize("pad,batch_size,rho", [("left", 3, 0.5), ("right", 2, 0.3), ("none", 1, 0.6),

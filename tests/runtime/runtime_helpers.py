@@ -71,3 +71,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CountingTeacher:
+    """Wraps a teacher: counts reference_losses calls, optionally sleeps or blocks.
+
+    The fingerprint and pad id are the wrapped teacher's, so caches are interchangeable.
+
+    Args:
+        inner: a teacher (e.g. a TextTeacher).
+        delay: seconds to sleep per call.
+        block_after: if set, the call after this many calls sleeps forever (to be killed).
+    """
+
+    def __init__(self, inner, delay: float = 0.0, block_after: int | None = None) -> None:
+        self.inner = inner
+        self.pad_token_id = inner.pad_token_id
+        self.delay = delay
+        self.block_after = block_after
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def reference_losses(self, input_ids, attention_mask=None, labels=None, visual_mask=None):
+        import time
+
+        if self.block_after is not None and self.calls >= self.block_after:
+            time.sleep(3600)
+        if self.delay:
+            time.sleep(self.delay)
+        self.calls += 1
+        self.batch_sizes.append(int(input_ids.shape[0]))
+        return self.inner.reference_losses(input_ids, attention_mask, labels, visual_mask)
+
+
+def llama_teacher(seed: int = 0):
+    """A TextTeacher over a tiny random Llama (its own student for the vocabulary check)."""
+    from regate_fx.runtime.teacher import causal_lm_teacher
+
+    lm = tiny_llama(seed)
+    return causal_lm_teacher(lm, student=lm)

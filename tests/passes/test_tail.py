@@ -1,0 +1,72 @@
+"""The tail (final norm, LM head, loss) runs on kept rows only: no (B, T, V) product is computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from regate_fx import SparsifyConfig
+from tests.helpers import assert_close, check_against_oracle, make_batch, random_keep
+from tests.models import BY_NAME, VOCAB
+
+
+def _recording_backend(shapes: list):
+    """A backend that runs the rewritten graph node by node, recording every vocab-sized output."""
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == VOCAB:
+                shapes.append((n.op, str(n.target), tuple(out.shape)))
+            return out
+
+    return lambda gm, example_inputs: (lambda *args: Recorder(gm).run(*args))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "opt", "llava"])
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_lm_head_runs_on_kept_rows_only(name, return_logits):
+    tm = BY_NAME[name]
+    model = tm("sdpa")
+    shapes: list = []
+    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=return_logits),
+                                backend=_recording_backend(shapes))
+    batch = make_batch(tm, 2, 16, pad="left", seed=4)
+    keep = random_keep(batch, 0.4, seed=3)
+    k = int(keep.sum(1).max())
+    out = smodel(**batch, keep_mask=keep)
+    report = smodel.regate_report.sparse_graph
+    assert report.tail_on_kept, report.tail_detail
+    computed = [s for s in shapes if s[0] == "call_function"]
+    assert computed and all(s[2] == (2, k, VOCAB) for s in computed), computed
+    full = [s for s in shapes if s[2][1] == 16]  # only the output scatter, when logits are asked for
+    assert len(full) == (2 if return_logits else 0), full  # new_zeros + scatter
+    assert (out.logits is None) is (not return_logits)
+    assert "final norm / LM head / loss on kept tokens only: yes" in str(smodel.regate_report)
+
+
+def test_return_logits_false_gives_the_same_loss_and_grads():
+    tm = BY_NAME["qwen2"]
+    model = tm("eager")
+    batch = make_batch(tm, 3, 12, pad="right", seed=6)
+    keep = random_keep(batch, 0.5, seed=1)
+    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=False), backend="eager")
+    check_against_oracle(smodel, model, batch, keep)
+    out = smodel(**batch, keep_mask=keep)
+    ref = regate_fx.sparsify(model, backend="eager")(**batch, keep_mask=keep)
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, "loss")
+    assert_close(out.token_loss, ref.token_loss, "token_loss")
+
+
+def test_tail_stays_full_length_when_the_last_branch_is_dense():
+    from tests.toy import ToyLM
+
+    model = ToyLM([None, "cumsum"]).eval()
+    smodel = regate_fx.sparsify(model, SparsifyConfig(strict=False), backend="eager")
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning):
+        smodel(input_ids=ids, keep_mask=torch.ones(2, 10, dtype=torch.bool))
+    g = smodel.regate_report.sparse_graph
+    assert not g.tail_on_kept and "last branch" in g.tail_detail
