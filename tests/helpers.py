@@ -78,8 +78,23 @@ def _stream_embeddings(model, batch: dict) -> torch.Tensor | None:
     return captured["embeds"]
 
 
-def oracle(model, batch: dict, keep: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample logits at kept positions and the loss, from the dense model on kept subsequences."""
+def _window_masks(model, orig: torch.Tensor, window: int):
+    """4-D masks for a kept subsequence whose sliding window is measured in original positions
+    (`orig`, the kept tokens' indices in the padded batch), as the full-length model measures it."""
+    q, k = orig[:, None], orig[None, :]
+    neg = torch.tensor(float("-inf"))
+    full = torch.where(k <= q, 0.0, neg)[None, None]  # (1, 1, K, K)
+    sliding = torch.where((k <= q) & (q - k < window), 0.0, neg)[None, None]
+    types = set(getattr(model.config, "layer_types", None) or [])
+    return {"full_attention": full, "sliding_attention": sliding} if "full_attention" in types else sliding
+
+
+def oracle(model, batch: dict, keep: torch.Tensor, window: int | None = None
+           ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample logits at kept positions and the loss, from the dense model on kept subsequences.
+
+    With a sliding `window`, the kept subsequence gets explicit 4-D masks measuring the window in
+    original positions (transformers would measure it in kept tokens)."""
     labels = batch["labels"]
     target = F.pad(labels[:, 1:], (0, 1), value=-100)  # label of the prediction made at p
     embeds = _stream_embeddings(model, batch)
@@ -87,7 +102,7 @@ def oracle(model, batch: dict, keep: torch.Tensor) -> tuple[list[torch.Tensor], 
     logits_out, total, count = [], 0.0, 0
     for b in range(keep.size(0)):
         pos = keep[b].nonzero().flatten()
-        ones = torch.ones(1, len(pos), dtype=torch.long)
+        ones = torch.ones(1, len(pos), dtype=torch.long) if window is None else _window_masks(model, pos, window)
         p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]
         if embeds is not None:
             hidden = model.model.language_model(inputs_embeds=embeds[b:b + 1, pos], attention_mask=ones,
@@ -126,14 +141,14 @@ def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: f
         assert_close(a, e, f"grad of {n}", atol=atol, rtol=rtol)
 
 
-def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor) -> None:
+def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window: int | None = None) -> None:
     """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's."""
     model.zero_grad(set_to_none=True)
     out = smodel(**batch, keep_mask=keep)
     out.loss.backward()
     g_sparse = grads(model)
     model.zero_grad(set_to_none=True)
-    ref_logits, ref_loss = oracle(model, batch, keep)
+    ref_logits, ref_loss = oracle(model, batch, keep, window)
     ref_loss.backward()
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ from regate_fx.runtime.cache import (
     dataset_fingerprint,
     token_checksums,
 )
+from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from regate_fx.runtime.config import ReGateConfig
 from regate_fx.runtime.data import collate
 from regate_fx.runtime.regate import ReGate, parse_batch
@@ -42,9 +43,11 @@ __all__ = [
     "dataset_fingerprint",
     "dual_cycle_rho",
     "keep_from_scores",
+    "load_checkpoint",
     "mean_rho",
     "parse_batch",
     "random_scores",
+    "save_checkpoint",
     "schedule_rho",
     "select_topk",
     "text_only_teacher",

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from regate_fx.runtime.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir
 from regate_fx.runtime.data import collate, read_sample
 from regate_fx.runtime.selection import hash32
 
@@ -49,7 +50,7 @@ DTYPES = ("float32", "float16")
 _MANIFEST = "manifest.json"
 _VALUES = "values.bin"
 _INDEX = "index.npz"
-_TMP = ".regate-tmp"
+_TMP = TMP_SUFFIX
 _HASH_CHUNK = 1 << 24
 
 
@@ -173,26 +174,6 @@ def dataset_fingerprint(dataset: Sequence, *, progress: bool = False) -> str:
     return _Scan(dataset, progress).fingerprint
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a temporary name, fsync, rename over ``path``."""
-    tmp = path.with_name(path.name + _TMP)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -203,7 +184,7 @@ def _sha256_file(path: Path) -> str:
 
 def _write_manifest(root: Path, manifest: dict) -> None:
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    _atomic_write(root / _MANIFEST, lambda f: f.write(data))
+    atomic_write(root / _MANIFEST, lambda f: f.write(data))
 
 
 @contextlib.contextmanager
@@ -643,7 +624,7 @@ class _Computation:
         lengths = np.array([row.size for row in rows], dtype=np.int64)
         values = np.concatenate(rows) if rows else np.zeros(0, self.np_dtype)
         name = f"shard-{lo:08d}-{hi:08d}.npz"
-        _atomic_write(self.root / name, lambda f: np.savez(f, sample_ids=ids, lengths=lengths, values=values))
+        atomic_write(self.root / name, lambda f: np.savez(f, sample_ids=ids, lengths=lengths, values=values))
         path = self.root / name
         self.manifest["shards"].append(
             {"file": name, "batches": [lo, hi], "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
@@ -686,8 +667,8 @@ class _Computation:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.root / _VALUES)
-        _fsync_dir(self.root)
-        _atomic_write(
+        fsync_dir(self.root)
+        atomic_write(
             self.root / _INDEX,
             lambda f: np.savez(f, offsets=offsets, lengths=lengths, checksums=self.scan.checksums),
         )

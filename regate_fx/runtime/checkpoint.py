@@ -1,0 +1,80 @@
+"""Atomic files: a crash while writing never leaves a half-written checkpoint or cache file.
+
+Every write goes to a temporary name next to the target, is fsynced, and renamed over the target
+(``os.replace`` is atomic on POSIX and Windows); the directory is fsynced so the rename survives
+a power loss. The teacher cache and training checkpoints both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, IO
+
+import torch
+
+__all__ = ["TMP_SUFFIX", "atomic_write", "fsync_dir", "load_checkpoint", "save_checkpoint"]
+
+TMP_SUFFIX = ".regate-tmp"  # ignored by .gitignore; a leftover means a writer was killed
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` via ``write(file)`` to a temporary name, fsync, and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """``torch.save(state, path)``, atomically: the previous checkpoint stays valid until the new
+    one is complete.
+
+    Args:
+        path: the checkpoint file; its directory is created if needed.
+        state: e.g. ``{"model": ..., "optimizer": ..., "regate": rg.state_dict(), "step": step}``.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a dict, got {type(state).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a :func:`save_checkpoint` file; a missing or unreadable file is a clear error.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: the file is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, pickle errors: all mean the file is unusable
+        raise ValueError(f"{path} is not a readable regate_fx checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
