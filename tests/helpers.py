@@ -60,6 +60,12 @@ def random_keep(batch: dict, rho: float, seed: int = 0) -> torch.Tensor:
     return keep
 
 
+def _unwrap(model):
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def _stream_embeddings(model, batch: dict) -> torch.Tensor | None:
     """For an MLLM: the merged text+image embeddings entering the language model (with grad)."""
     if "pixel_values" not in batch:
@@ -69,7 +75,7 @@ def _stream_embeddings(model, batch: dict) -> torch.Tensor | None:
     def hook(_mod, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
 
-    lm = model.model.language_model
+    lm = _unwrap(model).model.language_model
     h = lm.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
@@ -105,9 +111,9 @@ def oracle(model, batch: dict, keep: torch.Tensor, window: int | None = None
         ones = torch.ones(1, len(pos), dtype=torch.long) if window is None else _window_masks(model, pos, window)
         p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]
         if embeds is not None:
-            hidden = model.model.language_model(inputs_embeds=embeds[b:b + 1, pos], attention_mask=ones,
+            hidden = _unwrap(model).model.language_model(inputs_embeds=embeds[b:b + 1, pos], attention_mask=ones,
                                                 position_ids=p, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden)[0]
+            logits = _unwrap(model).lm_head(hidden)[0]
         else:
             logits = model(input_ids=batch["input_ids"][b:b + 1, pos], attention_mask=ones, position_ids=p,
                            use_cache=False).logits[0]
