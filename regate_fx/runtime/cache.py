@@ -30,6 +30,7 @@ import torch
 from regate_fx.runtime.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir
 from regate_fx.runtime.data import collate, read_sample
 from regate_fx.runtime.selection import hash32
+from regate_fx.runtime.store import gather_ragged
 
 __all__ = [
     "CACHE_FORMAT",
@@ -394,11 +395,7 @@ class TeacherCache:
         sids = sample_ids.detach().to("cpu", torch.long).numpy()  # (B,)
         if sids.size and (sids.min() < 0 or sids.max() >= self.num_samples):
             raise ValueError(f"a sample id is outside [0, {self.num_samples}) of the teacher cache")
-        pos = positions.detach().to("cpu", torch.long).numpy()  # (B, T)
-        ok = valid.detach().cpu().numpy().astype(bool) & (pos >= 0) & (pos < self._lengths[sids][:, None])
-        out = np.full(pos.shape, np.nan, dtype=np.float32)
-        out[ok] = self._values[(self._offsets[sids][:, None] + pos)[ok]]
-        return torch.from_numpy(out)
+        return gather_ragged(self._values, self._offsets, self._lengths, sids, positions, valid)
 
     def check_batch(self, sample_ids: torch.Tensor, lengths: torch.Tensor, checksums: torch.Tensor) -> None:
         """Refuse a batch whose samples are not the ones the cache was computed on.

@@ -18,7 +18,7 @@ import torch
 
 from regate_fx.runtime import _dist
 
-__all__ = ["DifficultyStore"]
+__all__ = ["DifficultyStore", "gather_ragged"]
 
 _FORMAT = "regate_fx.difficulty_store"
 _VERSION = 1
@@ -30,6 +30,22 @@ def _np_long(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().to("cpu", torch.long).numpy().reshape(-1)
     return np.asarray(t, dtype=np.int64).reshape(-1)
+
+
+def gather_ragged(values: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, sids: np.ndarray,
+                  positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample ragged values (sample s owns ``values[offsets[s] : offsets[s] + lengths[s]]``,
+    ``offsets[s] < 0`` = never seen) read at ``(sids[b], positions[b, p])``.
+
+    Returns:
+        Float32 ``[B, T]`` on the CPU, NaN where not ``valid``, unseen or out of the sample.
+    """
+    pos = positions.detach().to("cpu", torch.long).numpy()  # (B, T)
+    ok = valid.detach().cpu().numpy().astype(bool) & (offsets[sids] >= 0)[:, None]
+    ok &= (pos >= 0) & (pos < lengths[sids][:, None])
+    out = np.full(pos.shape, np.nan, dtype=np.float32)  # (B, T)
+    out[ok] = values[(offsets[sids][:, None] + pos)[ok]]  # (n,) flat reads
+    return torch.from_numpy(out)
 
 
 class DifficultyStore:
@@ -143,13 +159,7 @@ class DifficultyStore:
             Float32 ``[B, T]`` on the CPU.
         """
         sids = self._check_ids(_np_long(sample_ids))  # (B,)
-        pos = positions.detach().to("cpu", torch.long).numpy()  # (B, T)
-        ok = valid.detach().cpu().numpy().astype(bool) & (self._offsets[sids] >= 0)[:, None]
-        ok &= (pos >= 0) & (pos < self._lengths[sids][:, None])
-        out = np.full(pos.shape, np.nan, dtype=np.float32)  # (B, T)
-        idx = (self._offsets[sids][:, None] + pos)[ok]  # (n,)
-        out[ok] = self._values[idx]
-        return torch.from_numpy(out)
+        return gather_ragged(self._values, self._offsets, self._lengths, sids, positions, valid)
 
     # ----------------------------------------------------------------- writes
     def observe(
