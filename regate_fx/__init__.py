@@ -7,6 +7,7 @@ Two halves:
 
 from regate_fx import runtime
 from regate_fx.errors import KeepMaskError, RewriteError
+from regate_fx.verify import oracle
 from regate_fx.report import BranchKind, BranchRecord, GraphReport, Reason, RewriteReport
 from regate_fx.runtime import *  # noqa: F401,F403
 from regate_fx.sparse import KeptLayout, ReGateOutput, SparseModel, SparsifyConfig, kept_layout, sparsify
@@ -24,6 +25,7 @@ __all__ = [
     "SparseModel",
     "SparsifyConfig",
     "kept_layout",
+    "oracle",
     "sparsify",
     *runtime.__all__,
 ]

@@ -1,8 +1,6 @@
 """The one comparison helper every correctness test uses: batches, keep masks, the oracle.
 
-The oracle (method.md): a sparsified model at its kept positions equals the *dense* model run on
-the kept subsequence alone, with the original position ids and an all-ones attention mask. Its loss
-is the mean cross-entropy of the kept predictions against the original next labels.
+The oracle itself (method.md) is public: `regate_fx.oracle`.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from regate_fx.verify import oracle
 from tests.models import VOCAB, TinyModel
 
 IMAGE_TOKENS = 5  # CLIP 16x16 image, 8x8 patches, CLS kept ("full" strategy)
@@ -60,73 +59,6 @@ def random_keep(batch: dict, rho: float, seed: int = 0) -> torch.Tensor:
     return keep
 
 
-def _unwrap(model):
-    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def _stream_embeddings(model, batch: dict) -> torch.Tensor | None:
-    """For an MLLM: the merged text+image embeddings entering the language model (with grad)."""
-    if "pixel_values" not in batch:
-        return None
-    captured = {}
-
-    def hook(_mod, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"]
-
-    lm = _unwrap(model).model.language_model
-    h = lm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
-    finally:
-        h.remove()
-    return captured["embeds"]
-
-
-def _window_masks(model, orig: torch.Tensor, window: int):
-    """4-D masks for a kept subsequence whose sliding window is measured in original positions
-    (`orig`, the kept tokens' indices in the padded batch), as the full-length model measures it."""
-    q, k = orig[:, None], orig[None, :]
-    neg = torch.tensor(float("-inf"))
-    full = torch.where(k <= q, 0.0, neg)[None, None]  # (1, 1, K, K)
-    sliding = torch.where((k <= q) & (q - k < window), 0.0, neg)[None, None]
-    types = set(getattr(model.config, "layer_types", None) or [])
-    return {"full_attention": full, "sliding_attention": sliding} if "full_attention" in types else sliding
-
-
-def oracle(model, batch: dict, keep: torch.Tensor, window: int | None = None
-           ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample logits at kept positions and the loss, from the dense model on kept subsequences.
-
-    With a sliding `window`, the kept subsequence gets explicit 4-D masks measuring the window in
-    original positions (transformers would measure it in kept tokens)."""
-    labels = batch["labels"]
-    target = F.pad(labels[:, 1:], (0, 1), value=-100)  # label of the prediction made at p
-    embeds = _stream_embeddings(model, batch)
-    pos_ids = batch.get("position_ids")
-    logits_out, total, count = [], 0.0, 0
-    for b in range(keep.size(0)):
-        pos = keep[b].nonzero().flatten()
-        ones = torch.ones(1, len(pos), dtype=torch.long) if window is None else _window_masks(model, pos, window)
-        p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]
-        if embeds is not None:
-            hidden = _unwrap(model).model.language_model(inputs_embeds=embeds[b:b + 1, pos], attention_mask=ones,
-                                                position_ids=p, use_cache=False).last_hidden_state
-            logits = _unwrap(model).lm_head(hidden)[0]
-        else:
-            logits = model(input_ids=batch["input_ids"][b:b + 1, pos], attention_mask=ones, position_ids=p,
-                           use_cache=False).logits[0]
-        logits_out.append(logits)
-        total = total + 0.0 * logits.sum()  # keeps the loss a graph even when nothing is counted
-        t = target[b, pos]
-        m = t != -100
-        if m.any():
-            total = total + F.cross_entropy(logits[m].float(), t[m], reduction="sum")
-            count += int(m.sum())
-    return logits_out, total / max(count, 1)
-
-
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -154,7 +86,7 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window:
     out.loss.backward()
     g_sparse = grads(model)
     model.zero_grad(set_to_none=True)
-    ref_logits, ref_loss = oracle(model, batch, keep, window)
+    ref_logits, ref_loss = oracle(model, batch, keep, window=window)
     ref_loss.backward()
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)

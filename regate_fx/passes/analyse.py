@@ -98,8 +98,8 @@ class Analysis:
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "to", "view_as", "reshape_as"}
 
 
+# A stream value: floating point (B, T, D), or (B*T, D) when a layer flattens the tokens (OPT).
 def _is_stream_value(v, sym: TokenSymbols, flat_ok: bool = True) -> bool:
-    """(B, T, D), or (B*T, D) when a layer flattens the tokens (OPT), floating point."""
     if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() in (2, 3)):
         return False
     if sym.has_seq(v.shape[-1]):
@@ -114,8 +114,8 @@ def _is_reshape(n: fx.Node) -> bool:
         [a for a in n.all_input_nodes if isinstance(node_value(a), torch.Tensor)]) == 1
 
 
+# Walks back through reshapes/casts to the value they re-view (OPT flattens the stream).
 def stream_root(n: fx.Node) -> fx.Node:
-    """Walk back through reshapes/casts to the value they re-view (OPT flattens the stream)."""
     while _is_reshape(n) and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n

@@ -45,6 +45,6 @@ def test_window_oracle_differs_from_the_naive_one():
     batch = make_batch(tm, 1, 16, seed=2)
     keep = torch.zeros(1, 16, dtype=torch.bool)
     keep[0, ::3] = True
-    windowed, _ = oracle(model, batch, keep, WINDOW)
+    windowed, _ = oracle(model, batch, keep, window=WINDOW)
     naive, _ = oracle(model, batch, keep)
     assert (windowed[0] - naive[0]).abs().max() > 1e-3
