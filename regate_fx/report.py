@@ -23,6 +23,9 @@ class Reason(str, enum.Enum):
     """A token-indexed side input has no batch axis to gather per sample along."""
     SYMBOLIC_SIZE = "symbolic_size"
     """A size expression involving the sequence length cannot be re-derived for kept tokens."""
+    HIGHER_ORDER_OP = "higher_order_op"
+    """The computation is wrapped in a higher-order op whose body the pass does not enter
+    (activation checkpointing, ``torch.cond``, ...)."""
     NO_STREAM = "no_stream"
     """No residual stream over (batch, tokens, hidden) was found in the graph."""
     SEQ_SPECIALIZED = "seq_specialized"

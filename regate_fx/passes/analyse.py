@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name, param_path
 from regate_fx.passes.kernels import kept_rows
-from regate_fx.passes.ops import classify
+from regate_fx.passes.ops import classify, higher_order_detail
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail"]
@@ -238,6 +238,9 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node) -> Analysis:
     graph = gm.graph
     anc = Ancestry(graph)
     chain = find_stream(graph, sym, anc)
+    hops = [n for n in graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)]
+    if not chain and hops:  # e.g. every layer inside an activation-checkpoint region
+        return Analysis(sym, reason=Reason.HIGHER_ORDER_OP, detail=higher_order_detail(hops[0]))
     if not chain:
         return Analysis(sym, reason=Reason.NO_STREAM,
                         detail="no residual add over (batch, tokens, hidden) tensors was found; "

@@ -20,7 +20,7 @@ import torch.fx as fx
 from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 from regate_fx.report import Reason
 
-__all__ = ["Verdict", "classify"]
+__all__ = ["Verdict", "classify", "higher_order_detail"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,8 @@ def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
         return OK
     if name == "getitem":
         return _classify_getitem(node, sym)
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return Verdict(False, reason=Reason.HIGHER_ORDER_OP, detail=higher_order_detail(node))
     if node.op not in ("call_function", "call_method"):
         return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"{node.op} {node.target}")
 
@@ -205,6 +207,16 @@ def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
     if any(c in name for c in _CONV):
         return _mix(f"{name} mixes neighbouring positions along the token axis")
     return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"'{name}' on a token-indexed tensor")
+
+
+def higher_order_detail(node: fx.Node) -> str:
+    """What a higher-order op is and how to avoid it, for the report."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if "checkpoint" in name:
+        return (f"'{name}' (activation checkpointing wraps each layer in an opaque region): call "
+                "model.gradient_checkpointing_disable() (sparse steps store activations of the kept "
+                "tokens only)")
+    return f"'{name}' wraps part of the model in a region the pass does not enter"
 
 
 def _classify_matmul(node: fx.Node, a: Any, b: Any, sym: TokenSymbols) -> Verdict:
