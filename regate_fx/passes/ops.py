@@ -9,7 +9,6 @@ it, an op this table does not know) is refused: the branch stays dense and the r
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -305,6 +304,3 @@ def _is_full_stop(stop: Any, size: Any, sym: TokenSymbols) -> bool:
         return sym.canon(stop) == sym.canon(size) or (isinstance(stop, int) and stop >= 2**62)
     except Exception:
         return False
-
-
-_ = operator  # operator names reach this module through op_name()

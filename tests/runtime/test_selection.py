@@ -79,7 +79,7 @@ def reference_keep(batch, scores, rho):
             keep[b] = torch.tensor(real)
             continue
 
-        def key(p):
+        def key(p, b=b):
             s = float(scores[b, p])
             s = -math.inf if math.isnan(s) else s
             return (-s, p)
