@@ -84,6 +84,8 @@ class GraphReport:
     """True when the final norm, LM head and loss run on kept positions only."""
     tail_detail: str = ""
     """Why the tail runs at full length, when it does."""
+    causal_masks: int = 0
+    """Attention masks proven causal on kept tokens: those SDPA calls use is_causal=True."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -139,6 +141,7 @@ class RewriteReport:
         notes = [
             f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
             f"gathered side inputs: {len(g.gathered_inputs)}",
+            f"attention masks proven causal on kept tokens (SDPA is_causal fast path): {g.causal_masks}",
             "final norm / LM head / loss on kept tokens only: "
             + ("yes" if g.tail_on_kept else f"no ({g.tail_detail})"),
         ]

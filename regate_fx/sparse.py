@@ -33,7 +33,9 @@ class SparsifyConfig:
         fullgraph: capture the model as one graph (recommended; a graph break raises with the
             reason instead of silently splitting the model).
         validate: check every ``keep_mask`` (shape, dtype, device, kept padding, empty samples).
-            Costs one host sync per step on GPU; turn off only once the input pipeline is trusted.
+            Costs one host sync per step on GPU; turn off only once the input pipeline is trusted
+            (a kept padding position is then undefined behaviour: the rewrite relies on kept
+            positions being real tokens, e.g. to run attention on SDPA's causal fast path).
         print_report: print the rewrite report (a rich table) after the first sparse compile.
         return_logits: return ``out.logits`` (B, T, V) at sparse steps. Training loops that only
             read the loss can turn it off: the step then never materialises a (B, T, V) tensor
@@ -208,7 +210,9 @@ class SparseModel(nn.Module):
             for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-        self._roles.set(seq=seq, gather_idx=layout and layout.gather_idx,
+        am = inputs.get("attention_mask")
+        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) else None,
+                        gather_idx=layout and layout.gather_idx,
                         scatter_idx=layout and layout.scatter_idx, valid=layout and layout.valid)
         try:
             with torch.fx.experimental._config.patch(use_duck_shape=False):
@@ -259,6 +263,9 @@ def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch
         raise KeepMaskError(f"keep_mask is on {keep.device} but the inputs are on {seq.device}; "
                             f"move it with keep_mask.to({str(seq.device)!r})")
     if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(keep.shape):
+            raise KeepMaskError(f"attention_mask has shape {tuple(attention_mask.shape)} but keep_mask has "
+                                f"{tuple(keep.shape)}; pass the 2-D (batch, tokens) padding mask")
         kept_pad = keep & (attention_mask == 0)
         if bool(kept_pad.any()):
             b, p = (int(x) for x in kept_pad.nonzero()[0])

@@ -40,6 +40,15 @@ def test_kept_padding_is_refused(llama):
         smodel(**batch, keep_mask=keep)
 
 
+def test_attention_mask_of_another_shape_is_refused(llama):
+    _, smodel = llama
+    batch = make_batch(LLAMA, 2, 10)
+    keep = random_keep(batch, 0.5)
+    batch["attention_mask"] = batch["attention_mask"][:, None, :]
+    with pytest.raises(KeepMaskError, match=r"attention_mask has shape \(2, 1, 10\) but keep_mask has \(2, 10\)"):
+        smodel(**batch, keep_mask=keep)
+
+
 def test_sample_with_no_kept_position_is_refused(llama):
     _, smodel = llama
     batch = make_batch(LLAMA, 3, 10)

@@ -18,10 +18,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -51,17 +51,40 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn, self.mlp = Attention(d, heads), MLP(d, mix)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln1(x), mask)
         return x + self.mlp(self.ln2(x))
 
 
-class ToyLM(nn.Module):
-    """mixes: the MLP variant of each layer, e.g. [None, 'conv']."""
+def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
+    """A (B, 1, T, T) bool mask built from index tensors, the way transformers' sdpa_mask does.
 
-    def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4):
+    kind: 'causal_padding' (provably causal on kept tokens), 'window' (also q - kv < 3), 'foreign'
+    (also a key mask that is not the padding mask), 'shifted' (kv <= q + 1: not causal).
+    """
+    b = attention_mask.shape[0]
+    q = torch.arange(t)[None, None, :, None]
+    kv = torch.arange(t)[None, None, None, :]
+    key = kv
+    if kind == "shifted":
+        kv = (torch.arange(t) - 1)[None, None, None, :]  # each query also sees the next key
+        key = kv.clamp(min=0)
+    mask = (kv <= q) & attention_mask.to(torch.bool)[torch.arange(b)[:, None, None, None], key]
+    if kind == "window":
+        mask = mask & (q - kv < 3)
+    elif kind == "foreign":
+        mask = mask & (kv % 2 == 0)
+    return mask
+
+
+class ToyLM(nn.Module):
+    """mixes: the MLP variant of each layer, e.g. [None, 'conv']; mask: None (is_causal) or a
+    `build_mask` kind."""
+
+    def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4, mask: str | None = None):
         super().__init__()
         torch.manual_seed(0)
+        self.mask = mask
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(Block(d, heads, m) for m in mixes)
         self.norm = nn.LayerNorm(d)
@@ -69,8 +92,12 @@ class ToyLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
         x = self.embed(input_ids)
+        mask = None
+        if self.mask is not None:
+            am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            mask = build_mask(self.mask, am, input_ids.shape[1])
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return CausalLMOutput(logits=self.head(self.norm(x)))
 
 

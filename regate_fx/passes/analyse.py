@@ -23,10 +23,11 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name, param_path
 from regate_fx.passes.kernels import kept_rows
+from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import classify, higher_order_detail
 from regate_fx.report import BranchKind, Reason
 
-__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail"]
+__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail", "sdpa_mask_arg"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -91,6 +92,8 @@ class Analysis:
     tail: Tail | None = None
     tail_detail: str = ""
     """Why the tail runs at full length, when it does."""
+    causal_masks: set[fx.Node] = field(default_factory=set)
+    """SDPA masks proven "causal AND key is real" (masks.py): kept tokens use is_causal=True."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -222,13 +225,14 @@ def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
     return BranchKind.ATTENTION
 
 
-def analyse(gm: fx.GraphModule, seq_input: fx.Node) -> Analysis:
+def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = None) -> Analysis:
     """Analyse a dynamo graph: the stream, its branches, which branches can run on kept tokens.
 
     Args:
         gm: the graph dynamo captured (torch-level, before autograd).
         seq_input: the placeholder of the (batch, tokens) or (batch, tokens, hidden) model input
             that defines the token axis (input ids or input embeddings).
+        padding: the placeholder of the model's (batch, tokens) attention_mask input, if any.
     """
     sym = TokenSymbols.from_value(node_value(seq_input))
     if sym is None or not sym.seq_is_symbolic:
@@ -279,7 +283,19 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node) -> Analysis:
         if sum(b.ok for b in branches) == before:
             break
     analysis.tail, analysis.tail_detail = find_tail(graph, analysis, anc)
+    for region in analysis.regions:
+        for n in region.nodes:
+            mask = sdpa_mask_arg(n)
+            if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
+                analysis.causal_masks.add(mask)
     return analysis
+
+
+def sdpa_mask_arg(n: fx.Node):
+    """The attn_mask argument of an SDPA call (None when `n` is not one or passes no mask)."""
+    if n.op != "call_function" or "scaled_dot_product_attention" not in getattr(n.target, "__name__", ""):
+        return None
+    return n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
 
 
 def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[Region]:

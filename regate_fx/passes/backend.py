@@ -71,7 +71,7 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
-        analysis = analyse(gm, seq)
+        analysis = analyse(gm, seq, padding=found.get("attention_mask"))
         g = GraphReport(name, sparse=True, branches=_records(analysis), reason=analysis.reason,
                         detail=analysis.detail,
                         regions=[(r.first, r.last) for r in analysis.regions])
@@ -93,6 +93,7 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             warnings.warn(msg, stacklevel=2)
         g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
+        g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
         if log is not None:
             log(g)

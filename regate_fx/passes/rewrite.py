@@ -18,12 +18,13 @@ stream value that entered it: pruned positions are carried unchanged, as the met
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.analyse import Analysis, Region, Tail
+from regate_fx.passes.analyse import Analysis, Region, Tail, sdpa_mask_arg
 from regate_fx.passes.graph import TokenSymbols, node_value
 from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, scatter_tokens, sdpa_key_mask
 
@@ -65,22 +66,26 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[st
                 gathered[a] = graph.call_function(gather_tokens, (a, kept.gather_idx, dims))  # T -> K
         return gathered[a]
 
-    replay = _Replay(graph, sym, kept, k_node, gathered_side)
+    replay = _Replay(graph, sym, kept, k_node, gathered_side, analysis.causal_masks)
     env: dict[fx.Node, fx.Node] = {}
     for region in analysis.regions:
         env = _rewrite_region(replay, region)
     if analysis.tail is not None:
         _rewrite_tail(replay, analysis.tail, env)
+    # Masks replaced by is_causal=True: drop their gathers and the full (B, 1, T, T) construction.
+    unused = [g for g in gathered.values() if not g.users]
+    _erase_unused_upstream(graph, unused)
     gm.recompile()
-    return [a.name for a in gathered]
+    return [a.name for a, g in gathered.items() if g not in unused]
 
 
 class _Replay:
     """Copies nodes so that they compute on kept tokens: (B, T, ...) values become (B, K, ...)."""
 
-    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: KeptInputs, k_node: fx.Node, gathered_side):
+    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: KeptInputs, k_node: fx.Node, gathered_side,
+                 causal_masks: set[fx.Node]):
         self.graph, self.sym, self.kept, self.k_node = graph, sym, kept, k_node
-        self.gathered_side = gathered_side
+        self.gathered_side, self.causal_masks = gathered_side, causal_masks
 
     def lookup(self, a: fx.Node, at: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
         """The kept-token version of input `a` of a node replayed just before `at`."""
@@ -110,12 +115,38 @@ class _Replay:
                 new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
             new.meta = {}
             env[n] = new
-            if n.op == "call_function" and "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
+            if sdpa_mask_arg(n) is not None and sdpa_mask_arg(n) in self.causal_masks:
+                _set_sdpa_args(new, attn_mask=None, is_causal=True)  # proven: masks.py
+            elif n.op == "call_function" and "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
                 _mask_sdpa_keys(graph, new, valid, causal=_sdpa_is_causal(n))
             elif _is_attention_softmax(n, sym):
                 with graph.inserting_before(new):
                     masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
                 new.update_arg(0, masked)
+
+
+def _erase_unused_upstream(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase `nodes` and then every pure op above them that is left without users."""
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        name = getattr(n.target, "__name__", str(n.target))
+        pure = n.op in ("call_function", "call_method") and not name.endswith("_") and n.target is not operator.setitem
+        if n.users or not pure or n.graph is not graph:
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def _set_sdpa_args(node: fx.Node, **values) -> None:
+    """Set SDPA arguments by name, wherever the call put them (positional or keyword)."""
+    positions = {"attn_mask": 3, "dropout_p": 4, "is_causal": 5}
+    for name, value in values.items():
+        if len(node.args) > positions[name]:
+            node.update_arg(positions[name], value)
+        else:
+            node.update_kwarg(name, value)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:

@@ -32,6 +32,7 @@ def test_sliding_window_is_measured_in_original_positions(tm, attn, pad):
     keep = random_keep(batch, 0.5, seed=4)
     check_against_oracle(smodel, model, batch, keep, window=WINDOW)
     assert smodel.regate_report.refused == []
+    assert smodel.regate_report.sparse_graph.causal_masks == 0  # a window is not plain causal
 
 
 def test_window_oracle_differs_from_the_naive_one():

@@ -1,0 +1,86 @@
+"""The causal-mask proof (passes/masks.py): masks that are provably "causal AND key is real" let kept
+tokens use SDPA's is_causal fast path; every other mask is gathered and used as it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from tests.helpers import assert_close, check_against_oracle, make_batch, random_keep
+from tests.models import BY_NAME
+from tests.toy import ToyLM, build_mask
+
+
+def _sdpa_calls(shapes: list):
+    """A backend recording the (attn_mask, is_causal) of every SDPA call of the rewritten graph."""
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
+                mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+                shapes.append((mask is None, n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False)))
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("name,pad", [("llama", "left"), ("qwen2", "right"), ("gpt_neox", "none"), ("llava", "left")])
+def test_transformers_masks_are_proven_causal_and_exact(name, pad):
+    tm = BY_NAME[name]
+    model = tm("sdpa")
+    calls: list = []
+    smodel = regate_fx.sparsify(model, backend=_sdpa_calls(calls))
+    batch = make_batch(tm, 3, 14, pad=pad, seed=5)
+    check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=6))
+    graph = smodel.regate_report.sparse_graph
+    assert graph.causal_masks == 1
+    sparse_calls = calls[-2:]  # the sparse graph's two layers
+    assert sparse_calls == [(True, True)] * 2
+    assert "proven causal on kept tokens (SDPA is_causal fast path): 1" in str(smodel.regate_report)
+
+
+def _toy_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (3, 12), generator=g)
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[1, :4] = 0  # left padding
+    am[2, 9:] = 0  # right padding
+    keep = (torch.rand(3, 12, generator=g) < 0.6) & am.bool()
+    keep[torch.arange(3), am.argmax(1)] = True
+    return ids, am, keep
+
+
+def _toy_oracle(model, ids, am, keep):
+    """The toy's dense layers on each kept subsequence, with its mask gathered (window by index)."""
+    out = []
+    for b in range(ids.size(0)):
+        pos = keep[b].nonzero().flatten()
+        x = model.embed(ids[b:b + 1, pos])
+        full = None if model.mask is None else build_mask(model.mask, am[b:b + 1], ids.size(1))
+        mask = None if full is None else full[:, :, pos][:, :, :, pos]
+        for layer in model.layers:
+            x = layer(x, mask)
+        out.append(model.head(model.norm(x))[0])
+    return out
+
+
+@pytest.mark.parametrize("kind,proven", [("causal_padding", True), ("window", False), ("foreign", False),
+                                         ("shifted", False)])
+def test_only_provably_causal_masks_take_the_fast_path(kind, proven):
+    model = ToyLM(mask=kind).eval()
+    smodel = regate_fx.sparsify(model, backend="eager")
+    ids, am, keep = _toy_batch()
+    out = smodel(input_ids=ids, attention_mask=am, keep_mask=keep)
+    assert smodel.regate_report.sparse_graph.causal_masks == (1 if proven else 0)
+    for b, ref in enumerate(_toy_oracle(model, ids, am, keep)):
+        assert_close(out.logits[b, keep[b]].detach(), ref.detach(), f"{kind}: sample {b}")
+
+
+def test_the_window_really_differs_from_causal():
+    """Guards the negatives above: the non-causal masks change the result on this batch."""
+    ids, am, keep = _toy_batch()
+    causal = _toy_oracle(ToyLM(mask="causal_padding").eval(), ids, am, keep)
+    for kind in ("window", "foreign", "shifted"):
+        other = _toy_oracle(ToyLM(mask=kind).eval(), ids, am, keep)
+        assert any((a - b).abs().max() > 1e-4 for a, b in zip(causal, other)), kind
