@@ -143,3 +143,19 @@ def test_no_recompilation_storm_with_varying_masks(name):
     assert len(ks) > 5  # the kept length really varied
     assert counters["stats"]["unique_graphs"] - graphs_before == 0
     assert sum(g.sparse for g in smodel.regate_report.graphs) == 1
+
+
+def test_inputs_embeds_instead_of_input_ids():
+    """The token axis can come from inputs_embeds (B, T, D) as well."""
+    from tests.helpers import assert_close
+
+    model = LLAMA("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(LLAMA, 2, 10, pad="right", seed=4)
+    keep = random_keep(batch, 0.5, seed=5)
+    by_ids = smodel(**batch, keep_mask=keep)
+    embeds = model.get_input_embeddings()(batch.pop("input_ids"))
+    by_embeds = smodel(**batch, inputs_embeds=embeds, keep_mask=keep)
+    assert_close(by_embeds.logits, by_ids.logits, "logits")
+    assert_close(by_embeds.loss, by_ids.loss, "loss")
+    assert smodel.regate_report.sparse_graph.refused == []

@@ -160,7 +160,8 @@ def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
     graph, kept = replay.graph, replay.kept
     members = set(region.nodes)
     start = region.start
-    with graph.inserting_after(start):
+    # A stream that starts at an input (inputs_embeds) is gathered after the last placeholder.
+    with graph.inserting_after(start if start.op != "placeholder" else replay.k_node):
         env = {start: graph.call_function(gather_tokens, (start, kept.gather_idx, (1,)))}  # (B, K, D)
     replay.run(region.nodes, env)
     # Stream values leaving the region (its end, and any stream value used after it).
