@@ -180,15 +180,19 @@ class SparseModel(nn.Module):
             Console().print(self.regate_report)
             self._printed = True
 
-    def forward(self, keep_mask: torch.Tensor | None = None, **inputs: Any) -> ReGateOutput:
+    def forward(self, *args: Any, keep_mask: torch.Tensor | None = None, **inputs: Any) -> ReGateOutput:
         """Run the model; with ``keep_mask`` (bool [B, T]) the decoder computes kept positions only.
 
         Args:
+            *args: refused with a TypeError: pass every input by keyword.
             keep_mask: bool (B, T); True = position computed (visible as context in every layer,
                 its prediction counted in the loss). None runs the dense model.
             **inputs: the wrapped model's keyword arguments (``input_ids`` or ``inputs_embeds``,
                 ``attention_mask``, ``labels``, ``pixel_values``, ...).
         """
+        if args:
+            raise TypeError(f"the sparsified model takes keyword arguments only (input_ids=..., "
+                            f"attention_mask=..., labels=..., keep_mask=...), got {len(args)} positional")
         labels = inputs.pop("labels", None)
         seq = inputs.get("input_ids")
         if seq is None:

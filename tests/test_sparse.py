@@ -68,6 +68,8 @@ def test_missing_inputs_and_bad_arguments():
         SparsifyConfig(strict="yes")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         regate_fx.sparsify("model")
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        regate_fx.sparsify(model, backend="eager")(torch.ones(1, 4, dtype=torch.long))
 
 
 def test_optimizer_over_model_parameters_trains_the_sparse_model():
