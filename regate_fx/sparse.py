@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import types
@@ -37,6 +38,8 @@ class SparsifyConfig:
             (a kept padding position is then undefined behaviour: the rewrite relies on kept
             positions being real tokens, e.g. to run attention on SDPA's causal fast path).
         print_report: print the rewrite report (a rich table) after the first sparse compile.
+        progress: show a spinner on the terminal while the first dense and the first sparse call
+            capture and compile (minutes for a large model with inductor).
         return_logits: return ``out.logits`` (B, T, V) at sparse steps. Training loops that only
             read the loss can turn it off: the step then never materialises a (B, T, V) tensor
             (``out.logits`` is None; ``out.loss`` and ``out.token_loss`` are unchanged).
@@ -46,10 +49,11 @@ class SparsifyConfig:
     fullgraph: bool = True
     validate: bool = True
     print_report: bool = False
+    progress: bool = True
     return_logits: bool = True
 
     def __post_init__(self):
-        for name in ("strict", "fullgraph", "validate", "print_report", "return_logits"):
+        for name in ("strict", "fullgraph", "validate", "print_report", "return_logits", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"SparsifyConfig.{name} must be a bool, got {value!r}")
@@ -168,10 +172,23 @@ class SparseModel(nn.Module):
         accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self._use_cache_kw = {"use_cache": False} if ("use_cache" in params or accepts_kwargs) else {}
         self._printed = False
+        self._compiled_kinds: set[str] = set()  # "dense" / "sparse" calls that have compiled once
         _install_output_hooks(model)
         regate_backend = make_backend(resolve_backend(backend), self.regate_report, self._roles,
                                       strict=config.strict, log=self._maybe_print)
         self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
+
+    def _first_call_status(self, kind: str):
+        """A rich spinner on stderr during the first (compiling) call of each kind."""
+        if kind in self._compiled_kinds or not self.config.progress:
+            return contextlib.nullcontext()
+        self._compiled_kinds.add(kind)
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return contextlib.nullcontext()
+        return console.status(f"regate_fx: capturing and compiling the {kind} graph (first {kind} call)")
 
     def _maybe_print(self, _graph_report) -> None:
         if self.config.print_report and not self._printed:
@@ -218,8 +235,9 @@ class SparseModel(nn.Module):
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) else None,
                         gather_idx=layout and layout.gather_idx,
                         scatter_idx=layout and layout.scatter_idx, valid=layout and layout.valid)
+        kind = "dense" if layout is None else "sparse"
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status(kind):
                 logits, loss, token_loss = self._compiled(
                     self.model, inputs, self._use_cache_kw,
                     layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels,
