@@ -120,15 +120,14 @@ def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatte
         return logits, loss, token_loss
     # kept_rows marks the output for the pass: it replays the tail (final norm, LM head) on the
     # kept rows, so the full-length logits are never computed.
-    kept_logits = kept_rows(logits, gather_idx)  # (B, K, V)
-    kept_logits = torch.where(valid.unsqueeze(-1), kept_logits, 0.0)
-    seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-    b, t = seq.size(0), seq.size(1)  # not logits.size(): that would keep the full logits alive
-    v = kept_logits.size(-1)
+    kept_logits = kept_rows(logits, gather_idx)  # (B, K, V); padding slots repeat a kept row
     full_logits = None
     if return_logits:
-        full_logits = kept_logits.new_zeros(b, t, v).scatter(
-            1, scatter_idx.unsqueeze(-1).expand(-1, -1, v), kept_logits)  # (B, T, V), zero where pruned
+        seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+        b, t, v = seq.size(0), seq.size(1), kept_logits.size(-1)  # not logits.size(): keeps (B, T, V) alive
+        rows = torch.where(valid, scatter_idx, t)  # (B, K): padding slots go to a spare row T
+        full_logits = kept_logits.new_zeros(b, t + 1, v).scatter(
+            1, rows.unsqueeze(-1).expand(-1, -1, v), kept_logits)[:, :t]  # (B, T, V), zero where pruned
     loss = token_loss = None
     if labels is not None:
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).gather(1, gather_idx)  # (B, K)
