@@ -247,10 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch = regate_fx.collate([dataset[i] for i in idx], pad_token_id=PAD, indices=idx)
                 keep = rg.keep_mask(batch, step)  # (B, T) bool
                 rho = rg.rho(step)
-                sparse = rho < 1.0
-                sparse_steps += sparse
+                sparse_steps += rho < 1.0
                 out = smodel(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"], keep_mask=keep if sparse else None)
+                             labels=batch["labels"], keep_mask=keep)  # rho = 1: every real token
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
