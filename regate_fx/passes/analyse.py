@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name, param_path
+from regate_fx.passes.graph import Ancestry, TokenSymbols, is_sdpa, node_value, op_name, param_path, sdpa_arg
 from regate_fx.passes.kernels import kept_rows
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import classify, higher_order_detail
 from regate_fx.report import BranchKind, Reason
 
-__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail", "sdpa_mask_arg"]
+__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -285,17 +285,10 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     analysis.tail, analysis.tail_detail = find_tail(graph, analysis, anc)
     for region in analysis.regions:
         for n in region.nodes:
-            mask = sdpa_mask_arg(n)
+            mask = sdpa_arg(n, "attn_mask") if is_sdpa(n) else None
             if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
                 analysis.causal_masks.add(mask)
     return analysis
-
-
-def sdpa_mask_arg(n: fx.Node):
-    """The attn_mask argument of an SDPA call (None when `n` is not one or passes no mask)."""
-    if n.op != "call_function" or "scaled_dot_product_attention" not in getattr(n.target, "__name__", ""):
-        return None
-    return n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
 
 
 def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[Region]:
@@ -399,8 +392,9 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
             if u not in members and u is not take:
                 return None, f"'{n.name}' is also used by '{u.name}'"
         for a in n.all_input_nodes:
-            if a not in members and a is not end and _side_input_problem(a, sym):
-                return None, _side_input_problem(a, sym)[1]
+            problem = None if a in members or a is end else _side_input_problem(a, sym)
+            if problem is not None:
+                return None, problem[1]
     return Tail(take, end, nodes), ""
 
 

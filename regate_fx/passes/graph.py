@@ -11,6 +11,9 @@ import torch.fx as fx
 
 __all__ = [
     "Ancestry",
+    "is_sdpa",
+    "sdpa_arg",
+    "set_sdpa_arg",
     "TokenSymbols",
     "node_value",
     "op_name",
@@ -35,6 +38,29 @@ def op_name(node: fx.Node) -> str:
         name = getattr(t, "__name__", None) or str(t)
         return name.lstrip("_") if name.startswith("__") else name
     return node.op
+
+
+_SDPA_POSITIONS = {"query": 0, "key": 1, "value": 2, "attn_mask": 3, "dropout_p": 4, "is_causal": 5}
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    """Whether `node` calls scaled_dot_product_attention (torch.nn.functional or torch._C._nn)."""
+    return node.op == "call_function" and "scaled_dot_product_attention" in getattr(node.target, "__name__", "")
+
+
+def sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """An SDPA argument by name, wherever the call put it (positional or keyword)."""
+    pos = _SDPA_POSITIONS[name]
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
+
+
+def set_sdpa_arg(node: fx.Node, name: str, value: Any) -> None:
+    """Set an SDPA argument by name, where the call put it."""
+    pos = _SDPA_POSITIONS[name]
+    if len(node.args) > pos:
+        node.update_arg(pos, value)
+    else:
+        node.update_kwarg(name, value)
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.analyse import Analysis, Region, Tail, sdpa_mask_arg
-from regate_fx.passes.graph import TokenSymbols, node_value
+from regate_fx.passes.analyse import Analysis, Region, Tail
+from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, sdpa_arg, set_sdpa_arg
 from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, scatter_tokens, sdpa_key_mask
 
 __all__ = ["KeptInputs", "rewrite"]
@@ -40,10 +40,6 @@ class KeptInputs:
     gather_idx: fx.Node
     scatter_idx: fx.Node
     valid: fx.Node
-
-
-def _sdpa_is_causal(node: fx.Node) -> bool:
-    return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
 
 
 def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[str]:
@@ -74,7 +70,7 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[st
         _rewrite_tail(replay, analysis.tail, env)
     # Masks replaced by is_causal=True: drop their gathers and the full (B, 1, T, T) construction.
     unused = [g for g in gathered.values() if not g.users]
-    _erase_unused_upstream(graph, unused)
+    _erase_unused(graph, unused)
     gm.recompile()
     return [a.name for a, g in gathered.items() if g not in unused]
 
@@ -115,44 +111,30 @@ class _Replay:
                 new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
             new.meta = {}
             env[n] = new
-            if sdpa_mask_arg(n) is not None and sdpa_mask_arg(n) in self.causal_masks:
-                _set_sdpa_args(new, attn_mask=None, is_causal=True)  # proven: masks.py
-            elif n.op == "call_function" and "scaled_dot_product_attention" in getattr(n.target, "__name__", ""):
-                _mask_sdpa_keys(graph, new, valid, causal=_sdpa_is_causal(n))
+            if is_sdpa(n) and sdpa_arg(n, "attn_mask") in self.causal_masks:
+                set_sdpa_arg(new, "attn_mask", None)  # proven "causal AND key is real": masks.py
+                set_sdpa_arg(new, "is_causal", True)
+            elif is_sdpa(n):
+                _mask_sdpa_keys(graph, new, valid)
             elif _is_attention_softmax(n, sym):
                 with graph.inserting_before(new):
                     masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
                 new.update_arg(0, masked)
 
 
-def _erase_unused_upstream(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase `nodes` and then every pure op above them that is left without users."""
-    stack = list(nodes)
+def _erase_unused(graph: fx.Graph, replaced) -> None:
+    """Erase the `replaced` nodes left without users, then every pure op above them left so too."""
+    stack, erased = [(n, True) for n in replaced], set()
     while stack:
-        n = stack.pop()
+        n, was_replaced = stack.pop()
         name = getattr(n.target, "__name__", str(n.target))
         pure = n.op in ("call_function", "call_method") and not name.endswith("_") and n.target is not operator.setitem
-        if n.users or not pure or n.graph is not graph:
+        if n in erased or n.users or not (was_replaced or pure):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
-        stack.extend(inputs)
-
-
-def _set_sdpa_args(node: fx.Node, **values) -> None:
-    """Set SDPA arguments by name, wherever the call put them (positional or keyword)."""
-    positions = {"attn_mask": 3, "dropout_p": 4, "is_causal": 5}
-    for name, value in values.items():
-        if len(node.args) > positions[name]:
-            node.update_arg(positions[name], value)
-        else:
-            node.update_kwarg(name, value)
-
-
-def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    for n in reversed(nodes):
-        if not n.users:
-            graph.erase_node(n)
+        erased.add(n)
+        stack.extend((a, False) for a in inputs)
 
 
 def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
@@ -173,7 +155,7 @@ def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
             full = graph.call_function(scatter_tokens, (start, env[n], kept.scatter_idx, kept.valid))  # (B, T, D)
         for u in outside:
             u.replace_input_with(n, full)
-    _erase_dead(graph, region.nodes)
+    _erase_unused(graph, region.nodes)
     return env
 
 
@@ -189,8 +171,7 @@ def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> N
     replay.run(tail.nodes, env)
     tail.take.replace_all_uses_with(env[tail.take.args[0]])  # (B, K, V)
     graph.erase_node(tail.take)
-    _erase_dead(graph, tail.nodes)
-    _erase_dead(graph, scattered)
+    _erase_unused(graph, [*scattered, *tail.nodes])
 
 
 def _is_attention_softmax(n: fx.Node, sym: TokenSymbols) -> bool:
@@ -199,15 +180,11 @@ def _is_attention_softmax(n: fx.Node, sym: TokenSymbols) -> bool:
     return n.op in ("call_function", "call_method") and classify(n, sym).attention == "softmax"
 
 
-def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node, causal: bool) -> None:
+def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node) -> None:
     """Padding slots sit after every real slot, so causal attention never sees them as keys."""
-    mask = new.args[3] if len(new.args) > 3 else new.kwargs.get("attn_mask")
-    if mask is None and causal:
+    mask = sdpa_arg(new, "attn_mask")
+    if mask is None and sdpa_arg(new, "is_causal", False):
         return
     with graph.inserting_before(new):
-        combined = graph.call_function(sdpa_key_mask, (mask, valid))
-    if len(new.args) > 3:
-        new.update_arg(3, combined)
-    else:
-        new.update_kwarg("attn_mask", combined)
+        set_sdpa_arg(new, "attn_mask", graph.call_function(sdpa_key_mask, (mask, valid)))
 
