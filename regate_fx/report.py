@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["BranchKind", "BranchRecord", "GraphReport", "Reason", "RewriteReport"]
+__all__ = ["BranchKind", "BranchRecord", "GraphReport", "OutsideRecord", "Reason", "RewriteReport", "group_outside"]
 
 
 class Reason(str, enum.Enum):
@@ -70,6 +70,31 @@ class BranchRecord:
 
 
 @dataclass
+class OutsideRecord:
+    """A node outside every rewritten branch that mixes tokens, so the graph cannot run exact.
+
+    Attributes:
+        node: the graph node's name.
+        module: the module path that made it (dynamo's ``nn_module_stack``), e.g. ``model.stem``.
+        reason: why it mixes tokens.
+        detail: human-readable explanation of ``reason``.
+    """
+
+    node: str
+    module: str
+    reason: Reason
+    detail: str
+
+
+def group_outside(outside: list[OutsideRecord]) -> list[tuple[str, OutsideRecord, int]]:
+    """(module, first record, how many more) per module, in graph order: one line per module."""
+    groups: dict[str, list[OutsideRecord]] = {}
+    for o in outside:
+        groups.setdefault(o.module, []).append(o)
+    return [(m, rs[0], len(rs) - 1) for m, rs in groups.items()]
+
+
+@dataclass
 class GraphReport:
     """What happened to one captured graph."""
 
@@ -86,12 +111,19 @@ class GraphReport:
     """Why the tail runs at full length, when it does."""
     causal_masks: int = 0
     """Attention masks proven causal on kept tokens: those SDPA calls use is_causal=True."""
+    outside: list[OutsideRecord] = field(default_factory=list)
+    """Token-mixing nodes outside every rewritten branch (each one is a refusal of the graph)."""
     reason: Reason | None = None
     detail: str = ""
 
     @property
     def refused(self) -> list[BranchRecord]:
         return [b for b in self.branches if not b.rewritten]
+
+    @property
+    def exact(self) -> bool:
+        """True when the graph runs exact on kept tokens: nothing refused, nothing mixing outside."""
+        return bool(self.branches) and not self.refused and not self.outside and self.reason is None
 
 
 @dataclass
@@ -121,6 +153,11 @@ class RewriteReport:
     def refused(self) -> list[BranchRecord]:
         return [b for b in self.branches if not b.rewritten]
 
+    @property
+    def outside(self) -> list[OutsideRecord]:
+        g = self.sparse_graph
+        return g.outside if g else []
+
     def __rich__(self):
         from rich.console import Group
         from rich.table import Table
@@ -138,6 +175,10 @@ class RewriteReport:
             status = Text("kept-only", style="green") if b.rewritten else Text("DENSE", style="bold red")
             why = f"{b.reason.value}: {b.detail}" if b.reason else ""
             table.add_row(str(b.index), b.layer, b.module, b.kind.value, b.attention or "-", status, why)
+        for module, first, more in group_outside(g.outside):  # mixing outside every branch: refused
+            extra = f" (+{more} more ops)" if more else ""
+            table.add_row("-", "-", module, "outside branches", "-", Text("REFUSED", style="bold red"),
+                          f"{first.reason.value}: {first.detail}{extra}")
         notes = [
             f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
             f"gathered side inputs: {len(g.gathered_inputs)}",

@@ -31,8 +31,10 @@ class SparsifyConfig:
     Attributes:
         strict: raise :class:`~regate_fx.RewriteError` when a branch cannot run on kept tokens
             (default). With ``False`` such branches stay dense and a warning names them.
-        fullgraph: capture the model as one graph (recommended; a graph break raises with the
-            reason instead of silently splitting the model).
+        fullgraph: must stay True: the pass analyses the residual stream of the whole model, so
+            the model is captured as one graph and a graph break raises with dynamo's reason. (With
+            a break inside the model no captured piece would see both the inputs and the keep
+            layout, so ``False`` could never run sparse; it is refused.)
         validate: check every ``keep_mask`` (shape, dtype, device, kept padding, empty samples).
             Costs one host sync per step on GPU; turn off only once the input pipeline is trusted
             (a kept padding position is then undefined behaviour: the rewrite relies on kept
@@ -57,6 +59,10 @@ class SparsifyConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"SparsifyConfig.{name} must be a bool, got {value!r}")
+        if not self.fullgraph:
+            raise ValueError("SparsifyConfig.fullgraph=False is not supported: the pass needs the whole "
+                             "model as one graph to find its residual stream. Fix the graph break that "
+                             "dynamo reports instead (the error names it), or run the model dense.")
 
 
 @dataclass
@@ -174,7 +180,7 @@ class SparseModel(nn.Module):
         self._compiled_kinds: set[str] = set()  # "dense" / "sparse" calls that have compiled once
         _install_output_hooks(model)
         regate_backend = make_backend(resolve_backend(backend), self.regate_report, self._roles,
-                                      strict=config.strict, log=self._maybe_print)
+                                      strict=config.strict, on_report=self._maybe_print)
         self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
 
     def _first_call_status(self, kind: str):
@@ -250,8 +256,8 @@ class SparseModel(nn.Module):
             raise RewriteError(
                 "regate_fx: dynamo could not capture the model as a single graph, so its residual "
                 f"stream cannot be analysed as a whole:\n{str(e).strip()[:1500]}\n"
-                "Fix the graph break in the model's forward (see the hint above), or pass "
-                "SparsifyConfig(fullgraph=False) to rewrite each captured piece separately.") from e
+                "Fix the graph break in the model's forward (see the hint above), or call the "
+                "model without keep_mask (dense).") from e
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)

@@ -16,6 +16,7 @@ from tests.models import VOCAB, TinyModel
 IMAGE_TOKENS = 5  # CLIP 16x16 image, 8x8 patches, CLS kept ("full" strategy)
 ATOL = 2e-5
 RTOL = 2e-4
+LOSS_ATOL = 1e-5
 
 
 def make_batch(model: TinyModel, batch: int, seq: int, *, pad: str = "none", seed: int = 0,
@@ -95,7 +96,8 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window:
         assert_close(out.logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
         pruned = ~keep[b]
         assert float(out.logits[b, pruned].detach().abs().sum()) == 0.0, "pruned logits must be zero"
-    assert_close(out.loss.detach(), ref_loss.detach(), "loss")
+    # Absolute tolerance: relative to a loss of ~4.5, 2e-4 would also pass a fully dense run.
+    assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=LOSS_ATOL, rtol=0)
     assert_grads_close(g_sparse, g_ref)
     # token_loss: the per-position CE at counted kept positions, zero elsewhere
     counted = keep & (F.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100)

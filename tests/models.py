@@ -70,6 +70,12 @@ MODELS = [
                                embd_pdrop=0.0, attn_pdrop=0.0)),
     TinyModel("cohere", _causal(tf.CohereConfig, tf.CohereForCausalLM, num_key_value_heads=2)),
     TinyModel("llava", _llava, multimodal=True),
+    # Post-norm decoders: h = norm(h + f(h)); the stream passes through a LayerNorm between adds.
+    TinyModel("openai_gpt", lambda attn: tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(
+        vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0)), attns=("eager",)),
+    TinyModel("bert_decoder", _causal(tf.BertConfig, tf.BertLMHeadModel, is_decoder=True,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
 ]
 
 # Families beyond the required list, tried as a new user would (one oracle check each).

@@ -12,21 +12,31 @@ from transformers.modeling_outputs import CausalLMOutput
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int):
+    """form: 'sdpa', or 'sigmoid' (weights sigmoid(q k^T) * mask, no softmax: nothing normalises
+    over the keys, so padding slots of the kept layout must be zeroed where weights meet values)."""
+
+    def __init__(self, d: int, heads: int, form: str = "sdpa"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.form = heads, form
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
 
     def forward(self, x, mask=None):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
+        if self.form == "sigmoid":
+            if mask is None:
+                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+            w = torch.sigmoid(q @ k.transpose(-1, -2) / 4.0) * mask  # (B, H, T, T)
+            y = w @ v  # (B, H, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
 class MLP(nn.Module):
-    """mix: None (token-wise), 'conv' (depthwise conv along the sequence) or 'cumsum'."""
+    """mix: None (token-wise), 'conv' (depthwise conv along the sequence), 'cumsum', 'max' (max over
+    tokens), 'absmax' (scale by the max over tokens) or 'flip' (a reshape that moves tokens)."""
 
     def __init__(self, d: int, mix: str | None = None):
         super().__init__()
@@ -42,14 +52,21 @@ class MLP(nn.Module):
             h = self.conv(h.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)  # causal conv over tokens
         elif self.mix == "cumsum":
             h = h.cumsum(dim=1)
+        elif self.mix == "max":
+            h = h + h.max(dim=1, keepdim=True).values  # (B, 1, 2D) broadcast over tokens
+        elif self.mix == "absmax":
+            h = h / h.abs().max(dim=1, keepdim=True).values
+        elif self.mix == "flip":
+            b, t, e = h.shape
+            h = h.unflatten(1, (t // 2, 2)).flip(2).flatten(1, 2)  # (B, T/2, 2, E): swaps neighbours
         return self.down(h)
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, mix: str | None):
+    def __init__(self, d: int, heads: int, mix: str | None, attn: str = "sdpa"):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn, self.mlp = Attention(d, heads), MLP(d, mix)
+        self.attn, self.mlp = Attention(d, heads, attn), MLP(d, mix)
 
     def forward(self, x, mask=None):
         x = x + self.attn(self.ln1(x), mask)
@@ -81,17 +98,22 @@ class ToyLM(nn.Module):
     """mixes: the MLP variant of each layer, e.g. [None, 'conv']; mask: None (is_causal) or a
     `build_mask` kind."""
 
-    def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4, mask: str | None = None):
+    def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4, mask: str | None = None,
+                 attn: str = "sdpa", stem: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.mask = mask
         self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Block(d, heads, m) for m in mixes)
+        # stem: a causal depthwise conv over tokens after the embedding, before the first residual add
+        self.stem = nn.Conv1d(d, d, kernel_size=2, padding=1, groups=d) if stem else None
+        self.layers = nn.ModuleList(Block(d, heads, m, attn) for m in mixes)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
         x = self.embed(input_ids)
+        if self.stem is not None:
+            x = self.stem(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)  # (B, T, D)
         mask = None
         if self.mask is not None:
             am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

@@ -6,11 +6,23 @@ with branches added back onto it:
     pre-norm (Llama, Qwen, Mistral, Gemma, OPT, ...):  h = h + attn(norm(h)); h = h + mlp(norm(h))
     parallel (GPT-NeoX, GPT-J, Phi, Falcon):           h = h + (attn(norm(h)) + mlp(norm(h)))
     parallel, added one at a time (Cohere):            h = (h + attn(norm(h))) + mlp(norm(h))
+    post-norm (OpenAI GPT, BERT as a decoder):         h = norm(h + attn(h)); h = norm(h + mlp(h))
 
 The pass finds these adds from the graph alone: an add of two (B, T, D) tensors where one operand
 (the carry) is an ancestor of the other (the branch), or, for the Cohere form, where the carry is
-itself a stream add. Each branch is then checked op by op (see ops.py); consecutive accepted branches
-form a region that the rewrite runs on the kept tokens with the stream kept gathered throughout.
+itself a stream add. Between two adds the stream may pass through token-wise ops (post-norm). Each
+branch is then checked op by op (see ops.py); consecutive accepted branches form a region that the
+rewrite runs on the kept tokens with the stream kept gathered throughout.
+
+The guarantee is "exact or refused", so the analysis ends with one invariant over the whole graph
+(`_check_coverage`): every node whose value carries the token axis is accounted for: on the stream,
+inside a region replayed on kept tokens, in the tail, in our own kept-layout code, or proven
+token-wise by ops.py. Anything else that mixes tokens (a convolution stem before the first add,
+attention or an SSM scan the stream search did not reach, a reshape that moves tokens) is recorded
+in `Analysis.outside` with the node, its module and the reason, and the backend refuses the graph.
+Integer and boolean token-indexed values (attention masks, position ids, placeholder masks) are the
+sequence's structure, not its content: computing them at full length and gathering the kept
+positions is exact (positions keep their original ids; visual and special tokens are protected).
 """
 
 from __future__ import annotations
@@ -21,13 +33,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.graph import Ancestry, TokenSymbols, is_sdpa, node_value, op_name, param_path, sdpa_arg
+from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, node_value, op_name, param_path,
+                                    sdpa_arg)
 from regate_fx.passes.kernels import kept_rows
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import classify, higher_order_detail
 from regate_fx.report import BranchKind, Reason
 
-__all__ = ["Analysis", "Branch", "Region", "Tail", "analyse", "find_tail"]
+__all__ = ["Analysis", "Branch", "Outside", "Region", "Tail", "analyse", "find_tail"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -85,6 +98,16 @@ class Tail:
 
 
 @dataclass
+class Outside:
+    """A node outside every rewritten branch that mixes tokens: the graph cannot be exact."""
+
+    node: fx.Node
+    module: str
+    reason: Reason
+    detail: str
+
+
+@dataclass
 class Analysis:
     sym: TokenSymbols | None
     branches: list[Branch] = field(default_factory=list)
@@ -94,6 +117,8 @@ class Analysis:
     """Why the tail runs at full length, when it does."""
     causal_masks: set[fx.Node] = field(default_factory=set)
     """SDPA masks proven "causal AND key is real" (masks.py): kept tokens use is_causal=True."""
+    outside: list[Outside] = field(default_factory=list)
+    """Token-mixing nodes that no branch, region or tail accounts for (see `_check_coverage`)."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -155,13 +180,13 @@ def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple
             adds[n] = (b, a)
         elif (stream_root(a) in adds) != (stream_root(b) in adds):  # Cohere: (h + attn) + mlp
             adds[n] = (a, b) if stream_root(a) in adds else (b, a)
-    # Link adds whose carry is (a re-view of) the previous add into chains; keep the longest.
+    # Link adds whose carry is (a token-wise function of) the previous add into chains; keep the longest.
     next_of: dict[fx.Node, fx.Node | None] = {}
-    for n, (carry, _) in adds.items():
-        root = stream_root(carry)
-        if root in adds:
+    prev_of = {n: _previous_add(carry, adds, sym, anc) for n, (carry, _) in adds.items()}
+    for n, root in prev_of.items():
+        if root is not None:
             next_of[root] = None if root in next_of else n  # two continuations: ambiguous, cut
-    heads = [n for n, (carry, _) in adds.items() if stream_root(carry) not in adds]
+    heads = [n for n, root in prev_of.items() if root is None]
     best: list[fx.Node] = []
     for h in heads:
         chain, cur = [h], h
@@ -171,6 +196,32 @@ def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple
         if len(chain) > len(best):
             best = chain
     return [(n, adds[n][0], adds[n][1]) for n in best]
+
+
+_PROJECTIONS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "embedding"}
+
+
+def _previous_add(carry: fx.Node, adds: dict, sym: TokenSymbols, anc: Ancestry) -> fx.Node | None:
+    """The stream add that `carry` continues: itself re-viewed, or passed through token-wise ops
+    whose only token-indexed input is that add (a post-norm: h = norm(h + attn(h)))."""
+    root = stream_root(carry)
+    if root in adds:
+        return root
+    before = [a for a in adds if a is not carry and anc.is_ancestor(a, carry)]
+    if not before:
+        return None
+    prev = before[-1]  # adds are in graph order
+    pv, cv = node_value(prev), node_value(carry)
+    if pv.dim() != cv.dim() or any(sym.canon(a) != sym.canon(b) for a, b in zip(pv.shape, cv.shape)):
+        return None  # a projection to another width (an MLP's hidden), not the stream
+    between = anc.members(anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry)))
+    inside = set(between) | {prev}
+    for n in between:
+        if op_name(n) in _PROJECTIONS or not classify(n, sym).token_wise:
+            return None
+        if any(a not in inside and sym.token_dims(node_value(a)) for a in n.all_input_nodes):
+            return None  # another token-indexed source joins: not a function of the stream alone
+    return prev
 
 
 def stream_3d(n: fx.Node, sym: TokenSymbols) -> fx.Node | None:
@@ -186,8 +237,8 @@ def stream_3d(n: fx.Node, sym: TokenSymbols) -> fx.Node | None:
 def _label(nodes: list[fx.Node]) -> tuple[str, str]:
     """(layer, module) paths from the parameters the branch's projections use; display only."""
     projections = [n for n in nodes if op_name(n) in ("linear", "matmul", "conv1d", "addmm")]
-    paths = []
-    for n in projections or nodes:
+    paths = [module_path(n).split(".") for n in projections or nodes if module_path(n)]
+    for n in (projections or nodes) if not paths else ():  # no nn_module_stack: parameter names
         for a in n.all_input_nodes:
             if a.op == "placeholder":
                 p = param_path(a.name)
@@ -211,7 +262,7 @@ def _label(nodes: list[fx.Node]) -> tuple[str, str]:
 
 
 def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
-    linears = [n for n in branch.nodes if op_name(n) in ("linear", "matmul") and n not in
+    linears = [n for n in branch.nodes if op_name(n) in ("linear", "matmul", "addmm", "mm", "bmm") and n not in
                {a for a, _ in branch.attention}]
     if not branch.attention:
         return BranchKind.MLP if linears else BranchKind.OTHER
@@ -225,7 +276,8 @@ def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
     return BranchKind.ATTENTION
 
 
-def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = None) -> Analysis:
+def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = None,
+            layout: list[fx.Node] | None = None) -> Analysis:
     """Analyse a dynamo graph: the stream, its branches, which branches can run on kept tokens.
 
     Args:
@@ -250,11 +302,11 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
                         detail="no residual add over (batch, tokens, hidden) tensors was found; "
                         "is this a transformer decoder?")
     stream_nodes = [stream_root(chain[0][1])]
-    for add, carry, _ in chain:
-        n = carry
-        while n is not stream_nodes[-1] and _is_reshape(n):  # re-views between two adds
-            stream_nodes.append(n)
-            n = n.args[0]
+    for k, (add, carry, _) in enumerate(chain):
+        if k:  # re-views and token-wise links (post-norm) between the previous add and this carry
+            prev = chain[k - 1][0]
+            bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
+            stream_nodes.extend(anc.members(bits))
         stream_nodes.append(add)
     stream_set = set(stream_nodes)
     stream_dep = anc.descendants_of_any([stream_nodes[0]])
@@ -288,7 +340,44 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
             mask = sdpa_arg(n, "attn_mask") if is_sdpa(n) else None
             if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
                 analysis.causal_masks.add(mask)
+    analysis.outside = _check_coverage(graph, analysis, anc, stream_set, layout or [])
     return analysis
+
+
+def _structural(n: fx.Node, sym: TokenSymbols) -> bool:
+    """Whether every token-indexed tensor in and out of `n` is integer or boolean (masks, positions)."""
+    values = [node_value(a) for a in n.all_input_nodes] + [node_value(n)]
+    values = [v for v in values if isinstance(v, torch.Tensor) and sym.token_dims(v)]
+    return all(not (v.is_floating_point() or v.is_complex()) for v in values)
+
+
+def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: set[fx.Node],
+                    layout: list[fx.Node]) -> list[Outside]:
+    """The invariant: every token-indexed node is on the stream, replayed on kept tokens, in the
+    tail, in our kept-layout code, refused already, or token-wise. Returns the nodes that are not."""
+    sym = analysis.sym
+    covered = set(stream)
+    for region in analysis.regions:
+        covered.update(region.nodes)
+    if analysis.tail is not None:
+        covered.update(analysis.tail.nodes)
+    for b in analysis.branches:
+        if not b.ok:
+            covered.update(b.nodes)  # already refused with its own reason
+    ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
+    out = []
+    for n in graph.nodes:
+        if n.op not in ("call_function", "call_method") or n in covered or (ours >> anc.index[n]) & 1:
+            continue
+        v = classify(n, sym)
+        if v.token_wise or _structural(n, sym):
+            continue
+        if v.ok:  # attention the stream search did not reach runs on every token
+            reason, detail = Reason.TOKEN_MIXING, "attention outside the rewritten branches runs on all tokens"
+        else:
+            reason, detail = v.reason, v.detail
+        out.append(Outside(n, module_path(n) or "<model>", reason, f"{detail} (node '{n.name}')"))
+    return out
 
 
 def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[Region]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Callable
 
@@ -12,12 +13,17 @@ from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
 from regate_fx.passes.graph import node_value
 from regate_fx.passes.rewrite import KeptInputs, rewrite
-from regate_fx.report import BranchRecord, GraphReport, RewriteReport
+from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
 
 __all__ = ["PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
 
-# What fired, for tests and debugging (in the style of torch._dynamo.utils.counters).
-counters: dict[str, int] = {"graphs": 0, "sparse_graphs": 0, "branches_rewritten": 0, "branches_refused": 0}
+# The rewritten graph, through torch's logging: TORCH_LOGS="+regate_fx" (or
+# torch._logging.set_logs(modules={"regate_fx": logging.DEBUG})) prints it with the report.
+log = logging.getLogger(__name__)
+
+# What fired, for tests and debugging: torch's own counters, under "regate_fx"
+# (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals).
+counters = torch._dynamo.utils.counters["regate_fx"]
 
 
 class PlaceholderRoles:
@@ -57,7 +63,7 @@ def _records(analysis: Analysis) -> list[BranchRecord]:
 
 
 def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles, *, strict: bool,
-                 log: Callable[[GraphReport], None] | None = None) -> Callable:
+                 on_report: Callable[[GraphReport], None] | None = None) -> Callable:
     """Build the dynamo backend for one sparsified model."""
 
     def regate_backend(gm: fx.GraphModule, example_inputs):
@@ -71,19 +77,32 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
-        analysis = analyse(gm, seq, padding=found.get("attention_mask"))
+        layout = [found[k] for k in ("gather_idx", "scatter_idx", "valid") if k in found]
+        analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)
         g = GraphReport(name, sparse=True, branches=_records(analysis), reason=analysis.reason,
                         detail=analysis.detail,
-                        regions=[(r.first, r.last) for r in analysis.regions])
+                        regions=[(r.first, r.last) for r in analysis.regions],
+                        outside=[OutsideRecord(o.node.name, o.module, o.reason, o.detail) for o in analysis.outside])
         report.graphs.append(g)
         refused = g.refused
         counters["branches_refused"] += len(refused)
+        counters["outside_refusals"] += len(g.outside)
         if not analysis.regions:
-            why = f"{g.reason.value}: {g.detail}" if g.reason else _refusal_text(refused)
+            why = (f"{g.reason.value}: {g.detail}" if g.reason
+                   else _refusal_text(refused) + _outside_text(g.outside))
             raise KeepMaskError(
                 "regate_fx: keep_mask was given, but no part of this model's graph could be rewritten "
                 f"to run on kept tokens ({why}). Call the model without keep_mask, or see "
                 "`smodel.regate_report` for what was found.", report=report)
+        if g.outside:
+            msg = ("regate_fx: these ops mix tokens outside every branch that runs on kept tokens, so "
+                   "kept positions would see pruned ones (the result would not be exact):\n"
+                   + _outside_text(g.outside))
+            if strict:
+                raise RewriteError(msg + "\nThis model is not supported by the ReGATE pass; call it "
+                                   "without keep_mask (dense), or pass strict=False to run it anyway "
+                                   "(not exact).", report=report)
+            warnings.warn(msg, stacklevel=2)
         if refused:
             msg = ("regate_fx: these branches cannot run on kept tokens only and would stay dense:\n"
                    + _refusal_text(refused))
@@ -95,11 +114,18 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
-        if log is not None:
-            log(g)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("regate_fx %s rewritten:\n%s\n%s", name, report, gm.print_readable(print_output=False))
+        if on_report is not None:
+            on_report(g)
         return inner(gm, example_inputs)
 
     return regate_backend
+
+
+def _outside_text(outside: list[OutsideRecord]) -> str:
+    return "\n".join(f"  - {m}: {o.reason.value}: {o.detail}" + (f" (+{k} more ops)" if k else "")
+                     for m, o, k in group_outside(outside))
 
 
 def _refusal_text(refused: list[BranchRecord]) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "node_value",
     "op_name",
     "tensor_inputs",
+    "module_path",
     "param_path",
 ]
 
@@ -66,6 +67,20 @@ def set_sdpa_arg(node: fx.Node, name: str, value: Any) -> None:
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Input nodes of `node` whose recorded value is a tensor."""
     return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the module whose forward made `node` (dynamo's `nn_module_stack`), or ''.
+
+    `L['model'].model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj`.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    if path.startswith(("L[", "G[")) and "]" in path:
+        path = path.split("]", 1)[1].lstrip(".")
+    return path
 
 
 def param_path(placeholder_name: str) -> str | None:

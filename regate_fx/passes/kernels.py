@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_tokens", "kept_rows", "mask_keys_scores", "scatter_tokens", "sdpa_key_mask"]
+__all__ = ["gather_tokens", "kept_rows", "mask_keys_scores", "mask_keys_weights", "scatter_tokens", "sdpa_key_mask"]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -47,6 +47,12 @@ def sdpa_key_mask(mask: torch.Tensor | None, valid: torch.Tensor) -> torch.Tenso
 def mask_keys_scores(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mask padding-slot keys in eager attention scores (B, H, K, K) before the softmax."""
     return scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+
+
+def mask_keys_weights(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Zero the padding-slot keys of attention weights (B, ..., K, K) formed without a softmax."""
+    shape = [valid.size(0)] + [1] * (weights.dim() - 2) + [valid.size(1)]  # (B, 1, ..., 1, K)
+    return weights.masked_fill(~valid.view(shape), 0)
 
 
 @torch._dynamo.allow_in_graph

@@ -1,17 +1,22 @@
-"""Classify one graph node by what it does along the token axis.
+"""What each op does along the token axis: one table, one rule per op.
 
 The rewrite replays a branch on the kept tokens only. That is exact when every op in the branch
 either treats tokens independently (pointwise ops, linears over the hidden axis, norms over the
-hidden axis, reshapes) or is attention, whose key axis the rewrite masks for the padded kept layout.
-Anything else that touches the token axis (a convolution or cumsum along the sequence, a slice of
-it, an op this table does not know) is refused: the branch stays dense and the report says why.
+hidden axis, reshapes that keep the token axis whole) or is attention, whose key axis the rewrite
+masks for the padded kept layout. Anything else that touches the token axis (a convolution or
+cumsum along the sequence, a reduction over it, a slice of it, a reshape that splits it, an op
+this table does not know) is refused: the report names the node and why.
+
+`classify(node, sym)` resolves the op to the overload actually called (`max(x, dim)` is a
+reduction, `max(x, y)` is pointwise: both are `aten::max`), then looks its rule up in `RULES`.
+Unknown ops refuse. Every rule has a unit test (tests/passes/test_ops.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -19,7 +24,7 @@ import torch.fx as fx
 from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 from regate_fx.report import Reason
 
-__all__ = ["Verdict", "classify", "higher_order_detail"]
+__all__ = ["RULES", "Verdict", "classify", "called_overloads", "higher_order_detail"]
 
 
 @dataclass(frozen=True)
@@ -31,67 +36,118 @@ class Verdict:
     reason: Reason | None = None
     detail: str = ""
 
+    @property
+    def token_wise(self) -> bool:
+        """Exact at full length and on any subset of tokens alike (no attention, no mixing)."""
+        return self.ok and self.attention is None
+
 
 OK = Verdict(True)
 
-# Python operators dynamo records, mapped to the aten op whose tags we read.
+
+def _mix(detail: str) -> Verdict:
+    return Verdict(False, reason=Reason.TOKEN_MIXING, detail=detail)
+
+
+def _unsupported(detail: str) -> Verdict:
+    return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=detail)
+
+
+# --- resolving the overload actually called -------------------------------------------------
+
+# Python operators dynamo records, mapped to the aten op whose overloads we read.
 _OPERATOR_ALIASES = {
     "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "ifloordiv": "floor_divide",
     "iadd": "add", "isub": "sub", "imul": "mul", "and_": "bitwise_and", "or_": "bitwise_or",
     "xor": "bitwise_xor", "invert": "bitwise_not", "inv": "bitwise_not", "mod": "remainder",
-    "ipow": "pow", "iand": "bitwise_and", "ior": "bitwise_or", "pos": "positive",
+    "ipow": "pow", "iand": "bitwise_and", "ior": "bitwise_or", "pos": "positive", "getattr": "",
 }
-# Value-preserving or per-element ops without a pointwise aten tag.
-_ELEMENTWISE = {
-    "to", "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool",
-    "clone", "detach", "contiguous", "requires_grad_", "dropout", "alpha_dropout",
-    "feature_alpha_dropout", "dropout1d", "dropout2d", "embedding", "masked_fill_", "copy_",
+
+
+def _kind(value: Any) -> str:
+    """The schema kind of one argument of the call: tensor, int, float, bool, none, list, other."""
+    if isinstance(value, fx.Node):
+        value = node_value(value)
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (bool, torch.SymBool)):
+        return "bool"
+    if isinstance(value, (int, torch.SymInt)):
+        return "int"
+    if isinstance(value, (float, torch.SymFloat)):
+        return "float"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "other"
+
+
+_ACCEPTS = {
+    "TensorType": {"tensor"}, "IntType": {"int", "bool"}, "SymIntType": {"int", "bool"},
+    "FloatType": {"float", "int"}, "NumberType": {"int", "float", "bool"}, "BoolType": {"bool", "int"},
+    "ListType": {"list"},
 }
-# Ops that only move or reinterpret data; a token axis stays a token axis.
-_SHAPE = {
-    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
-    "flatten", "unflatten", "view_as", "reshape_as", "movedim", "swapaxes", "t", "broadcast_to",
-}
-# Ops that produce sizes or constants (their tensors carry no token data).
-_META = {
-    "size", "dim", "numel", "sym_size_int", "sym_numel", "new_zeros", "new_ones", "new_empty",
-    "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "new_tensor",
-    "_set_grad_enabled", "_log_api_usage_once",
-}
-# Reductions / scans whose `dim` argument must not be a token axis.
-_DIM_REDUCE = {
-    "mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod", "argmax", "argmin",
-    "all", "any", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort", "argsort",
-    "topk", "var_mean", "std_mean", "count_nonzero", "nansum", "nanmean", "normalize", "median",
-    "max", "min", "flip", "roll", "kthvalue",
-}
-# Where each reduction takes its dim (position, keyword, default); unlisted: (1, "dim", None = all).
-_DIM_ARG = {
-    "topk": (2, "dim", -1), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "norm": (2, "dim", None),
-    "normalize": (2, "dim", 1), "roll": (2, "dims", None), "kthvalue": (2, "dim", -1),
-}
-# Ops that split or join along `dim`: fine on hidden axes, a token mix on the token axis.
-_DIM_SPLIT = {
-    "chunk", "split", "unbind", "narrow", "select", "split_with_sizes", "tensor_split", "cat",
-    "concat", "concatenate", "stack", "repeat_interleave", "index_select",
-}
-_CONV = ("conv", "pool", "unfold", "fold", "pixel_shuffle", "interpolate", "upsample")
-_NORMS = {"layer_norm", "rms_norm"}
-_MIXING_NORMS = {"batch_norm", "group_norm", "instance_norm"}
+
+
+def _binds(schema, args: tuple, kwargs: dict) -> bool:
+    """Whether a call with these arguments binds to `schema` (arity, names and argument kinds)."""
+    params = list(schema.arguments)
+    positional = [p for p in params if not p.kwarg_only]
+    if len(args) > len(positional) or any(p.name == "out" for p in params):
+        return False
+    names = {p.name for p in params}
+    if any(k not in names for k in kwargs):
+        return False
+    given = {p.name: a for p, a in zip(positional, args)} | dict(kwargs)
+    for p in params:
+        if p.name not in given:
+            if not p.has_default_value():
+                return False
+            continue
+        kind, tk = _kind(given[p.name]), p.type.kind()
+        if tk == "OptionalType":
+            if kind == "none":
+                continue
+            tk = p.type.getElementType().kind()
+        if tk in _ACCEPTS and kind not in _ACCEPTS[tk]:
+            return False
+        if tk not in _ACCEPTS and kind == "tensor":  # dtype, device, str, ...: never a tensor
+            return False
+    return True
+
+
+def called_overloads(node: fx.Node) -> list[torch._ops.OpOverload]:
+    """The aten overloads a call_function / call_method node can bind to (usually one)."""
+    name = op_name(node)
+    name = _OPERATOR_ALIASES.get(name, name)
+    packet = getattr(torch.ops.aten, name, None) if name else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return []
+    args = tuple(node.args)
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}  # functional API only
+    if getattr(node.target, "__module__", None) == "_operator" and len(args) == 2 and _kind(args[0]) != "tensor":
+        args = args[::-1]  # `0.5 * x` is recorded as mul(0.5, x): aten's schemas take the tensor first
+    out = []
+    for o in packet.overloads():
+        op = getattr(packet, o)
+        if _binds(op._schema, args, kwargs):
+            out.append(op)
+    return out
 
 
 @lru_cache(maxsize=None)
-def _is_pointwise(name: str) -> bool:
-    name = _OPERATOR_ALIASES.get(name, name)
-    packet = getattr(torch.ops.aten, name, None)
-    if packet is None:
-        return False
-    try:
-        overloads = [getattr(packet, o) for o in packet.overloads()]
-    except Exception:  # pragma: no cover - defensive against odd packets
-        return False
-    return any(torch.Tag.pointwise in o.tags for o in overloads)
+def _tagged_pointwise(op: torch._ops.OpOverload) -> bool:
+    return torch.Tag.pointwise in op.tags
 
+
+def _is_pointwise(node: fx.Node) -> bool:
+    """Pointwise when every overload the call can bind to carries aten's pointwise tag."""
+    ops = called_overloads(node)
+    return bool(ops) and all(_tagged_pointwise(o) for o in ops)
+
+
+# --- helpers --------------------------------------------------------------------------------
 
 def _arg(node: fx.Node, pos: int, key: str, default: Any = None) -> Any:
     if len(node.args) > pos:
@@ -108,174 +164,233 @@ def _dims(dim: Any, ndim: int) -> list[int] | None:
     return [d % ndim for d in dims] if ndim else []
 
 
-def _mix(detail: str) -> Verdict:
-    return Verdict(False, reason=Reason.TOKEN_MIXING, detail=detail)
+@dataclass
+class _Call:
+    """What every rule reads: the node, its first tensor operand and token axes."""
+
+    node: fx.Node
+    sym: TokenSymbols
+    name: str
+    x: Any  # value of the first argument (a fake tensor, or whatever it is)
+    nd: int
+    x_tok: tuple[int, ...]
 
 
-def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
-    """Classify `node`, which depends on the residual stream, along the token axis."""
-    name = op_name(node)
-    value = node_value(node)
-    inputs = [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
-    in_tok = {a: sym.token_dims(node_value(a)) for a in inputs}
-    if not any(in_tok.values()) and not sym.token_dims(value):
-        return OK  # no token axis in or out (sizes, per-sequence constants)
-    if name in _META or name in _ELEMENTWISE or name in _SHAPE or _is_pointwise(name):
-        return OK
-    if name == "getitem":
-        return _classify_getitem(node, sym)
-    if isinstance(node.target, torch._ops.HigherOrderOperator):
-        return Verdict(False, reason=Reason.HIGHER_ORDER_OP, detail=higher_order_detail(node))
-    if node.op not in ("call_function", "call_method"):
-        return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"{node.op} {node.target}")
+# --- the rules ------------------------------------------------------------------------------
+# Each takes a _Call and returns a Verdict. Comments name the models a rule exists for.
 
-    x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    xv = node_value(x) if x is not None else None
-    x_tok = sym.token_dims(xv)
-    nd = xv.dim() if isinstance(xv, torch.Tensor) else 0
+def _token_wise(c: _Call) -> Verdict:
+    return OK
 
-    if name == "linear":
-        if nd and (nd - 1) in x_tok:
-            return _mix("linear contracts the token axis")
-        return OK
-    if name in ("matmul", "bmm", "mm"):
-        return _classify_matmul(node, node.args[0], node.args[1], sym)
-    if name in ("addmm", "baddbmm", "addbmm"):
+
+def _reshape(c: _Call) -> Verdict:
+    """view / reshape / flatten / unflatten: exact only while the token axis stays whole.
+
+    (B, T, D) <-> (B*T, D) (OPT flattens the stream) and (B, T, H, d) <-> (B, T, H*d) keep each
+    token's row; (B, T, D) -> (B, T/2, 2, D) splits it, and a flip of the new axis then moves
+    tokens: refused.
+    """
+    sym = c.sym
+    out = node_value(c.node)
+    for v in (c.x, out):
+        if isinstance(v, torch.Tensor):
+            for d in sym.token_dims(v):
+                size = sym.canon(v.shape[d])
+                if size != sym.seq and size != sym.batch * sym.seq:
+                    return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
+    return OK
+
+
+def _permute(c: _Call) -> Verdict:
+    return OK  # transpose / permute / movedim: the token axis moves, every token stays whole
+
+
+def _view_complex(c: _Call) -> Verdict:
+    """view_as_complex / view_as_real pair up or split the last dim (Llama4's complex RoPE)."""
+    if c.nd and (c.nd - 1) in c.x_tok:
+        return _mix(f"{c.name} reinterprets the token axis")
+    return OK
+
+
+def _linear(c: _Call) -> Verdict:
+    if c.nd and (c.nd - 1) in c.x_tok:
+        return _mix("linear contracts the token axis")
+    return OK
+
+
+def _matmul(c: _Call) -> Verdict:
+    n = c.node
+    if c.name in ("addmm", "baddbmm", "addbmm"):
         # bias + a @ b: GPT-2's Conv1D projection (addmm), Bloom's ALiBi scores (baddbmm).
-        return _classify_matmul(node, _arg(node, 1, "mat1" if name == "addmm" else "batch1"),
-                                _arg(node, 2, "mat2" if name == "addmm" else "batch2"), sym)
-    if name in ("softmax", "log_softmax", "_softmax"):
-        dims = _dims(_arg(node, 1, "dim"), nd)
-        if dims is None:
-            return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"{name} with an implicit dim")
-        if not set(dims) & set(x_tok):
-            return OK
-        if len(x_tok) >= 2 and nd == 4 and dims == [nd - 1] and x_tok[-1] == nd - 1:
-            return Verdict(True, attention="softmax")
-        return _mix(f"{name} over the token axis outside an attention score matrix")
-    if name == "scaled_dot_product_attention":
-        q = node_value(node.args[0])
-        k = node_value(_arg(node, 1, "key"))
-        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and sym.token_dims(q) == (2,)):
-            return Verdict(False, reason=Reason.ATTENTION_FORM,
-                           detail="sdpa query is not (batch, heads, tokens, head_dim)")
-        if not (isinstance(k, torch.Tensor) and k.dim() == 4 and sym.token_dims(k) == (2,)):
-            return Verdict(False, reason=Reason.ATTENTION_FORM,
-                           detail="sdpa key is not (batch, heads, tokens, head_dim)")
-        return Verdict(True, attention="sdpa")
-    if name in _NORMS:
-        shape = _arg(node, 1, "normalized_shape")
-        n = len(shape) if isinstance(shape, (list, tuple)) else 1
-        if set(range(nd - n, nd)) & set(x_tok):
-            return _mix(f"{name} normalises over the token axis")
-        return OK
-    if name in _MIXING_NORMS:
-        return _mix(f"{name} pools statistics over tokens")
-    if name in _DIM_REDUCE:
-        pos, key, default = _DIM_ARG.get(name, (1, "dim", None))
-        second = _arg(node, pos, key, default)
-        if name in ("max", "min") and isinstance(second, fx.Node):
-            return OK  # elementwise max/min of two tensors
-        dims = _dims(second, nd) if second is not None else list(range(nd))  # None: all dims
-        if dims is None:
-            return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"{name} with a symbolic dim")
-        if set(dims) & set(x_tok):
-            return _mix(f"{name} along the token axis")
-        return OK
-    if name in _DIM_SPLIT:
-        return _classify_dim_split(node, name, sym)
-    if name == "pad":
-        pad = _arg(node, 1, "pad")
-        if isinstance(pad, (list, tuple)):
-            for i in range(len(pad) // 2):
-                d = nd - 1 - i
-                if d in x_tok and (pad[2 * i] != 0 or pad[2 * i + 1] != 0):
-                    return _mix("pad shifts the token axis")
-            return OK
-        return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail="pad with symbolic padding")
-    if name == "repeat":
-        reps = list(node.args[1:]) if len(node.args) > 2 else list(_arg(node, 1, "sizes") or [])
-        lead = len(reps) - nd
-        if any(reps[lead + d] != 1 for d in x_tok if 0 <= lead + d < len(reps)):
-            return _mix("repeat tiles the token axis")
-        return OK
-    if name in ("tril", "triu"):
-        if nd >= 2 and {nd - 2, nd - 1} <= set(x_tok):
-            return OK  # a causal mask on a (query, key) matrix: order is preserved by the gather
-        return _mix(f"{name} over a token axis")
-    if any(c in name for c in _CONV):
-        return _mix(f"{name} mixes neighbouring positions along the token axis")
-    return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail=f"'{name}' on a token-indexed tensor")
-
-
-def higher_order_detail(node: fx.Node) -> str:
-    """What a higher-order op is and how to avoid it, for the report."""
-    name = getattr(node.target, "__name__", str(node.target))
-    if "checkpoint" in name:
-        return (f"'{name}' (activation checkpointing wraps each layer in an opaque region): call "
-                "model.gradient_checkpointing_disable() (sparse steps store activations of the kept "
-                "tokens only)")
-    return f"'{name}' wraps part of the model in a region the pass does not enter"
-
-
-def _classify_matmul(node: fx.Node, a: Any, b: Any, sym: TokenSymbols) -> Verdict:
+        a = _arg(n, 1, "mat1" if c.name == "addmm" else "batch1")
+        b = _arg(n, 2, "mat2" if c.name == "addmm" else "batch2")
+    else:
+        a, b = n.args[0], n.args[1]
     av, bv = node_value(a), node_value(b)
     if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor)):
-        return Verdict(False, reason=Reason.UNSUPPORTED_OP, detail="matmul with a non-tensor operand")
-    a_tok, b_tok = sym.token_dims(av), sym.token_dims(bv)
+        return _unsupported("matmul with a non-tensor operand")
+    a_tok, b_tok = c.sym.token_dims(av), c.sym.token_dims(bv)
     contract_a = av.dim() - 1
     contract_b = bv.dim() - 2 if bv.dim() >= 2 else 0
     if contract_a not in a_tok and contract_b not in b_tok:
         return OK  # q @ k^T, or x @ W: the contraction runs over a hidden axis
     if len(a_tok) >= 2 and contract_a in a_tok and contract_b in b_tok:
-        return Verdict(True, attention="pv")  # probabilities @ values: the attention read-out
+        if av.dim() >= 3 and c.sym.is_batch(av.shape[0]) and c.sym.is_seq(av.shape[-1]):
+            return Verdict(True, attention="pv")  # weights (B, ..., Tq, Tk) @ values: the read-out
+        return Verdict(False, reason=Reason.ATTENTION_FORM,
+                       detail="attention weights are not (batch, ..., queries, keys)")
     return _mix("matmul contracts the token axis outside attention")
 
 
-def _classify_dim_split(node: fx.Node, name: str, sym: TokenSymbols) -> Verdict:
-    if name in ("cat", "concat", "concatenate", "stack"):
-        seq = node.args[0] if node.args else node.kwargs.get("tensors")
-        first = seq[0] if isinstance(seq, (list, tuple)) and seq else None
-        fv = node_value(first) if isinstance(first, fx.Node) else None
-        nd = fv.dim() if isinstance(fv, torch.Tensor) else 0
-        dim = _arg(node, 1, "dim", 0)
-        if name == "stack":
-            return OK if isinstance(dim, int) else Verdict(False, reason=Reason.UNSUPPORTED_OP, detail="stack")
-        dims = _dims(dim, nd)
-        toks = set()
-        for t in seq or ():
-            if isinstance(t, fx.Node):
-                toks |= set(sym.token_dims(node_value(t)))
-        if dims is None or set(dims) & toks:
-            return _mix(f"{name} along the token axis")
+def _softmax(c: _Call) -> Verdict:
+    dims = _dims(_arg(c.node, 1, "dim"), c.nd)
+    if dims is None:
+        return _unsupported(f"{c.name} with an implicit dim")
+    if not set(dims) & set(c.x_tok):
         return OK
-    x = node.args[0]
-    xv = node_value(x)
-    nd = xv.dim() if isinstance(xv, torch.Tensor) else 0
-    if name in ("chunk", "split", "split_with_sizes", "tensor_split"):
-        dim = _arg(node, 2, "dim", 0)
-    elif name in ("narrow", "select", "index_select"):
-        dim = _arg(node, 1, "dim")
-    elif name == "repeat_interleave":
-        dim = _arg(node, 2, "dim")
-        if dim is None:
-            return _mix("repeat_interleave flattens the token axis")
-    else:  # unbind
-        dim = _arg(node, 1, "dim", 0)
-    dims = _dims(dim, nd)
-    if dims is None or set(dims) & set(sym.token_dims(xv)):
-        return _mix(f"{name} along the token axis")
+    x = c.x
+    if (len(c.x_tok) >= 2 and c.nd == 4 and dims == [c.nd - 1] and c.x_tok[-1] == c.nd - 1
+            and c.sym.is_batch(x.shape[0])):
+        return Verdict(True, attention="softmax")
+    return _mix(f"{c.name} over the token axis outside an attention score matrix")
+
+
+def _sdpa(c: _Call) -> Verdict:
+    n, sym = c.node, c.sym
+    for role, v in (("query", c.x), ("key", node_value(_arg(n, 1, "key")))):
+        if not (isinstance(v, torch.Tensor) and v.dim() == 4 and sym.token_dims(v) == (2,)
+                and sym.is_batch(v.shape[0])):
+            return Verdict(False, reason=Reason.ATTENTION_FORM,
+                           detail=f"sdpa {role} is not (batch, heads, tokens, head_dim)")
+    return Verdict(True, attention="sdpa")
+
+
+def _norm(c: _Call) -> Verdict:
+    shape = _arg(c.node, 1, "normalized_shape")
+    n = len(shape) if isinstance(shape, (list, tuple)) else 1
+    if set(range(c.nd - n, c.nd)) & set(c.x_tok):
+        return _mix(f"{c.name} normalises over the token axis")
     return OK
 
 
-def _classify_getitem(node: fx.Node, sym: TokenSymbols) -> Verdict:
-    src = node.args[0]
-    sv = node_value(src)
+def _always_mixing(c: _Call) -> Verdict:
+    return _mix(f"{c.name} mixes positions along the token axis")
+
+
+# Where each reduction / scan takes its dim: (position, keyword, default); None = every dim.
+_REDUCE_DIM = {
+    "topk": (2, "dim", -1), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "norm": (2, "dim", None),
+    "normalize": (2, "dim", 1), "roll": (2, "dims", None), "kthvalue": (2, "dim", -1),
+    "cumsum": (1, "dim", None), "flip": (1, "dims", None),
+}
+
+
+def _reduce(c: _Call) -> Verdict:
+    """Reductions, scans, sorts, flips: exact only off the token axis.
+
+    `max`/`min` arrive here only in their reduction overloads (`h.max(dim=1)`); `max(x, y)` is
+    pointwise and never reaches this rule.
+    """
+    pos, key, default = _REDUCE_DIM.get(c.name, (1, "dim", None))
+    dim = _arg(c.node, pos, key, default)
+    dims = _dims(dim, c.nd) if dim is not None else list(range(c.nd))  # None: every dim
+    if dims is None:
+        return _unsupported(f"{c.name} with a symbolic dim")
+    if set(dims) & set(c.x_tok):
+        return _mix(f"{c.name} along the token axis")
+    return OK
+
+
+def _cat(c: _Call) -> Verdict:
+    n = c.node
+    seq = n.args[0] if n.args else n.kwargs.get("tensors")
+    first = seq[0] if isinstance(seq, (list, tuple)) and seq else None
+    fv = node_value(first) if isinstance(first, fx.Node) else None
+    nd = fv.dim() if isinstance(fv, torch.Tensor) else 0
+    dim = _arg(n, 1, "dim", 0)
+    if c.name == "stack":
+        return OK if isinstance(dim, int) else _unsupported("stack with a symbolic dim")
+    dims = _dims(dim, nd)
+    toks: set[int] = set()
+    for t in seq or ():
+        if isinstance(t, fx.Node):
+            toks |= set(c.sym.token_dims(node_value(t)))
+    if dims is None or set(dims) & toks:
+        return _mix(f"{c.name} along the token axis")
+    return OK
+
+
+_SPLIT_DIM = {
+    "chunk": (2, 0), "split": (2, 0), "split_with_sizes": (2, 0), "tensor_split": (2, 0), "narrow": (1, None),
+    "select": (1, None), "index_select": (1, None), "unbind": (1, 0), "repeat_interleave": (2, None),
+}
+
+
+def _split(c: _Call) -> Verdict:
+    pos, default = _SPLIT_DIM[c.name]
+    dim = _arg(c.node, pos, "dim", default)
+    if c.name == "repeat_interleave" and dim is None:
+        return _mix("repeat_interleave flattens the token axis")
+    dims = _dims(dim, c.nd)
+    if dims is None or set(dims) & set(c.x_tok):
+        return _mix(f"{c.name} along the token axis")
+    return OK
+
+
+def _pad(c: _Call) -> Verdict:
+    pad = _arg(c.node, 1, "pad")
+    if not isinstance(pad, (list, tuple)):
+        return _unsupported("pad with symbolic padding")
+    for i in range(len(pad) // 2):
+        if (c.nd - 1 - i) in c.x_tok and (pad[2 * i] != 0 or pad[2 * i + 1] != 0):
+            return _mix("pad shifts the token axis")
+    return OK
+
+
+def _repeat(c: _Call) -> Verdict:
+    n = c.node
+    reps = list(n.args[1:]) if len(n.args) > 2 else list(_arg(n, 1, "sizes") or [])
+    lead = len(reps) - c.nd
+    if any(reps[lead + d] != 1 for d in c.x_tok if 0 <= lead + d < len(reps)):
+        return _mix("repeat tiles the token axis")
+    return OK
+
+
+def _tril(c: _Call) -> Verdict:
+    if c.nd >= 2 and {c.nd - 2, c.nd - 1} <= set(c.x_tok):
+        return OK  # a causal mask on a (query, key) matrix: order is preserved by the gather
+    return _mix(f"{c.name} over a token axis")
+
+
+def _where(c: _Call) -> Verdict:
+    """where(cond, a, b) is per element (any overload); where(cond) lists indices: refused."""
+    if len(c.node.args) + len(c.node.kwargs) >= 3:
+        return OK
+    return _mix("where(cond) lists positions along the token axis")
+
+
+def _masked_scatter(c: _Call) -> Verdict:
+    """LLaVA-style image-feature merge: `embeds.masked_scatter(image_mask, features)`.
+
+    Position p receives its own embedding, or the next image feature when p is an image
+    placeholder. With features that carry no token axis this places per-image data at fixed
+    positions: it commutes with gathering kept positions afterwards.
+    """
+    src = node_value(_arg(c.node, 2, "source"))
+    if isinstance(src, torch.Tensor) and c.sym.token_dims(src):
+        return _mix("masked_scatter with a token-indexed source")
+    return OK
+
+
+def _getitem(c: _Call) -> Verdict:
+    node, sym, sv = c.node, c.sym, c.x
     if not isinstance(sv, torch.Tensor):
         return OK  # picking an element of a tuple output
     idx = node.args[1]
     items = list(idx) if isinstance(idx, tuple) else [idx]
     tok = set(sym.token_dims(sv))
+    if not tok:
+        return OK  # a table read at token-indexed positions (GPT-J's sincos[position_ids]): a lookup
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     dim = 0
     for it in items:
@@ -285,11 +400,9 @@ def _classify_getitem(node: fx.Node, sym: TokenSymbols) -> Verdict:
         if it is None:
             continue
         if dim in tok:
-            if isinstance(it, slice) and it.start in (None, 0) and it.step in (None, 1) and (
-                it.stop is None or _is_full_stop(it.stop, sv.shape[dim], sym)
-            ):
-                pass
-            else:
+            whole = isinstance(it, slice) and it.start in (None, 0) and it.step in (None, 1) and (
+                it.stop is None or _is_full_stop(it.stop, sv.shape[dim], sym))
+            if not whole:
                 return _mix("indexing selects a subset of the token axis")
         elif isinstance(it, fx.Node) and sym.token_dims(node_value(it)):
             return _mix("indexing with a token-indexed tensor")
@@ -304,3 +417,89 @@ def _is_full_stop(stop: Any, size: Any, sym: TokenSymbols) -> bool:
         return sym.canon(stop) == sym.canon(size) or (isinstance(stop, int) and stop >= 2**62)
     except Exception:
         return False
+
+
+def _names(*names: str) -> tuple[str, ...]:
+    return names
+
+
+Rule = Callable[[_Call], Verdict]
+
+#: op name (aten name, torch function name or tensor method) -> rule along the token axis.
+RULES: dict[str, Rule] = {
+    # Value-preserving or per-element ops that carry no pointwise tag, or whose tag is per overload.
+    **dict.fromkeys(_names(
+        "to", "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool",
+        "clone", "detach", "contiguous", "requires_grad_", "dropout", "alpha_dropout",
+        "feature_alpha_dropout", "dropout1d", "dropout2d", "embedding", "masked_fill", "masked_fill_",
+        "copy_", "expand",
+        # Activations: torch.nn.functional's signatures (inplace=...) differ from aten's schemas.
+        "relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "hardtanh",
+        "hardsigmoid", "hardswish", "mish", "softplus", "softsign", "tanhshrink", "threshold",
+        "logsigmoid", "sigmoid", "tanh", "expand_as", "broadcast_to",
+        # Sizes and constants: their tensors carry no token data.
+        "size", "dim", "numel", "sym_size_int", "sym_numel", "new_zeros", "new_ones", "new_empty",
+        "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "new_tensor", "zeros", "ones",
+        "empty", "full", "scalar_tensor",
+        "_set_grad_enabled", "_log_api_usage_once"), _token_wise),
+    **dict.fromkeys(_names("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"), _reshape),
+    **dict.fromkeys(_names("transpose", "permute", "movedim", "swapaxes", "t", "unsqueeze", "squeeze"), _permute),
+    **dict.fromkeys(_names("view_as_complex", "view_as_real"), _view_complex),
+    "linear": _linear,
+    **dict.fromkeys(_names("matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm"), _matmul),
+    **dict.fromkeys(_names("softmax", "log_softmax", "_softmax"), _softmax),
+    "scaled_dot_product_attention": _sdpa,
+    **dict.fromkeys(_names("layer_norm", "rms_norm"), _norm),
+    **dict.fromkeys(_names(
+        "mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod", "argmax", "argmin",
+        "all", "any", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort", "argsort",
+        "topk", "var_mean", "std_mean", "count_nonzero", "nansum", "nanmean", "normalize", "median",
+        "max", "min", "flip", "roll", "kthvalue"), _reduce),
+    **dict.fromkeys(_names("cat", "concat", "concatenate", "stack"), _cat),
+    **dict.fromkeys(tuple(_SPLIT_DIM), _split),
+    "pad": _pad,
+    "repeat": _repeat,
+    **dict.fromkeys(_names("tril", "triu"), _tril),
+    **dict.fromkeys(_names("masked_scatter", "masked_scatter_"), _masked_scatter),
+    "getitem": _getitem,
+    "where": _where,
+    # Mix neighbouring positions or pool statistics over tokens: refused on a token axis.
+    **dict.fromkeys(_names(
+        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "avg_pool1d", "max_pool1d",
+        "adaptive_avg_pool1d", "adaptive_max_pool1d", "unfold", "fold", "pixel_shuffle", "interpolate",
+        "upsample", "batch_norm", "group_norm", "instance_norm"), _always_mixing),
+}
+
+
+def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
+    """Classify `node` along the token axis: token-wise, attention, or refused with a reason."""
+    value = node_value(node)
+    inputs = [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
+    if not any(sym.token_dims(node_value(a)) for a in inputs) and not sym.token_dims(value):
+        return OK  # no token axis in or out (sizes, per-sequence constants)
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return Verdict(False, reason=Reason.HIGHER_ORDER_OP, detail=higher_order_detail(node))
+    if node.op not in ("call_function", "call_method"):
+        return _unsupported(f"{node.op} {node.target}")
+    name = op_name(node)
+    rule = RULES.get(name)
+    if rule is None and _is_pointwise(node):
+        rule = _token_wise
+    if rule is None:
+        return _unsupported(f"'{name}' on a token-indexed tensor")
+    if rule is _reduce and name in ("max", "min") and _is_pointwise(node):
+        rule = _token_wise  # max(x, y): the elementwise overload
+    x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    xv = node_value(x) if x is not None else None
+    nd = xv.dim() if isinstance(xv, torch.Tensor) else 0
+    return rule(_Call(node, sym, name, xv, nd, sym.token_dims(xv)))
+
+
+def higher_order_detail(node: fx.Node) -> str:
+    """What a higher-order op is and how to avoid it, for the report."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if "checkpoint" in name:
+        return (f"'{name}' (activation checkpointing wraps each layer in an opaque region): call "
+                "model.gradient_checkpointing_disable() (sparse steps store activations of the kept "
+                "tokens only)")
+    return f"'{name}' wraps part of the model in a region the pass does not enter"

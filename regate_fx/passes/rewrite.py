@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 
 from regate_fx.passes.analyse import Analysis, Region, Tail
-from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, sdpa_arg, set_sdpa_arg
-from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, scatter_tokens, sdpa_key_mask
+from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg
+from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, mask_keys_weights, scatter_tokens, sdpa_key_mask
+from regate_fx.passes.ops import classify
 
 __all__ = ["KeptInputs", "rewrite"]
 
@@ -116,10 +117,18 @@ class _Replay:
                 set_sdpa_arg(new, "is_causal", True)
             elif is_sdpa(n):
                 _mask_sdpa_keys(graph, new, valid)
-            elif _is_attention_softmax(n, sym):
-                with graph.inserting_before(new):
-                    masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
-                new.update_arg(0, masked)
+            else:
+                form = classify(n, sym).attention if n.op in ("call_function", "call_method") else None
+                if form == "softmax":  # -inf on padding-slot keys before the normalisation
+                    with graph.inserting_before(new):
+                        masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
+                    new.update_arg(0, masked)
+                elif form == "pv" and not _from_softmax(n.args[0], sym):
+                    # Weights formed without a softmax (sigmoid attention, ...): zero the padding-slot
+                    # keys where the weights meet the values.
+                    with graph.inserting_before(new):
+                        masked = graph.call_function(mask_keys_weights, (new.args[0], valid))  # (B, ..., K, K)
+                    new.update_arg(0, masked)
 
 
 def _erase_unused(graph: fx.Graph, replaced) -> None:
@@ -174,10 +183,15 @@ def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> N
     _erase_unused(graph, [*scattered, *tail.nodes])
 
 
-def _is_attention_softmax(n: fx.Node, sym: TokenSymbols) -> bool:
-    from regate_fx.passes.ops import classify
+_VALUE_KEEPING = {"dropout", "to", "type_as", "contiguous", "float", "half", "bfloat16", "clone", "detach"}
 
-    return n.op in ("call_function", "call_method") and classify(n, sym).attention == "softmax"
+
+def _from_softmax(w: fx.Node, sym: TokenSymbols) -> bool:
+    """Whether attention weights are a (key-masked) softmax, through dropout and casts only."""
+    while isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and op_name(w) in _VALUE_KEEPING:
+        w = w.args[0]
+    return isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and \
+        classify(w, sym).attention == "softmax"
 
 
 def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node) -> None:

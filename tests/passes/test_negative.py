@@ -127,7 +127,7 @@ def test_moe_routing_is_refused_but_runs_exactly_when_left_dense():
     model = tm("sdpa")
     batch = make_batch(tm, 2, 12, pad="left", seed=1)
     keep = random_keep(batch, 0.5, seed=2)
-    with pytest.raises(RewriteError, match="sort along the token axis"):
+    with pytest.raises(RewriteError, match="token axis"):
         regate_fx.sparsify(model, backend="eager")(**batch, keep_mask=keep)
     smodel = regate_fx.sparsify(model, SparsifyConfig(strict=False), backend="eager")
     with pytest.warns(UserWarning, match="stay dense"):

@@ -1,0 +1,143 @@
+"""One test per rule of the op table (regate_fx/passes/ops.py): token-wise or refused, and why.
+
+Each case is a tiny function of a (B, T, D) tensor captured by dynamo with a symbolic token axis;
+the node under test is the last call in the graph that reads a tensor (and is not `.values`).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regate_fx.passes.graph import TokenSymbols, node_value, op_name
+from regate_fx.passes.ops import RULES, Verdict, classify
+from regate_fx.report import Reason
+
+
+def _verdict(fn, *shapes, op: str | None = None) -> Verdict:
+    """Classify the last call node (or the last `op` node) of `fn` on random `shapes` (T symbolic)."""
+    got = {}
+
+    def backend(gm, example_inputs):
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(node_value(n), torch.Tensor)]
+        sym = TokenSymbols.from_value(node_value(phs[0]))
+        calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+                 and any(isinstance(node_value(a), torch.Tensor) for a in n.all_input_nodes)
+                 and not (n.target is operator.getitem and isinstance(node_value(n.args[0]), (tuple, list)))]
+        # (not `.values` of a (values, indices) pair: the op that made the pair)
+        if op is not None:
+            calls = [n for n in gm.graph.nodes if op_name(n) == op]
+        got["v"] = classify(calls[-1], sym)
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = [torch.randn(*s) for s in shapes]
+    for a in args:
+        torch._dynamo.mark_dynamic(a, 1)  # the token axis
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return got["v"]
+
+
+BTD = (2, 6, 8)
+
+
+def _scores(x):
+    """(B, T, 8) -> attention scores (B, 2, Tq, Tk)."""
+    h = x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)  # (B, 2, T, 4)
+    return h @ h.transpose(-1, -2)  # (B, 2, T, T)
+
+TOKEN_WISE = {
+    "pointwise": lambda x: torch.sigmoid(x) * 2,
+    "operator with a scalar first": lambda x: 0.5 * x,
+    "max of two tensors": lambda x: torch.max(x, x * 2),
+    "where(cond, a, b)": lambda x: torch.where(x > 0, x, 0.0),
+    "reshape keeps tokens whole": lambda x: x.view(x.shape[0], x.shape[1], 2, 4),
+    "flatten batch and tokens": lambda x: x.reshape(-1, 8),
+    "transpose": lambda x: x.transpose(1, 2),
+    "view_as_complex on hidden pairs": lambda x: torch.view_as_complex(x.view(x.shape[0], x.shape[1], 4, 2)),
+    "linear over hidden": lambda x: F.linear(x, torch.ones(3, 8)),
+    "layer_norm over hidden": lambda x: F.layer_norm(x, (8,)),
+    "reduction over hidden": lambda x: x.mean(-1),
+    "max over hidden": lambda x: x.max(dim=-1).values,
+    "softmax over hidden": lambda x: x.softmax(-1),
+    "cat along hidden": lambda x: torch.cat([x, x], dim=-1),
+    "split along hidden": lambda x: x.split(4, dim=-1)[0],
+    "pad on hidden": lambda x: F.pad(x, (1, 1)),
+    "repeat on batch": lambda x: x.repeat(2, 1, 1),
+    "getitem of all tokens": lambda x: x[:, :, :4],
+    "masked_fill": lambda x: x.masked_fill(x > 0, 0.0),
+    "a table read at token-indexed positions": lambda x: torch.ones(64, 8)[(x[..., 0] > 0).long()],
+    "functional activation with inplace=": lambda x: F.relu(x, inplace=False),
+}
+MIXING = {
+    "max over tokens (reduction overload)": lambda x: x.max(dim=1).values,
+    "min over tokens": lambda x: x.min(dim=1, keepdim=True).values,
+    "sum over tokens": lambda x: x.sum(1),
+    "cumsum over tokens": lambda x: x.cumsum(1),
+    "sort over tokens": lambda x: x.sort(dim=1).values,
+    "flip over tokens": lambda x: x.flip(1),
+    "reshape splits tokens": lambda x: x.unflatten(1, (x.shape[1] // 2, 2)),
+    "linear over tokens": lambda x: F.linear(x.transpose(1, 2), torch.ones(6, 6)[: x.shape[1], : x.shape[1]]),
+    "layer_norm over tokens": lambda x: F.layer_norm(x.transpose(1, 2), (x.shape[1],)),
+    "softmax over tokens": lambda x: x.softmax(1),
+    "cat along tokens": lambda x: torch.cat([x, x], dim=1),
+    "split along tokens": lambda x: x.split(2, dim=1)[0],
+    "pad shifts tokens": lambda x: F.pad(x, (0, 0, 1, 0)),
+    "repeat tiles tokens": lambda x: x.repeat(1, 2, 1),
+    "getitem of some tokens": lambda x: x[:, 1:],
+    "conv over tokens": lambda x: F.conv1d(x.transpose(1, 2), torch.ones(8, 1, 2), groups=8),
+    "masked_scatter with a token-indexed source": lambda x: x.masked_scatter(x > 0, x * 2),
+}
+
+
+@pytest.mark.parametrize("name", list(TOKEN_WISE))
+def test_token_wise_rules(name):
+    v = _verdict(TOKEN_WISE[name], BTD)
+    assert v.token_wise, v
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_mixing_rules_refuse(name):
+    v = _verdict(MIXING[name], BTD)
+    assert not v.ok and v.reason in (Reason.TOKEN_MIXING, Reason.UNSUPPORTED_OP), v
+
+
+def test_where_with_one_argument_lists_positions():
+    v = _verdict(lambda x: torch.where(x > 0)[1], BTD, op="where")
+    assert not v.ok and v.reason is Reason.TOKEN_MIXING
+
+
+def test_attention_pieces():
+    assert _verdict(lambda x: _scores(x).softmax(-1), BTD).attention == "softmax"
+    assert _verdict(lambda x: _scores(x) @ x.view(2, x.shape[1], 2, 4).transpose(1, 2), BTD).attention == "pv"
+    qkv = lambda x: x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)  # noqa: E731  (B, 2, T, 4)
+    assert _verdict(lambda x: F.scaled_dot_product_attention(qkv(x), qkv(x), qkv(x), is_causal=True),
+                    BTD).attention == "sdpa"
+    # weights whose first axis is not the batch (Bloom's (B*H, T, T)) cannot be key-masked per sample
+    v = _verdict(lambda x: _scores(x).flatten(0, 1) @ x.view(2, x.shape[1], 2, 4).transpose(1, 2).flatten(0, 1), BTD)
+    assert not v.ok and v.reason is Reason.ATTENTION_FORM
+
+
+def test_masked_scatter_of_per_image_features_is_token_wise():
+    """LLaVA merges image features (no token axis) into the embeddings at placeholder positions."""
+    feats = torch.randn(100, 8)
+    v = _verdict(lambda x: x.masked_scatter((x[..., :1] > 0).expand_as(x), feats), BTD)
+    assert v.token_wise, v
+
+
+def test_unknown_op_refuses():
+    v = _verdict(lambda x: torch.fft.fft(x, dim=1).real, BTD)
+    assert not v.ok and v.reason is Reason.UNSUPPORTED_OP
+
+
+def test_every_rule_is_exercised():
+    """The tests above reach every distinct rule of the table."""
+    import regate_fx.passes.ops as ops
+
+    tested = {ops._token_wise, ops._reshape, ops._permute, ops._view_complex, ops._linear, ops._matmul,
+              ops._softmax, ops._sdpa, ops._norm, ops._always_mixing, ops._reduce, ops._cat, ops._split,
+              ops._pad, ops._repeat, ops._where, ops._masked_scatter, ops._getitem, ops._tril}
+    assert set(RULES.values()) <= tested

@@ -1,0 +1,130 @@
+"""Issue 6's graph shapes: each runs exact against the oracle or is refused with a reason.
+
+Before the coverage invariant each of these passed `strict=True` silently and differed from the
+oracle by 2e-3 to 2. The oracle here is the model itself on each kept subsequence (no pass code).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from regate_fx import Reason, RewriteError, SparsifyConfig
+from tests.helpers import assert_close
+from tests.toy import ToyLM
+
+
+def _batch(b=2, t=10, seed=0, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (b, t), generator=g)
+    am = torch.ones(b, t, dtype=torch.long)
+    if pad:
+        am[0, t - 3:] = 0  # right padding on the first sample
+    keep = (torch.rand(b, t, generator=g) < 0.6) & am.bool()
+    keep[:, 0] = True
+    return ids, am, keep
+
+
+def _refused(smodel, ids, am, keep) -> list:
+    with pytest.raises(RewriteError) as err:
+        smodel(input_ids=ids, attention_mask=am, keep_mask=keep)
+    g = err.value.report.sparse_graph
+    return [b.reason for b in g.refused] + [o.reason for o in g.outside]
+
+
+@pytest.mark.parametrize("mix", ["max", "absmax"])
+def test_max_over_tokens_is_refused(mix):
+    """`max` has a pointwise overload (max(x, y)); the overload called here is a reduction."""
+    model = ToyLM([None, mix]).eval()
+    ids, am, keep = _batch()
+    reasons = _refused(regate_fx.sparsify(model, backend="eager"), ids, am, keep)
+    assert reasons == [Reason.TOKEN_MIXING]
+
+
+def test_elementwise_max_of_two_tensors_is_token_wise():
+    from regate_fx.passes.ops import RULES, _reduce
+
+    assert RULES["max"] is _reduce  # ...but torch.max(a, b) binds max.other, which is pointwise
+    model = ToyLM([None, None]).eval()
+
+    class Clamp(torch.nn.Module):  # a user model: logits clamped from below by a learned floor
+        def __init__(self):
+            super().__init__()
+            self.inner, self.floor = model, torch.nn.Parameter(torch.full((64,), -0.1))
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            out = self.inner(input_ids, attention_mask)
+            out.logits = torch.max(out.logits, self.floor.expand_as(out.logits))
+            return out
+
+    ids, am, keep = _batch()
+    out = regate_fx.sparsify(Clamp(), backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+    for b in range(2):
+        pos = keep[b].nonzero().flatten()
+        ref = torch.max(model(ids[b:b + 1, pos]).logits[0], torch.tensor(-0.1))
+        assert_close(out.logits[b, pos], ref, f"sample {b}")
+
+
+def test_token_mixing_stem_before_the_first_add_is_refused():
+    model = ToyLM([None, None], stem=True).eval()
+    ids, am, keep = _batch()
+    with pytest.raises(RewriteError, match="conv1d") as err:
+        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+    outside = err.value.report.outside
+    assert outside[0].module == "stem" and {o.reason for o in outside} == {Reason.TOKEN_MIXING}
+
+
+def test_reshape_that_moves_tokens_is_refused():
+    model = ToyLM([None, "flip"]).eval()
+    ids, am, keep = _batch()
+    reasons = _refused(regate_fx.sparsify(model, backend="eager"), ids, am, keep)
+    assert reasons and set(reasons) == {Reason.TOKEN_MIXING}  # the unflatten, the flip, the flatten
+
+
+@pytest.mark.parametrize("mask", [None, "causal_padding"])
+def test_sigmoid_attention_is_exact(mask):
+    """No softmax: the kept layout's padding slots are zeroed where the weights meet the values."""
+    model = ToyLM([None, None], attn="sigmoid", mask=mask).eval()
+    ids, am, keep = _batch(b=3, pad=mask is not None)
+    keep[1, 5:] = False  # samples keep different counts: the layout has padding slots
+    smodel = regate_fx.sparsify(model, backend="eager")
+    out = smodel(input_ids=ids, attention_mask=am, keep_mask=keep)
+    assert smodel.regate_report.num_rewritten == 4
+    for b in range(3):
+        pos = keep[b].nonzero().flatten()
+        ref = model(ids[b:b + 1, pos], torch.ones(1, len(pos), dtype=torch.long)).logits[0]
+        assert_close(out.logits[b, pos], ref, f"sample {b}", atol=1e-5, rtol=0)
+
+
+def test_non_strict_reports_outside_mixing_and_warns():
+    model = ToyLM([None, None], stem=True).eval()
+    ids, am, keep = _batch()
+    smodel = regate_fx.sparsify(model, SparsifyConfig(strict=False), backend="eager")
+    with pytest.warns(UserWarning, match="not be exact"):
+        smodel(input_ids=ids, attention_mask=am, keep_mask=keep)
+    assert "REFUSED" in str(smodel.regate_report)
+
+
+def test_fullgraph_false_is_refused_with_the_reason():
+    """fullgraph=False could never run sparse (no captured piece sees inputs and layout)."""
+    with pytest.raises(ValueError, match="graph break"):
+        SparsifyConfig(fullgraph=False)
+
+
+def test_hybrid_mamba_attention_model_is_refused_naming_the_mixer():
+    """Jamba: attention and MLP branches are found, the Mamba mixer (conv1d + scan) is not a branch
+    the stream search can run on kept tokens; the whole graph is refused, naming the mixer."""
+    import transformers as tf
+
+    cfg = tf.JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                         expert_layer_period=99, expert_layer_offset=98, num_experts=1, mamba_d_state=4,
+                         mamba_d_conv=2, mamba_expand=2, use_mamba_kernels=False, mamba_dt_rank=4)
+    torch.manual_seed(0)
+    model = tf.JambaForCausalLM(cfg).eval()
+    ids, am, keep = _batch()
+    with pytest.raises(RewriteError, match="model.layers.0.mamba") as err:
+        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep)
+    outside = err.value.report.outside
+    assert any("conv1d" in o.detail for o in outside)
