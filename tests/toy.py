@@ -99,13 +99,15 @@ class ToyLM(nn.Module):
     `build_mask` kind."""
 
     def __init__(self, mixes=(None, None), vocab: int = 64, d: int = 32, heads: int = 4, mask: str | None = None,
-                 attn: str = "sdpa", stem: bool = False):
+                 attn: str = "sdpa", stem: str | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.mask = mask
         self.embed = nn.Embedding(vocab, d)
-        # stem: a causal depthwise conv over tokens after the embedding, before the first residual add
-        self.stem = nn.Conv1d(d, d, kernel_size=2, padding=1, groups=d) if stem else None
+        # stem, before the first residual add: 'conv' (a causal depthwise conv over tokens) or
+        # 'gate_count' (scale by an integer cumsum of a hidden-state test: content, not structure)
+        self.stem_kind = stem
+        self.stem = nn.Conv1d(d, d, kernel_size=2, padding=1, groups=d) if stem == "conv" else None
         self.layers = nn.ModuleList(Block(d, heads, m, attn) for m in mixes)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -114,6 +116,8 @@ class ToyLM(nn.Module):
         x = self.embed(input_ids)
         if self.stem is not None:
             x = self.stem(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)  # (B, T, D)
+        elif self.stem_kind == "gate_count":
+            x = x * (x[..., :1] > 0).long().cumsum(dim=1)  # (B, T, D)
         mask = None
         if self.mask is not None:
             am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

@@ -340,7 +340,7 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
             mask = sdpa_arg(n, "attn_mask") if is_sdpa(n) else None
             if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
                 analysis.causal_masks.add(mask)
-    analysis.outside = _check_coverage(graph, analysis, anc, stream_set, layout or [])
+    analysis.outside = _check_coverage(graph, analysis, anc, stream_set, layout or [], seq_input)
     return analysis
 
 
@@ -352,7 +352,7 @@ def _structural(n: fx.Node, sym: TokenSymbols) -> bool:
 
 
 def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: set[fx.Node],
-                    layout: list[fx.Node]) -> list[Outside]:
+                    layout: list[fx.Node], seq: fx.Node) -> list[Outside]:
     """The invariant: every token-indexed node is on the stream, replayed on kept tokens, in the
     tail, in our kept-layout code, refused already, or token-wise. Returns the nodes that are not."""
     sym = analysis.sym
@@ -365,12 +365,18 @@ def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: 
         if not b.ok:
             covered.update(b.nodes)  # already refused with its own reason
     ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
+    # Integer/boolean values computed from the hidden states (h > 0 then a cumsum, ...) are content,
+    # not structure: only those that no floating-point token-indexed value of the model feeds are.
+    content = [n for n in anc.members(anc.descendants_of_any([seq]))
+               if isinstance(node_value(n), torch.Tensor) and sym.token_dims(node_value(n))
+               and (node_value(n).is_floating_point() or node_value(n).is_complex())]
+    from_content = anc.descendants_of_any(content)
     out = []
     for n in graph.nodes:
         if n.op not in ("call_function", "call_method") or n in covered or (ours >> anc.index[n]) & 1:
             continue
         v = classify(n, sym)
-        if v.token_wise or _structural(n, sym):
+        if v.token_wise or (_structural(n, sym) and not (from_content >> anc.index[n]) & 1):
             continue
         if v.ok:  # attention the stream search did not reach runs on every token
             reason, detail = Reason.TOKEN_MIXING, "attention outside the rewritten branches runs on all tokens"

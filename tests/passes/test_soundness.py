@@ -66,8 +66,17 @@ def test_elementwise_max_of_two_tensors_is_token_wise():
         assert_close(out.logits[b, pos], ref, f"sample {b}")
 
 
+def test_integer_mixing_of_hidden_states_is_content_not_structure():
+    """Integer token-indexed values are exempt as structure (masks, positions) only when no
+    floating-point hidden state feeds them: a cumsum of `h > 0` before the first add is refused."""
+    model = ToyLM([None, None], stem="gate_count").eval()
+    ids, am, keep = _batch()
+    with pytest.raises(RewriteError, match="cumsum"):
+        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+
+
 def test_token_mixing_stem_before_the_first_add_is_refused():
-    model = ToyLM([None, None], stem=True).eval()
+    model = ToyLM([None, None], stem="conv").eval()
     ids, am, keep = _batch()
     with pytest.raises(RewriteError, match="conv1d") as err:
         regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
@@ -98,7 +107,7 @@ def test_sigmoid_attention_is_exact(mask):
 
 
 def test_non_strict_reports_outside_mixing_and_warns():
-    model = ToyLM([None, None], stem=True).eval()
+    model = ToyLM([None, None], stem="conv").eval()
     ids, am, keep = _batch()
     smodel = regate_fx.sparsify(model, SparsifyConfig(strict=False), backend="eager")
     with pytest.warns(UserWarning, match="not be exact"):
