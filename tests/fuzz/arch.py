@@ -120,6 +120,9 @@ class ArchSpec:
                    if getattr(self, f.name) != f.default]
         return f"ArchSpec({', '.join(changed)})"
 
+    def _repr_pretty_(self, p, cycle):  # hypothesis' printer: the short repr, not every field
+        p.text(repr(self))
+
 
 @st.composite
 def arch_specs(draw, mixers: bool = True) -> ArchSpec:
