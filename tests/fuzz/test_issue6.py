@@ -30,6 +30,7 @@ SHAPES = {
     # 2. post-LN: h = LN(h + f(h)) breaks the chain of residual adds
     "post_norm_serial": ArchSpec(norm_place="post"),
     "post_norm_parallel_eager": ArchSpec(norm_place="post", block="parallel", attn="eager", layers=3),
+    "post_norm_cumsum_after_chain": ArchSpec(layers=1, norm_place="post", mixers=(Mixer("cumsum", "mlp", 0),)),
     # 3. a token mixer before the first residual add
     "causal_conv_stem": ArchSpec(mixers=(Mixer("conv", "stem"),)),
     "cumsum_stem": ArchSpec(mixers=(Mixer("cumsum", "stem"),)),
