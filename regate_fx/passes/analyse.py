@@ -340,7 +340,9 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
             mask = sdpa_arg(n, "attn_mask") if is_sdpa(n) else None
             if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
                 analysis.causal_masks.add(mask)
-    analysis.outside = _check_coverage(graph, analysis, anc, stream_set, layout or [], seq_input)
+    # The value entering the stream is computed at full length like any other: checked, not exempt.
+    analysis.outside = _check_coverage(graph, analysis, anc, stream_set - {stream_nodes[0]}, layout or [],
+                                       seq_input)
     return analysis
 
 

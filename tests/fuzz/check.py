@@ -145,12 +145,14 @@ def assert_same(out, keep: torch.Tensor, g_sparse: dict, ref_logits, ref_loss, g
 
 
 def assert_structured_refusal(err: Exception) -> None:
-    """A refusal must say why in the report: a refused branch or a graph-level `Reason`."""
+    """A refusal must say why in the report: a refused branch, a token-mixing node outside every
+    branch (with its module), or a graph-level `Reason`."""
     report = getattr(err, "report", None)
     assert report is not None, f"{type(err).__name__} without a report: {err}"
     graph = report.sparse_graph
     assert graph is not None, f"{type(err).__name__}: the report has no sparse graph: {err}"
-    reasons = [b.reason for b in graph.refused] + ([graph.reason] if graph.reason is not None else [])
+    reasons = ([b.reason for b in graph.refused] + [o.reason for o in graph.outside if o.module]
+               + ([graph.reason] if graph.reason is not None else []))
     assert reasons and all(isinstance(r, Reason) for r in reasons), (
         f"{type(err).__name__} without a structured reason: {err}")
 

@@ -34,6 +34,8 @@ SHAPES = {
     # 3. a token mixer before the first residual add
     "causal_conv_stem": ArchSpec(mixers=(Mixer("conv", "stem"),)),
     "cumsum_stem": ArchSpec(mixers=(Mixer("cumsum", "stem"),)),
+    # found by the fuzzer after the coverage invariant: the value entering the stream was exempt
+    "token_linear_stem": ArchSpec(layers=1, norm_place="post", mixers=(Mixer("token_linear", "stem"),)),
     # 4. sigmoid attention: no softmax, so a duplicated padding slot is not masked away
     "sigmoid_attention": ArchSpec(attn="sigmoid"),
     "sigmoid_attention_additive_window": ArchSpec(attn="sigmoid", mask="additive", window=3, layers=1),

@@ -119,21 +119,3 @@ def test_fullgraph_false_is_refused_with_the_reason():
     """fullgraph=False could never run sparse (no captured piece sees inputs and layout)."""
     with pytest.raises(ValueError, match="graph break"):
         SparsifyConfig(fullgraph=False)
-
-
-def test_hybrid_mamba_attention_model_is_refused_naming_the_mixer():
-    """Jamba: attention and MLP branches are found, the Mamba mixer (conv1d + scan) is not a branch
-    the stream search can run on kept tokens; the whole graph is refused, naming the mixer."""
-    import transformers as tf
-
-    cfg = tf.JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
-                         expert_layer_period=99, expert_layer_offset=98, num_experts=1, mamba_d_state=4,
-                         mamba_d_conv=2, mamba_expand=2, use_mamba_kernels=False, mamba_dt_rank=4)
-    torch.manual_seed(0)
-    model = tf.JambaForCausalLM(cfg).eval()
-    ids, am, keep = _batch()
-    with pytest.raises(RewriteError, match="model.layers.0.mamba") as err:
-        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep)
-    outside = err.value.report.outside
-    assert any("conv1d" in o.detail for o in outside)
