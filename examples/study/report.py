@@ -71,7 +71,7 @@ def summarise(per_seed: list[dict], args, prep, total_s: float) -> dict:
         "teacher_ratio": _mean([t["teacher_ratio"] for t in tr]),
         "teacher": {"r_image": _mean([t["r_image"] for t in tr]), "r_text": _mean([t["r_text"] for t in tr])},
         "seeds": [s["seed"] for s in per_seed],
-        "config": {k: v for k, v in vars(args).items() if k not in ("set",)} | {"set": args.set},
+        "config": {k: v for k, v in vars(args).items() if k not in ("set", "out")} | {"set": args.set},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
                     or platform.machine()},
         "total_s": total_s,

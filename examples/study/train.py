@@ -154,7 +154,7 @@ def train_step(run: RunState, b: dict, pix: torch.Tensor, tags: torch.Tensor, st
     run.wall += dt
     run.step_times.append(dt)
     if dt > 3.0 and _DEBUG:
-        print(f"    slow step: {run.spec.name} step {step} {dt:.1f} s (first call: capture + compile)", flush=True)
+        print(f"    slow step: {run.spec.name} step {step} {dt:.1f} s", flush=True)
     run.losses.append(float(out.loss))
     run.tokens += int((keep & real).sum())
     run.tokens_dense += int(real.sum())
