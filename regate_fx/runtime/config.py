@@ -38,8 +38,8 @@ class ReGateConfig:
             after the warm-up).
         warmup_steps: W, dense steps before the first cycle (paper: 100).
         cycle_steps: C, length of one cycle in steps (ours: 10).
-        dense_steps: C_d, dense steps at the start of each cycle (ours: 3).
-        rho_min: fraction of candidate positions kept at a sparse step (ours: 0.4).
+        dense_steps: C_d, dense steps at the start of each cycle (ours: 2, from the study).
+        rho_min: fraction of candidate positions kept at a sparse step (ours: 0.2, from the study).
         beta: EMA decay of the student difficulty D (ours: 0.7).
         lam: weight of the reference loss in ``S = lam * r + (1 - lam) * D`` (paper Table 7: 0.5).
         selection: ``"regate"`` (top-k by S) or ``"random"`` (uniformly random positions at the
@@ -49,24 +49,25 @@ class ReGateConfig:
         visual_token_ids: token ids of visual placeholders (``<image>``, ...). Always kept, and
             replaced by the pad token for the teacher.
         special_token_ids: other token ids that are always kept (role markers, ...).
-        keep_context: if True, every real position that is not a candidate (e.g. the prompt, whose
-            next label is -100) is protected too; the default False follows the method's exact
-            count ``protected + ceil(rho * |V|)``.
+        keep_context: if True (default, from the study: 0.653 vs 0.555 best validation accuracy
+            over 3 seeds), every real position that is not a candidate (e.g. the prompt, whose next
+            label is -100) is protected too, so kept answer tokens still see the question. False
+            follows the paper's literal count ``protected + ceil(rho * |V|)``.
         sample_id_key: batch key holding the sample ids, a LongTensor ``[B]``.
     """
 
     schedule: str = "dual_cycle"
     warmup_steps: int = 100
     cycle_steps: int = 10
-    dense_steps: int = 3
-    rho_min: float = 0.4
+    dense_steps: int = 2
+    rho_min: float = 0.2
     beta: float = 0.7
     lam: float = 0.5
     selection: str = "regate"
     seed: int = 0
     visual_token_ids: tuple[int, ...] = field(default_factory=tuple)
     special_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    keep_context: bool = False
+    keep_context: bool = True
     sample_id_key: str = "sample_id"
 
     def __post_init__(self) -> None:

@@ -11,8 +11,9 @@ from regate_fx.runtime.config import ReGateConfig
 
 def test_defaults_are_the_documented_ones():
     c = ReGateConfig()
-    assert (c.schedule, c.warmup_steps, c.cycle_steps, c.dense_steps) == ("dual_cycle", 100, 10, 3)
-    assert (c.rho_min, c.beta, c.lam) == (0.4, 0.7, 0.5)
+    assert (c.schedule, c.warmup_steps, c.cycle_steps, c.dense_steps) == ("dual_cycle", 100, 10, 2)
+    assert (c.rho_min, c.beta, c.lam) == (0.2, 0.7, 0.5)
+    assert c.keep_context  # the study's evidence (docs/runtime.md)
     assert c.selection == "regate" and c.needs_reference
     assert c.visual_token_ids == () and c.special_token_ids == ()
 

@@ -21,7 +21,7 @@ from regate_fx.runtime.teacher import text_only_teacher
 from tests.runtime.runtime_helpers import IMAGE_ID, PAD, free_port, llama_teacher, synthetic_dataset, tiny_llama, tiny_llava
 
 N, B = 20, 4
-CFG = ReGateConfig(warmup_steps=2, cycle_steps=4, dense_steps=1, rho_min=0.4, beta=0.7, lam=0.5)
+CFG = ReGateConfig(warmup_steps=2, cycle_steps=4, dense_steps=1, rho_min=0.4, beta=0.7, lam=0.5, keep_context=False)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_visual_tokens_are_always_kept_and_never_candidates(tmp_path):
     llava = tiny_llava()
     cache = TeacherCache.compute(tmp_path / "c", text_only_teacher(llava), data, progress=False)
     cfg = ReGateConfig(warmup_steps=0, cycle_steps=2, dense_steps=0, rho_min=0.1,
-                       visual_token_ids=(IMAGE_ID,))
+                       visual_token_ids=(IMAGE_ID,), keep_context=False)
     rg = ReGate(cfg, 6, teacher_cache=cache)
     batch = collate(data, padding_side="left")
     keep = rg.keep_mask(batch, 0)

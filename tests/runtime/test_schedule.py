@@ -20,10 +20,10 @@ def test_defaults_warmup_then_cycles_of_ten():
     c = ReGateConfig()
     assert all(schedule_rho(c, t) == 1.0 for t in range(100))
     cycle = [schedule_rho(c, 100 + u) for u in range(10)]
-    assert cycle == [1.0] * 3 + [0.4] * 7
+    assert cycle == [1.0] * 2 + [0.2] * 8
     assert [schedule_rho(c, 110 + u) for u in range(10)] == cycle
     assert mean_rho(c, 100) == 1.0
-    assert mean_rho(c, 100 + 10 * 1000) == pytest.approx((100 + 1000 * 5.8) / 10100)
+    assert mean_rho(c, 100 + 10 * 1000) == pytest.approx((100 + 1000 * 3.6) / 10100)
 
 
 def test_constant_schedule():

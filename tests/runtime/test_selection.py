@@ -23,7 +23,7 @@ from regate_fx.runtime.selection import (
 )
 
 VIS, SPECIAL = 19, 18
-CFG = ReGateConfig(visual_token_ids=(VIS,), special_token_ids=(SPECIAL,), lam=0.0)
+CFG = ReGateConfig(visual_token_ids=(VIS,), special_token_ids=(SPECIAL,), lam=0.0, keep_context=False)  # the exact count
 RHOS = st.one_of(st.just(1.0), st.sampled_from([0.1, 0.3, 0.4, 0.5, 0.7, 0.9]), st.floats(0.01, 1.0))
 
 
