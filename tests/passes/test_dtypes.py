@@ -15,7 +15,7 @@ from tests.models import BY_NAME
 def test_half_precision_matches_oracle(name, dtype):
     tm = BY_NAME[name]
     model = tm("sdpa").to(dtype)
-    smodel = regate_fx.sparsify(model, backend="eager")
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")
     batch = make_batch(tm, 2, 12, pad="left", seed=1)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
