@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import types
@@ -230,6 +231,13 @@ class SparseModel(nn.Module):
             if self.config.validate:
                 check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
             layout = kept_layout(keep_mask)
+            if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
+                    and _accepts(self.model, "attention_mask"):
+                # No padding and default positions: the same call as an all-ones padding mask. Without
+                # one, transformers builds its causal mask from position ids plus a packed-sequence
+                # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
+                # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
+                inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         for t in [*inputs.values(), labels]:
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == seq.shape[0]:
@@ -265,6 +273,16 @@ class SparseModel(nn.Module):
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_accepts(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward names the keyword argument `name` (not merely **kwargs)."""
+    return _forward_accepts(type(model), name)
 
 
 def _install_output_hooks(model: nn.Module) -> None:
