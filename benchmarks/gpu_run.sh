@@ -89,7 +89,7 @@ tail -n 5 "$OUT/preflight.txt" | tee -a "$LOG"
 
 BENCH=("$PY" benchmarks/bench_step.py "${MODEL[@]}" --seqs "$SEQ" --attn sdpa --out "$RES")
 stage A 120 "${BENCH[@]}" --backends eager --batch 2 --rhos 0.4 1 --attention-mask both "${ROUNDS[@]}"
-stage B 75 "${BENCH[@]}" --backends eager --batch 4 --rhos 0.4 --lengths mixed "${ROUNDS[@]}"
+stage B 90 "${BENCH[@]}" --backends eager --batch 4 --rhos 0.4 --lengths mixed "${ROUNDS[@]}"
 stage C 240 "${BENCH[@]}" --backends inductor --batch 2 --rhos 0.4 --attention-mask ones "${ROUNDS[@]}"
 
 log "done in $(( $(date +%s) - START ))s; results: $RES ($(wc -l < "$RES" 2>/dev/null || echo 0) lines)"
