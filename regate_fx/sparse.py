@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import types
@@ -42,9 +43,13 @@ class SparsifyConfig:
         print_report: print the rewrite report (a rich table) after the first sparse compile.
         progress: show a spinner on the terminal while the first dense and the first sparse call
             capture and compile (minutes for a large model with inductor).
-        return_logits: return ``out.logits`` (B, T, V) at sparse steps. Training loops that only
-            read the loss can turn it off: the step then never materialises a (B, T, V) tensor
-            (``out.logits`` is None; ``out.loss`` and ``out.token_loss`` are unchanged).
+        return_logits: whether a sparse step returns ``out.logits`` (B, T, V). ``None`` (default):
+            only when the call has no ``labels``, the convention of fused-loss kernels such as
+            Liger's: a training step with labels reads ``out.loss`` / ``out.token_loss`` and never
+            materialises a (B, T, V) tensor, while a call without labels (inference, scoring)
+            still gets its logits. ``True``: always (costs a zero-filled (B, T, V) tensor and a
+            scatter at every step); ``False``: never. ``out.loss`` and ``out.token_loss`` do not
+            depend on it.
     """
 
     strict: bool = True
@@ -52,17 +57,22 @@ class SparsifyConfig:
     validate: bool = True
     print_report: bool = False
     progress: bool = True
-    return_logits: bool = True
+    return_logits: bool | None = None
 
     def __post_init__(self):
         for name in ("strict", "fullgraph", "validate", "print_report", "return_logits", "progress"):
             value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"SparsifyConfig.{name} must be a bool, got {value!r}")
+            if not isinstance(value, bool) and not (name == "return_logits" and value is None):
+                allowed = "a bool or None" if name == "return_logits" else "a bool"
+                raise ValueError(f"SparsifyConfig.{name} must be {allowed}, got {value!r}")
         if not self.fullgraph:
             raise ValueError("SparsifyConfig.fullgraph=False is not supported: the pass needs the whole "
                              "model as one graph to find its residual stream. Fix the graph break that "
                              "dynamo reports instead (the error names it), or run the model dense.")
+
+    def wants_logits(self, has_labels: bool) -> bool:
+        """Whether a sparse step returns (B, T, V) logits (see ``return_logits``)."""
+        return (not has_labels) if self.return_logits is None else self.return_logits
 
 
 @dataclass
@@ -72,8 +82,9 @@ class ReGateOutput(ModelOutput):
     Attributes:
         loss: mean cross-entropy over the kept prediction positions whose next label is supervised
             (None without labels).
-        logits: (B, T, V); correct at kept positions, zero at pruned ones (None at a sparse step
-            with ``SparsifyConfig(return_logits=False)``).
+        logits: (B, T, V); correct at kept positions, zero at pruned ones. At a sparse step it is
+            None when the call has labels (the default ``SparsifyConfig(return_logits=None)``)
+            or with ``return_logits=False``.
         token_loss: (B, T) per-position cross-entropy of the prediction made at each position,
             zero where not computed (pruned, or next label ignored). None without labels.
         keep_mask: the (B, T) mask the step ran with (None for a dense call).
@@ -226,6 +237,13 @@ class SparseModel(nn.Module):
             if self.config.validate:
                 check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
             layout = kept_layout(keep_mask)
+            if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
+                    and _accepts(self.model, "attention_mask"):
+                # No padding and default positions: the same call as an all-ones padding mask. Without
+                # one, transformers builds its causal mask from position ids plus a packed-sequence
+                # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
+                # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
+                inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         for t in [*inputs.values(), labels]:
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == seq.shape[0]:
@@ -246,7 +264,7 @@ class SparseModel(nn.Module):
                 logits, loss, token_loss = self._compiled(
                     self.model, inputs, self._use_cache_kw,
                     layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels,
-                    self.config.return_logits)
+                    self.config.wants_logits(labels is not None))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (KeepMaskError, RewriteError)):
@@ -261,6 +279,16 @@ class SparseModel(nn.Module):
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_accepts(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward names the keyword argument `name` (not merely **kwargs)."""
+    return _forward_accepts(type(model), name)
 
 
 def _install_output_hooks(model: nn.Module) -> None:

@@ -78,7 +78,8 @@ def oracle(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *,
     logits_out, total, count = [], 0.0, 0
     for b in range(keep.size(0)):
         pos = keep[b].nonzero().flatten()  # (K_b,)
-        mask = torch.ones(1, len(pos), dtype=torch.long) if window is None else _window_masks(model, pos, window)
+        mask = (torch.ones(1, len(pos), dtype=torch.long, device=pos.device) if window is None
+                else _window_masks(model, pos, window))
         p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]  # (1, K_b) original positions
         if embeds is not None:
             hidden = model.get_decoder()(inputs_embeds=embeds[b:b + 1, pos], attention_mask=mask,

@@ -80,22 +80,41 @@ def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: f
         assert_close(a, e, f"grad of {n}", atol=atol, rtol=rtol)
 
 
+def sparse_logits(smodel, batch: dict, keep: torch.Tensor, out) -> torch.Tensor | None:
+    """The (B, T, V) logits of a sparse step: from `out` when the call returned them
+    (``return_logits=True``), else from a second call without labels (the default config returns
+    logits exactly when the call has none). None only for ``return_logits=False``."""
+    wanted = smodel.config.return_logits
+    if wanted is False:
+        assert out.logits is None, "return_logits=False must not return logits"
+        return None
+    if wanted is None:
+        assert out.logits is None, "a sparse step with labels returns no logits by default"
+        return smodel(**{k: v for k, v in batch.items() if k != "labels"}, keep_mask=keep).logits
+    assert out.logits is not None, "return_logits=True must return logits"
+    return out.logits
+
+
 def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window: int | None = None) -> None:
-    """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's."""
+    """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's.
+
+    Logits are compared for every config except ``return_logits=False`` (where their absence is
+    asserted): with the default config they come from a second call without labels."""
     model.zero_grad(set_to_none=True)
     out = smodel(**batch, keep_mask=keep)
     out.loss.backward()
     g_sparse = grads(model)
     model.zero_grad(set_to_none=True)
+    logits = sparse_logits(smodel, batch, keep, out)
     ref_logits, ref_loss = oracle(model, batch, keep, window=window)
     ref_loss.backward()
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)
-    for b, ref in enumerate(ref_logits if out.logits is not None else []):  # None: return_logits=False
+    for b, ref in enumerate(ref_logits if logits is not None else []):
         pos = keep[b].nonzero().flatten()
-        assert_close(out.logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
+        assert_close(logits[b, pos].detach(), ref.detach(), f"logits of sample {b}")
         pruned = ~keep[b]
-        assert float(out.logits[b, pruned].detach().abs().sum()) == 0.0, "pruned logits must be zero"
+        assert float(logits[b, pruned].detach().abs().sum()) == 0.0, "pruned logits must be zero"
     # Absolute tolerance: relative to a loss of ~4.5, 2e-4 would also pass a fully dense run.
     assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=LOSS_ATOL, rtol=0)
     assert_grads_close(g_sparse, g_ref)

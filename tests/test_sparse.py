@@ -152,7 +152,7 @@ def test_inputs_embeds_instead_of_input_ids():
     from tests.helpers import assert_close
 
     model = LLAMA("sdpa")
-    smodel = regate_fx.sparsify(model, backend="eager")
+    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=True), backend="eager")
     batch = make_batch(LLAMA, 2, 10, pad="right", seed=4)
     keep = random_keep(batch, 0.5, seed=5)
     by_ids = smodel(**batch, keep_mask=keep)

@@ -15,10 +15,10 @@ from tests.helpers import check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
 
 
-def _run_two_masks(name: str, attn: str, backend: str) -> None:
+def _run_two_masks(name: str, attn: str, backend: str, config: regate_fx.SparsifyConfig | None = None) -> None:
     tm = BY_NAME[name]
     model = tm(attn)
-    smodel = regate_fx.sparsify(model, backend=backend)
+    smodel = regate_fx.sparsify(model, config, backend=backend)
     batch = make_batch(tm, 3, 16, pad="left", seed=2)
     check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=1))
     graphs = counters["stats"]["unique_graphs"]
@@ -39,4 +39,6 @@ def test_aot_eager_matches_oracle(name, attn):
 @pytest.mark.parametrize("name,attn", [("llama", "sdpa"),  # one representative inductor run in CI
                                        pytest.param("gpt_neox", "eager", marks=pytest.mark.slow)])
 def test_inductor_matches_oracle(name, attn):
-    _run_two_masks(name, attn, "inductor")
+    # return_logits=True: one inductor compile (logits with the loss) instead of two (loss-only
+    # step, then a call without labels for the logits)
+    _run_two_masks(name, attn, "inductor", regate_fx.SparsifyConfig(return_logits=True))

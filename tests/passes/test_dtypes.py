@@ -41,7 +41,8 @@ def test_half_precision_matches_oracle(name, dtype):
     if "pixel_values" in batch:
         batch16["pixel_values"] = batch["pixel_values"].to(dtype)
     keep = random_keep(batch, 0.5, seed=2)
-    out = regate_fx.sparsify(model, backend="eager")(**batch16, keep_mask=keep)
+    out = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")(
+        **batch16, keep_mask=keep)
     out.loss.backward()
     g_sparse = grads(model)
     ref32, loss32, g32 = _oracle(model32, batch, keep)

@@ -84,3 +84,40 @@ def test_the_window_really_differs_from_causal():
     for kind in ("window", "foreign", "shifted"):
         other = _toy_oracle(ToyLM(mask=kind).eval(), ids, am, keep)
         assert any((a - b).abs().max() > 1e-4 for a, b in zip(causal, other)), kind
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt_neox", "llava"])
+def test_a_call_without_attention_mask_takes_the_causal_fast_path(name):
+    """No attention_mask and no position_ids (unpadded data): transformers' own mask then carries a
+    packed-sequence term read from the default positions; the step passes the equivalent all-ones
+    padding mask instead, so the proof applies, and the result still equals the oracle."""
+    tm = BY_NAME[name]
+    model = tm("sdpa")
+    batch = make_batch(tm, 3, 14, seed=5, positions=False)
+    keep = random_keep(batch, 0.5, seed=3)
+    del batch["attention_mask"]
+    calls: list = []
+    smodel = regate_fx.sparsify(model, backend=_sdpa_calls(calls))
+    check_against_oracle(smodel, model, batch, keep)
+    assert smodel.regate_report.sparse_graph.causal_masks == 1
+    # every SDPA call gets no mask; the decoder's (2 layers, in the loss step and in the logits call
+    # without labels) is causal; LLaVA's vision tower is not
+    assert calls and all(mask_is_none for mask_is_none, _ in calls), calls
+    assert sum(causal for _, causal in calls) == 4, calls
+
+
+def test_position_ids_without_attention_mask_keep_their_packed_meaning():
+    """With explicit position_ids and no attention_mask transformers reads restarts as packed
+    documents (block-diagonal attention); the step must not turn that into one sequence."""
+    tm = BY_NAME["llama"]
+    model = tm("sdpa")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (2, 12), generator=g)
+    pos = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, 12)  # two documents per row
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    smodel = regate_fx.sparsify(model, backend="eager")
+    logits = smodel(input_ids=ids, position_ids=pos, keep_mask=keep).logits
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    one_sequence = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    assert (packed - one_sequence).abs().max() > 1e-3  # the two readings really differ here
+    assert_close(logits.detach(), packed.detach(), "logits of packed rows")

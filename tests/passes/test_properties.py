@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import regate_fx
-from tests.helpers import IMAGE_TOKENS, assert_close, assert_grads_close, check_against_oracle, grads, make_batch
+from tests.helpers import (IMAGE_TOKENS, assert_close, assert_grads_close, check_against_oracle, grads,
+                           make_batch, sparse_logits)
 from tests.models import BY_NAME
 
 # One pre-norm family in each attention form, a parallel-residual family and the MLLM.
@@ -24,7 +25,8 @@ def case(request):
     name, attn = request.param
     tm = BY_NAME[name]
     model = tm(attn)
-    return tm, model, regate_fx.sparsify(model, backend="eager")
+    # return_logits=True: one graph per call shape (see test_families.pair)
+    return tm, model, regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")
 
 
 @st.composite
@@ -68,11 +70,12 @@ def test_keeping_every_real_position_is_the_unsparsified_model(case, data):
     out.loss.backward()
     g_sparse = grads(model)
     model.zero_grad(set_to_none=True)
+    logits = sparse_logits(smodel, batch, keep, out)  # default config: from a call without labels
     dense = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).masked_fill(~keep, -100)
     loss = F.cross_entropy(dense.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
     loss.backward()
-    assert_close(out.logits[keep].detach(), dense[keep].detach(), "logits at real positions")
+    assert_close(logits[keep].detach(), dense[keep].detach(), "logits at real positions")
     assert_close(out.loss.detach(), loss.detach(), "loss")
     assert_grads_close(g_sparse, grads(model))
     model.zero_grad(set_to_none=True)

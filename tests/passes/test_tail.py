@@ -25,7 +25,7 @@ def _recording_backend(shapes: list):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma", "opt", "llava"])
-@pytest.mark.parametrize("return_logits", [True, False])
+@pytest.mark.parametrize("return_logits", [None, True, False])
 def test_lm_head_runs_on_kept_rows_only(name, return_logits):
     tm = BY_NAME[name]
     model = tm("sdpa")
@@ -42,8 +42,10 @@ def test_lm_head_runs_on_kept_rows_only(name, return_logits):
     computed = [s for s in shapes if s not in output]
     assert computed and all(s[2] == (2, k, VOCAB) for s in computed), computed
     # new_zeros (B, T + 1, V), scatter into it, slice to (B, T, V): nothing else at full length
+    # return_logits=None (default) with labels: a training step, no (B, T, V) tensor at all
     assert [s[2][1] for s in output] == ([17, 17, 16] if return_logits else []), output
     assert (out.logits is None) is (not return_logits)
+    assert out.loss is not None and out.token_loss is not None
     assert "final norm / LM head / loss on kept tokens only: yes" in str(smodel.regate_report)
 
 
@@ -59,6 +61,31 @@ def test_return_logits_false_gives_the_same_loss_and_grads():
     assert out.logits is None
     assert_close(out.loss, ref.loss, "loss")
     assert_close(out.token_loss, ref.token_loss, "token_loss")
+
+
+def test_default_returns_logits_exactly_when_the_call_has_no_labels():
+    """Liger's convention: logits only without labels; the loss and token_loss never depend on it."""
+    tm = BY_NAME["llama"]
+    model = tm("sdpa")
+    batch = make_batch(tm, 3, 12, pad="left", seed=2)
+    keep = random_keep(batch, 0.5, seed=4)
+    smodel = regate_fx.sparsify(model, backend="eager")
+    assert smodel.config.return_logits is None
+    train = smodel(**batch, keep_mask=keep)
+    assert train.logits is None and train.loss is not None
+    infer = smodel(**{k: v for k, v in batch.items() if k != "labels"}, keep_mask=keep)
+    assert infer.loss is None and infer.token_loss is None
+    assert infer.logits is not None and infer.logits.shape == (3, 12, VOCAB)
+    ref_logits, _ = regate_fx.oracle(model, batch, keep)
+    for b, ref in enumerate(ref_logits):
+        assert_close(infer.logits[b, keep[b]].detach(), ref.detach(), f"sample {b}")
+        assert float(infer.logits[b, ~keep[b]].detach().abs().sum()) == 0.0
+    always = regate_fx.sparsify(model, SparsifyConfig(return_logits=True), backend="eager")(**batch, keep_mask=keep)
+    assert_close(always.logits, infer.logits, "logits with labels (return_logits=True)")
+    assert_close(always.loss, train.loss, "loss")
+    assert_close(always.token_loss, train.token_loss, "token_loss")
+    with pytest.raises(ValueError, match="return_logits must be a bool or None"):
+        SparsifyConfig(return_logits="yes")
 
 
 def test_tail_stays_full_length_when_the_last_branch_is_dense():
