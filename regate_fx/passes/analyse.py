@@ -72,7 +72,9 @@ class Branch:
         forms = {f for _, f in self.attention}
         if not forms:
             return None
-        return "sdpa" if "sdpa" in forms else "eager"
+        if "sdpa" in forms:
+            return "sdpa"
+        return "cross" if "cross" in forms else "eager"  # cross: sdpa over another sequence's keys
 
 
 @dataclass
@@ -314,7 +316,7 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     branches: list[Branch] = []
     for i, (add, carry, out) in enumerate(chain):
         bits = (anc.ancestors(out) | anc.bit(out)) & stream_dep & ~anc.ancestors(carry) & ~anc.bit(carry)
-        nodes = [n for n in anc.members(bits) if n not in stream_set]
+        nodes = _with_inplace([n for n in anc.members(bits) if n not in stream_set], anc)
         br = Branch(i, add, carry, out, nodes)
         for n in nodes:
             v = classify(n, sym)
@@ -397,9 +399,23 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
             i = j + 1
             continue
         bits = anc.descendants_of_any([start]) & (anc.ancestors(end) | anc.bit(end))
-        out.append(Region(i, j, start, end, anc.members(bits)))
+        out.append(Region(i, j, start, end, _with_inplace(anc.members(bits), anc)))
         i = j + 1
     return out
+
+
+def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
+    """`nodes` plus the in-place ops that mutate one of them (OLMo's `query_states.clamp_(...)`).
+
+    Such an op's result is unused, so it is no one's ancestor; without it a replay on kept tokens
+    would drop the mutation, and it would look like a use escaping the branch."""
+    members = set(nodes)
+    extra = [u for n in nodes for u in n.users
+             if u not in members and u.op in ("call_function", "call_method") and u.args and u.args[0] is n
+             and (op_name(u) == "setitem" or (op_name(u).endswith("_") and not op_name(u).endswith("__")))]
+    if not extra:
+        return nodes
+    return sorted(members | set(extra), key=lambda n: anc.index[n])
 
 
 def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:

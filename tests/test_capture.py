@@ -1,0 +1,100 @@
+"""Capture (issue 7): what dynamo captures, and what a user sees when it cannot.
+
+- A capture that dynamo cannot complete is a RewriteError naming the module and what to do, never
+  a raw dynamo error.
+- Multimodal models are captured as "decoder + LM head" on what their own forward computes
+  eagerly (vision tower, projector, merge, M-RoPE ids); gradients still reach the vision side.
+- Refusals name the true cause (OLMo's in-place clip is not an "escaping value", Mllama's
+  cross-attention is not a malformed SDPA key).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from regate_fx import RewriteError, SparsifyConfig
+from tests.helpers import check_against_oracle, make_batch, random_keep
+from tests.mm_models import BY_NAME as MM, keep_visual, make_mm_batch, model_inputs
+from tests.models import BY_NAME
+
+
+def test_capture_failure_is_a_rewrite_error_naming_the_module():
+    """Qwen2-VL's vision attention calls lengths.tolist(): with capture='model' dynamo cannot
+    capture it. The user gets a RewriteError that names the module, the line, and the fix."""
+    fam = MM["qwen2_vl"]
+    model = fam("sdpa")
+    smodel = regate_fx.sparsify(model, SparsifyConfig(capture="model"), backend="eager")
+    batch = make_mm_batch(fam, model, [["image"], ["image"]], seed=1)
+    with pytest.raises(RewriteError) as info:
+        smodel(**model_inputs(batch), keep_mask=keep_visual(batch, 0.5))
+    msg = str(info.value)
+    assert "module 'model.visual.blocks.0.attn'" in msg and "lengths.tolist()" in msg
+    assert "capture='decoder'" in msg
+    assert type(info.value) is RewriteError  # not a torch._dynamo exception
+
+
+def test_llava_called_eagerly_before_the_first_sparse_call():
+    """Regression: an eager call (evaluation before training) hooked the vision tower; installing
+    the hooks again on the whole model duplicated them, and the projector got None as its input."""
+    tm = BY_NAME["llava"]
+    model = tm("sdpa")
+    batch = make_batch(tm, 2, 12, pad="left", seed=1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    before = model(**inputs, use_cache=False).logits
+    for capture in ("model", "decoder"):
+        smodel = regate_fx.sparsify(model, SparsifyConfig(capture=capture), backend="eager")
+        check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=2))
+    torch.testing.assert_close(model(**inputs, use_cache=False).logits, before)  # eager still works
+
+
+def test_decoder_capture_refuses_logits_changed_after_the_head():
+    """Decoder capture replays decoder + head; a forward that changes the logits after the head
+    (soft-capping, scaling) would be silently dropped, so the first call checks and refuses."""
+    tm = BY_NAME["llava"]
+    model = tm("sdpa")
+
+    def scale(_module, _args, out):
+        out.logits = out.logits * 2.0
+        return out
+
+    model.register_forward_hook(scale)
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(tm, 2, 12, seed=1)
+    with pytest.raises(RewriteError, match=r"logits are not its LM head \(lm_head\).*capture='model'"):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+
+
+def test_multimodal_models_capture_the_decoder_by_default():
+    assert regate_fx.sparsify(BY_NAME["llava"]("sdpa"), backend="eager")._capture.mode == "decoder"
+    assert regate_fx.sparsify(BY_NAME["llama"]("sdpa"), backend="eager")._capture.mode == "model"
+    with pytest.raises(ValueError, match="capture must be one of"):
+        SparsifyConfig(capture="vision")
+
+
+def test_mllama_cross_attention_runs_on_kept_queries():
+    """Mllama's cross-attention keys are image tokens (no token axis): each kept query reads its
+    own mask row, so it is exact on kept tokens (it used to be refused as a malformed sdpa key)."""
+    fam = MM["mllama"]
+    model = fam("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_mm_batch(fam, model, [["image"], ["image"]], seed=1)
+    check_against_oracle(smodel, model, model_inputs(batch), keep_visual(batch, 0.5, seed=2))
+    forms = {b.attention for b in smodel.regate_report.sparse_graph.branches}
+    assert "cross" in forms and smodel.regate_report.refused == []
+
+
+@pytest.mark.parametrize("name,attn", [("olmo_clip_qkv", "sdpa"), ("olmo_clip_qkv", "eager"), ("llama4", "sdpa"),
+                                       ("llama4", "eager")])
+def test_text_families_of_issue_7(name, attn):
+    """OLMo's clip_qkv is an in-place clamp_ inside the attention branch (it was refused as an
+    'escaping value'); Llama4's complex RoPE (torch.polar, view_as_complex) is token-wise."""
+    from tests.mm_models import TEXT_BY_NAME
+
+    tm = TEXT_BY_NAME[name]
+    model = tm(attn)
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(tm, 3, 14, pad="left", seed=3)
+    check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=7))
+    assert smodel.regate_report.refused == [] and smodel.regate_report.num_rewritten == 4
