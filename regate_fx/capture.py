@@ -67,8 +67,8 @@ def token_axes(t: torch.Tensor, batch: int, seq: int) -> tuple[list[int], list[i
     Token axes of integer and boolean inputs (ids, padding masks, position ids in any layout:
     (B, T), (1, T), (3, B, T) M-RoPE, (4, B, T)) are every dim of size T after the first, and dim 0
     when the tensor is 1-D; a floating-point input is token-indexed when it is (B, T, ...)
-    (``inputs_embeds``) or a 4-D mask (B, h, T, T) / (B, h, T, N). The batch axis is the first dim
-    of size B before a token axis.
+    (``inputs_embeds``) or a 4-D mask (B, h, T, T) / (B, h, T, N). The batch axis is dim 0, or for
+    integer inputs the last dim of size B before the token axis (dim 1 of (3, B, T)).
     """
     shape = tuple(t.shape)
     if not shape:
@@ -82,10 +82,10 @@ def token_axes(t: torch.Tensor, batch: int, seq: int) -> tuple[list[int], list[i
             toks = []
     else:
         toks = [d for d in range(len(shape)) if shape[d] == seq and (d > 0 or len(shape) == 1)]
-    first = toks[0] if toks else len(shape)
-    bat = [d for d in range(first) if shape[d] == batch][:1]
-    if not toks and shape[0] == batch:
-        bat = [0]  # per-sample inputs without a token axis (pixel_values, image_sizes, ...)
+    if not toks or t.is_floating_point() or t.is_complex():
+        bat = [0] if shape[0] == batch else []  # also per-sample inputs without a token axis (pixel_values, ...)
+    else:  # (B, T), or (3, B, T): the last dim of size B before the token axis
+        bat = [d for d in range(toks[0]) if shape[d] == batch][-1:]
     return bat, toks
 
 
