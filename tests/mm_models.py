@@ -283,7 +283,12 @@ def _mllama(attn):
                                    supported_aspect_ratios=[[1, 1]])
     text = tf.MllamaTextConfig(**{**TEXT_KW, "cross_attention_layers": [1]})
     cfg = tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
-    return tf.MllamaForConditionalGeneration(_attn(cfg, attn))
+    model = tf.MllamaForConditionalGeneration(_attn(cfg, attn))
+    with torch.no_grad():  # the cross-attention gates start at 0 (tanh(0) = 0: the image is not read)
+        for name, p in model.named_parameters():
+            if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                p.fill_(0.5)
+    return model
 
 
 def _mllama_media(model, g, items) -> Media:
@@ -296,22 +301,29 @@ def _mllama_media(model, g, items) -> Media:
 
 
 MM_FAMILIES = [
-    MMFamily("qwen2_vl", _qwen2_vl, _qwen_media, kinds=("image", "images", "video"), type_ids="mm_token_type_ids"),
+    MMFamily("qwen2_vl", _qwen2_vl, _qwen_media, kinds=("image", "images", "video"), type_ids="mm_token_type_ids",
+             note="M-RoPE (3, B, T) ids computed by the model; vision tower not capturable, runs eagerly"),
     MMFamily("qwen2_5_vl", _qwen2_5_vl, _qwen_media, kinds=("image", "images", "video"), type_ids="mm_token_type_ids",
-             slow=True),
-    MMFamily("qwen3_vl", _qwen3_vl, _qwen3_media, kinds=("image", "images", "video"), type_ids="mm_token_type_ids"),
-    MMFamily("llava_next", _llava_next, _anyres_media),
+             slow=True, note="window attention in the vision tower; M-RoPE"),
+    MMFamily("qwen3_vl", _qwen3_vl, _qwen3_media, kinds=("image", "images", "video"), type_ids="mm_token_type_ids",
+             refusal="indexing with a token-indexed tensor",
+             note="deepstack adds visual features into the residual stream at data-dependent positions "
+                  "(`hidden_states[visual_pos_masks, :] += ...` after early layers)"),
+    MMFamily("llava_next", _llava_next, _anyres_media, note="anyres: a base crop and a data-dependent grid of crops"),
     MMFamily("llava_onevision", _llava_onevision, _anyres_media, kinds=("image", "images", "video"), slow=True),
     MMFamily("llava_next_video", _llava_next_video, _anyres_media, kinds=("image", "video"), slow=True),
     MMFamily("mistral3", _mistral3, _mistral3_media, slow=True),
-    MMFamily("internvl", _internvl, _internvl_media),
-    MMFamily("gemma3", _gemma3, _gemma3_media, type_ids="token_type_ids"),
+    MMFamily("internvl", _internvl, _internvl_media, note="one tile per image (pixel shuffle)"),
+    MMFamily("gemma3", _gemma3, _gemma3_media, type_ids="token_type_ids",
+             note="bidirectional attention within each image (token_type_ids)"),
     MMFamily("idefics3", _idefics(tf.Idefics3Config, tf.Idefics3ForConditionalGeneration, tf.Idefics3VisionConfig),
              _idefics_media, slow=True),
     MMFamily("smolvlm", _idefics(tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration, tf.SmolVLMVisionConfig),
              _idefics_media),
-    MMFamily("paligemma", _paligemma, _paligemma_media, kinds=("image",), type_ids="prefix"),
-    MMFamily("mllama", _mllama, _mllama_media, kinds=("image",), slow=True),
+    MMFamily("paligemma", _paligemma, _paligemma_media, kinds=("image",), type_ids="prefix",
+             note="prefix-LM mask (token_type_ids); one image per sample"),
+    MMFamily("mllama", _mllama, _mllama_media, kinds=("image",), slow=True,
+             note="cross-attention to image tokens runs on kept queries; one single-tile image per sample"),
 ]
 BY_NAME = {f.name: f for f in MM_FAMILIES}
 

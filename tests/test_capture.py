@@ -84,17 +84,3 @@ def test_mllama_cross_attention_runs_on_kept_queries():
     forms = {b.attention for b in smodel.regate_report.sparse_graph.branches}
     assert "cross" in forms and smodel.regate_report.refused == []
 
-
-@pytest.mark.parametrize("name,attn", [("olmo_clip_qkv", "sdpa"), ("olmo_clip_qkv", "eager"), ("llama4", "sdpa"),
-                                       ("llama4", "eager")])
-def test_text_families_of_issue_7(name, attn):
-    """OLMo's clip_qkv is an in-place clamp_ inside the attention branch (it was refused as an
-    'escaping value'); Llama4's complex RoPE (torch.polar, view_as_complex) is token-wise."""
-    from tests.mm_models import TEXT_BY_NAME
-
-    tm = TEXT_BY_NAME[name]
-    model = tm(attn)
-    smodel = regate_fx.sparsify(model, backend="eager")
-    batch = make_batch(tm, 3, 14, pad="left", seed=3)
-    check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=7))
-    assert smodel.regate_report.refused == [] and smodel.regate_report.num_rewritten == 4
