@@ -80,7 +80,7 @@ def test_mllama_cross_attention_runs_on_kept_queries():
     model = fam("sdpa")
     smodel = regate_fx.sparsify(model, backend="eager")
     batch = make_mm_batch(fam, model, [["image"], ["image"]], seed=1)
-    check_against_oracle(smodel, model, model_inputs(batch), keep_visual(batch, 0.5, seed=2))
+    check_against_oracle(smodel, model, model_inputs(batch), keep_visual(batch, 0.5, seed=2), grad_scale=2e-6)
     forms = {b.attention for b in smodel.regate_report.sparse_graph.branches}
     assert "cross" in forms and smodel.regate_report.refused == []
 
