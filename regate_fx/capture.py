@@ -351,37 +351,55 @@ def _user_frames(e: BaseException) -> list:
     return []
 
 
-def _class_spans(cls: type) -> list[tuple[str, int, int]]:
-    """(file, first line, last line) of every function defined by `cls` and its bases."""
-    spans = []
+def _code_span(fn: Any) -> tuple[str, int, int] | None:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    try:
+        lines, start = inspect.getsourcelines(code)
+    except (OSError, TypeError):
+        return None
+    return os.path.abspath(code.co_filename), start, start + len(lines)
+
+
+def _class_spans(cls: type) -> tuple[list, list]:
+    """(file, first line, last line) of every function `cls` and its bases define, and of the
+    decorator wrappers around them (a frame of `dynamic_rope_update`'s wrapper is the rotary
+    module's forward, but the same wrapper decorates other classes: a weak match)."""
+    strong, weak = [], []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
         for fn in vars(klass).values():
-            code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
-            if code is None:
+            if not callable(fn):
                 continue
-            try:
-                lines, start = inspect.getsourcelines(code)
-            except (OSError, TypeError):
-                continue
-            spans.append((os.path.abspath(code.co_filename), start, start + len(lines)))
-    return spans
+            inner = inspect.unwrap(fn)
+            span = _code_span(inner)
+            if span:
+                strong.append(span)
+            if inner is not fn and (span := _code_span(fn)):
+                weak.append(span)
+    return strong, weak
 
 
 def _module_at(model: nn.Module, filename: str, lineno: int) -> str | None:
-    """The path of the innermost module whose class defines the code at (filename, lineno)."""
+    """The path of the innermost module whose class defines the code at (filename, lineno); a
+    decorator's wrapper counts when a single module matches it."""
     filename = os.path.abspath(filename)
-    spans: dict[type, list] = {}
-    best = None
+    spans: dict[type, tuple] = {}
+    strong, weak = [], []
     for name, m in model.named_modules():
         cls = type(m)
         if cls not in spans:
             spans[cls] = _class_spans(cls)
-        if any(f == filename and a <= lineno < b for f, a, b in spans[cls]):
-            if best is None or len(name) > len(best):
-                best = name
-    return best
+        hits = [any(f == filename and a <= lineno < b for f, a, b in group) for group in spans[cls]]
+        if hits[0]:
+            strong.append(name)
+        elif hits[1]:
+            weak.append(name)
+    if strong:
+        return max(strong, key=len)
+    return weak[0] if len(weak) == 1 else None
 
 
 def capture_error(e: BaseException, model: nn.Module, mode: str) -> RewriteError | None:

@@ -84,3 +84,22 @@ def test_mllama_cross_attention_runs_on_kept_queries():
     forms = {b.attention for b in smodel.regate_report.sparse_graph.branches}
     assert "cross" in forms and smodel.regate_report.refused == []
 
+
+
+def test_dynamic_rope_refusal_names_the_rotary_module():
+    """Dynamic RoPE recomputes its frequencies when the largest position grows: a data-dependent
+    branch. The error names the rotary module and the branch, not just 'graph break'."""
+    import transformers as tf
+
+    from tests.models import TinyModel, _causal
+
+    tm = TinyModel("llama_dynamic_rope", _causal(tf.LlamaConfig, tf.LlamaForCausalLM, num_key_value_heads=2,
+                                                 rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                  "rope_theta": 10000.0}))
+    smodel = regate_fx.sparsify(tm("sdpa"), backend="eager")
+    batch = make_batch(tm, 2, 12, seed=1)
+    with pytest.raises(RewriteError) as info:
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    msg = str(info.value)
+    assert "module 'model.rotary_emb' (LlamaRotaryEmbedding)" in msg
+    assert "dynamic_frequency_update: if seq_len > max_seq_len_cached" in msg
