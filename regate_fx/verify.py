@@ -7,7 +7,16 @@ position ids and an all-ones attention mask. Use it to check `sparsify` on your 
     ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
     out = smodel(**batch, keep_mask=keep)      # out.logits[b, keep[b]] == ref_logits[b]
 
-It is a reference, not a fast path: it runs the model once per sample.
+It is a reference, not a fast path: it runs the model once per sample (once per packed document).
+
+Multimodal models: the model's forward is run once, eagerly, up to its decoder; the embeddings it
+merged (whose graph reaches the vision tower and projector) and the position ids it computed
+(M-RoPE's (3, B, T) ones included) are taken at the kept positions, and the model is called on them
+per sample, with every other per-token input (``token_type_ids``, ``mm_token_type_ids``, ...) at the
+kept positions too, so its own mask logic (bidirectional images, prefix-LM) applies to the kept
+subsequence. A decoder that takes token ids (Mllama's cross-attention) gets each sample's own
+pixel inputs instead. Packed rows (no ``attention_mask``, position ids restarting inside a row)
+are split into documents, each run alone.
 """
 
 from __future__ import annotations

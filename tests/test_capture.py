@@ -103,3 +103,23 @@ def test_dynamic_rope_refusal_names_the_rotary_module():
     msg = str(info.value)
     assert "module 'model.rotary_emb' (LlamaRotaryEmbedding)" in msg
     assert "dynamic_frequency_update: if seq_len > max_seq_len_cached" in msg
+
+
+def test_dense_call_in_decoder_capture_equals_the_model():
+    """keep_mask=None through decoder capture: the model's own logits, and its gradients."""
+    from tests.helpers import assert_close, assert_grads_close, grads
+
+    fam = MM["qwen2_vl"]
+    model = fam("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_mm_batch(fam, model, [["image"], ["video"]], pad="right", seed=4)
+    inputs = model_inputs(batch)
+    out = smodel(**inputs)
+    out.logits.sum().backward()
+    g_sparse = grads(model)
+    model.zero_grad(set_to_none=True)
+    ref = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+    ref.sum().backward()
+    assert_close(out.logits.detach(), ref.detach(), "logits", atol=1e-5, rtol=1e-5)
+    assert_grads_close(g_sparse, grads(model), scale=2e-6)
+    assert out.keep_mask is None and smodel._capture.mode == "decoder"

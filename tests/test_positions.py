@@ -123,3 +123,27 @@ def test_mrope_3_b_t_position_ids(capture):
     check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=1))
     _dense_equals_keep_all(smodel, model, batch)
     assert smodel.regate_report.refused == []
+
+
+def test_a_specialised_length_names_its_cause():
+    """When something does fix the sequence length (here an op broadcasting against a (1, 12, 1)
+    buffer), the refusal says so instead of asking for 'at least 2 tokens'."""
+    from regate_fx import KeepMaskError
+
+    class FixedLength(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.register_buffer("w", torch.ones(1, 12, 1))
+
+        def forward(self, input_ids, attention_mask=None, **kw):
+            embeds = self.lm.get_input_embeddings()(input_ids) * self.w  # (B, 12, D): T must be 12
+            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
+
+    smodel = regate_fx.sparsify(FixedLength(LLAMA("sdpa")), backend="eager")
+    batch = make_batch(LLAMA, 2, 12, seed=1)
+    with pytest.raises(KeepMaskError) as info:
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    msg = str(info.value)
+    assert "seq_specialized: the sequence length was specialised to 12" in msg
+    assert "not marked dynamic, or an op that needs a fixed length" in msg and "at least 2 tokens" not in msg

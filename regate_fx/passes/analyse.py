@@ -290,9 +290,13 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     """
     sym = TokenSymbols.from_value(node_value(seq_input))
     if sym is None or not sym.seq_is_symbolic:
+        t = node_value(seq_input).shape[1] if isinstance(node_value(seq_input), torch.Tensor) else "?"
+        why = ("sequences of length 0/1 are always specialised by dynamo: use at least 2 tokens"
+               if isinstance(t, int) and t < 2 else
+               "an input whose token axis was not marked dynamic, or an op that needs a fixed length, "
+               "fixed it (inputs passed through sparsify() are marked: see regate_fx/capture.py)")
         return Analysis(sym, reason=Reason.SEQ_SPECIALIZED,
-                        detail="the sequence length was not traced symbolically; sequences of "
-                        "length 0/1 are specialised by dynamo, use at least 2 tokens")
+                        detail=f"the sequence length was specialised to {t} while tracing; {why}")
     graph = gm.graph
     anc = Ancestry(graph)
     chain = find_stream(graph, sym, anc)
