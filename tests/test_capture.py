@@ -123,3 +123,22 @@ def test_dense_call_in_decoder_capture_equals_the_model():
     assert_close(out.logits.detach(), ref.detach(), "logits", atol=1e-5, rtol=1e-5)
     assert_grads_close(g_sparse, grads(model), scale=2e-6)
     assert out.keep_mask is None and smodel._capture.mode == "decoder"
+
+
+def test_image_layout_does_not_recompile_the_decoder():
+    """Decoder capture: batch size, number of images and videos, and sequence length change; the
+    front end runs eagerly, so the captured decoder graph is reused."""
+    from torch._dynamo.utils import counters
+
+    fam = MM["qwen2_vl"]
+    model = fam("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    first = make_mm_batch(fam, model, [["image"], ["image"]], seed=1)
+    smodel(**model_inputs(first), keep_mask=keep_visual(first, 0.5, seed=1)).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, items in enumerate([[["image", "image"], ["video"], ["image"]], [["video", "image"], ["video"]],
+                                  [["image"], ["image", "video"], ["video"], ["image"]]]):  # B >= 2: 1 specialises
+        batch = make_mm_batch(fam, model, items, seed=seed + 2)
+        smodel(**model_inputs(batch), keep_mask=keep_visual(batch, 0.4, seed=seed)).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(g.sparse for g in smodel.regate_report.graphs) == 1
