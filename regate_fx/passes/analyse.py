@@ -408,15 +408,21 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
     return out
 
 
+def _mutates(u: fx.Node, n: fx.Node) -> bool:
+    """Whether `u` is an in-place op on `n` (`n.clamp_(...)`, `n[idx] = v`)."""
+    if u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not n:
+        return False
+    name = op_name(u)
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
+
+
 def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
     """`nodes` plus the in-place ops that mutate one of them (OLMo's `query_states.clamp_(...)`).
 
     Such an op's result is unused, so it is no one's ancestor; without it a replay on kept tokens
     would drop the mutation, and it would look like a use escaping the branch."""
     members = set(nodes)
-    extra = [u for n in nodes for u in n.users
-             if u not in members and u.op in ("call_function", "call_method") and u.args and u.args[0] is n
-             and (op_name(u) == "setitem" or (op_name(u).endswith("_") and not op_name(u).endswith("__")))]
+    extra = [u for n in nodes for u in n.users if u not in members and _mutates(u, n)]
     if not extra:
         return nodes
     return sorted(members | set(extra), key=lambda n: anc.index[n])
@@ -455,6 +461,11 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                     side[a] = None
         for a in side:
             problem = _side_input_problem(a, sym)
+            mutated = next((u for u in a.users if _mutates(u, a)), None)
+            if problem is None and mutated is not None and sym.token_dims(node_value(a)):
+                # it is gathered where it is computed: a later in-place change would be missed
+                problem = (Reason.UNSUPPORTED_OP,
+                           f"side input '{a.name}' is modified in place by '{mutated.name}' after it is computed")
             if problem is not None:
                 user = next(u for u in a.users if u in members)
                 _owner(user, region, branches).refuse(*problem)
