@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows
@@ -50,6 +51,10 @@ class SparsifyConfig:
             still gets its logits. ``True``: always (costs a zero-filled (B, T, V) tensor and a
             scatter at every step); ``False``: never. ``out.loss`` and ``out.token_loss`` do not
             depend on it.
+        capture: what dynamo captures (``regate_fx/capture.py``): ``"model"`` the whole forward;
+            ``"decoder"`` the decoder and LM head, on the inputs the model's own forward computes
+            for them eagerly (vision tower, projector, feature merge, M-RoPE position ids);
+            ``"auto"`` (default) picks ``"decoder"`` for multimodal models.
     """
 
     strict: bool = True
@@ -58,8 +63,11 @@ class SparsifyConfig:
     print_report: bool = False
     progress: bool = True
     return_logits: bool | None = None
+    capture: str = "auto"
 
     def __post_init__(self):
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"SparsifyConfig.capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
         for name in ("strict", "fullgraph", "validate", "print_report", "return_logits", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "return_logits" and value is None):
@@ -189,7 +197,8 @@ class SparseModel(nn.Module):
         self._use_cache_kw = {"use_cache": False} if ("use_cache" in params or accepts_kwargs) else {}
         self._printed = False
         self._compiled_kinds: set[str] = set()  # "dense" / "sparse" calls that have compiled once
-        _install_output_hooks(model)
+        install_output_hooks(model)
+        self._capture = Capture(model, config.capture, self._use_cache_kw)
         regate_backend = make_backend(resolve_backend(backend), self.regate_report, self._roles,
                                       strict=config.strict, on_report=self._maybe_print)
         self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
@@ -244,38 +253,37 @@ class SparseModel(nn.Module):
                 # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
                 # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
                 inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        # The whole model, or its decoder + head on eagerly computed inputs (regate_fx/capture.py).
+        target, inputs, seq = self._capture.prepare(inputs, seq)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
-        for t in [*inputs.values(), labels]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == seq.shape[0]:
-                torch._dynamo.maybe_mark_dynamic(t, 0)  # per-sample inputs (pixel_values, ...)
-                if t.dim() >= 2 and t.shape[1] == seq.shape[1]:
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
-        if layout is not None:
+        mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
+        if layout is not None and not torch.compiler.is_compiling():
             for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
         am = inputs.get("attention_mask")
-        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) else None,
+        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
                         gather_idx=layout and layout.gather_idx,
                         scatter_idx=layout and layout.scatter_idx, valid=layout and layout.valid)
         kind = "dense" if layout is None else "sparse"
         try:
             with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status(kind):
                 logits, loss, token_loss = self._compiled(
-                    self.model, inputs, self._use_cache_kw,
+                    target, inputs, self._use_cache_kw,
                     layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels,
                     self.config.wants_logits(labels is not None))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (KeepMaskError, RewriteError)):
                 raise inner.with_traceback(None) from None
+            raise capture_error(e, self.model, self._capture.mode) from e
+        except (KeepMaskError, RewriteError):
             raise
-        except torch._dynamo.exc.Unsupported as e:
-            raise RewriteError(
-                "regate_fx: dynamo could not capture the model as a single graph, so its residual "
-                f"stream cannot be analysed as a whole:\n{str(e).strip()[:1500]}\n"
-                "Fix the graph break in the model's forward (see the hint above), or call the "
-                "model without keep_mask (dense).") from e
+        except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
+            err = capture_error(e, self.model, self._capture.mode)
+            if err is None:
+                raise
+            raise err from e
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
@@ -289,19 +297,6 @@ def _forward_accepts(cls: type, name: str) -> bool:
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether the model's forward names the keyword argument `name` (not merely **kwargs)."""
     return _forward_accepts(type(model), name)
-
-
-def _install_output_hooks(model: nn.Module) -> None:
-    """transformers installs its output-capturing hooks lazily, under a threading.Lock that dynamo
-    cannot trace (a graph break in LLaVA-style models); install them before the first capture."""
-    try:
-        from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # older/newer transformers without lazy hooks
-        return
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            maybe_install_capturing_hooks(module)
 
 
 def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

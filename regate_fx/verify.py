@@ -7,7 +7,16 @@ position ids and an all-ones attention mask. Use it to check `sparsify` on your 
     ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
     out = smodel(**batch, keep_mask=keep)      # out.logits[b, keep[b]] == ref_logits[b]
 
-It is a reference, not a fast path: it runs the model once per sample.
+It is a reference, not a fast path: it runs the model once per sample (once per packed document).
+
+Multimodal models: the model's forward is run once, eagerly, up to its decoder; the embeddings it
+merged (whose graph reaches the vision tower and projector) and the position ids it computed
+(M-RoPE's (3, B, T) ones included) are taken at the kept positions, and the model is called on them
+per sample, with every other per-token input (``token_type_ids``, ``mm_token_type_ids``, ...) at the
+kept positions too, so its own mask logic (bidirectional images, prefix-LM) applies to the kept
+subsequence. A decoder that takes token ids (Mllama's cross-attention) gets each sample's own
+pixel inputs instead. Packed rows (no ``attention_mask``, position ids restarting inside a row)
+are split into documents, each run alone.
 """
 
 from __future__ import annotations
@@ -23,22 +32,58 @@ IGNORE_INDEX = -100
 _TEXT_KEYS = {"input_ids", "attention_mask", "labels", "position_ids"}
 
 
-def _decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The embeddings entering the decoder (for an MLLM: text and visual features merged)."""
+class _Stop(Exception):
+    pass
+
+
+def _decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward passes its decoder: for an MLLM, the embeddings with the visual
+    features merged in (their autograd graph reaches the vision tower) and the position ids it
+    computed (M-RoPE's (3, B, T) ones included). The run stops there."""
     seen = {}
+    decoder = model.get_decoder()
 
     def hook(_module, args, kwargs):
-        seen["embeds"] = kwargs.get("inputs_embeds")
+        seen.update(kwargs)
+        raise _Stop
 
-    handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    except _Stop:
+        pass
     finally:
         handle.remove()
-    if seen.get("embeds") is None:
-        raise ValueError("the decoder of this model was not called with inputs_embeds; the oracle "
-                         "cannot isolate its input")
-    return seen["embeds"]
+    if seen.get("inputs_embeds") is None and seen.get("input_ids") is None:
+        raise ValueError("the decoder of this model was called with neither inputs_embeds nor input_ids; "
+                         "the oracle cannot isolate its input")
+    return seen
+
+
+def _rows(pos_ids: torch.Tensor | None, b: int, idx: torch.Tensor) -> torch.Tensor:
+    """Sample b's position ids at `idx`, as a batch of one: (B, T), (1, T) and (n, B, T) layouts."""
+    if pos_ids is None:
+        return idx[None]
+    if pos_ids.dim() == 3:  # M-RoPE: (3, B, T), or (4, B, T) with the text positions first
+        return pos_ids[:, b:b + 1, idx]
+    return pos_ids[min(b, pos_ids.size(0) - 1)][idx][None]  # (B, T), or (1, T) shared by the batch
+
+
+def _documents(batch: dict[str, Any], b: int, pos: torch.Tensor) -> list[torch.Tensor]:
+    """The kept positions `pos` of sample b split by packed document.
+
+    Rows are packed (DataCollatorWithFlattening, TRL padding_free) when there is no attention mask
+    and the 2-D position ids restart inside a row; a document starts wherever the position id is
+    not its predecessor's plus one (transformers' own rule).
+    """
+    pid = batch.get("position_ids")
+    if batch.get("attention_mask") is not None or pid is None or pid.dim() != 2:
+        return [pos]
+    row = pid[min(b, pid.size(0) - 1)]
+    starts = torch.ones_like(row, dtype=torch.bool)
+    starts[1:] = row[1:] != row[:-1] + 1
+    doc = starts.long().cumsum(0)[pos]  # (K_b,) document of each kept position
+    return [pos[doc == d] for d in doc.unique_consecutive()]
 
 
 def _window_masks(model: torch.nn.Module, orig: torch.Tensor, window: int) -> Any:
@@ -73,22 +118,35 @@ def oracle(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *,
     """
     target = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): label of p + 1
     multimodal = any(k not in _TEXT_KEYS for k in batch)
-    embeds = _decoder_inputs(model, batch) if multimodal else None  # (B, T, D)
-    pos_ids = batch.get("position_ids")
+    dec = _decoder_inputs(model, batch) if multimodal else {}
+    embeds = dec.get("inputs_embeds")  # (B, T, D)
+    pos_ids = dec.get("position_ids") if dec.get("position_ids") is not None else batch.get("position_ids")
+    bsz, seq = keep.shape
+    # Other per-token inputs (token_type_ids, ...): the model reads them at the kept positions.
+    per_token = {k: v for k, v in batch.items()
+                 if k not in _TEXT_KEYS and isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == (bsz, seq)}
+    # A decoder that takes token ids, not merged embeddings, reads the images some other way
+    # (Mllama's cross-attention): the model then runs per sample on that sample's other inputs.
+    per_sample = {} if embeds is not None or not multimodal else {
+        k: v for k, v in batch.items() if k not in _TEXT_KEYS and k not in per_token
+        and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.size(0) == bsz}
     logits_out, total, count = [], 0.0, 0
-    for b in range(keep.size(0)):
-        pos = keep[b].nonzero().flatten()  # (K_b,)
-        mask = (torch.ones(1, len(pos), dtype=torch.long, device=pos.device) if window is None
-                else _window_masks(model, pos, window))
-        p = (pos_ids[b, pos] if pos_ids is not None else pos)[None]  # (1, K_b) original positions
-        if embeds is not None:
-            hidden = model.get_decoder()(inputs_embeds=embeds[b:b + 1, pos], attention_mask=mask,
-                                         position_ids=p, use_cache=False).last_hidden_state
-            logits = model.get_output_embeddings()(hidden)[0]  # (K_b, V)
-        else:
-            logits = model(input_ids=batch["input_ids"][b:b + 1, pos], attention_mask=mask, position_ids=p,
-                           use_cache=False).logits[0]  # (K_b, V)
+    for b in range(bsz):
+        pieces = []
+        for pos in _documents(batch, b, keep[b].nonzero().flatten()):  # (K_d,) kept positions
+            mask = (torch.ones(1, len(pos), dtype=torch.long, device=pos.device) if window is None
+                    else _window_masks(model, pos, window))
+            kw = {k: v[b:b + 1, pos] for k, v in per_token.items()}
+            kw.update({k: v[b:b + 1] for k, v in per_sample.items()})
+            if embeds is not None:
+                kw["inputs_embeds"] = embeds[b:b + 1, pos]
+            else:
+                kw["input_ids"] = batch["input_ids"][b:b + 1, pos]
+            pieces.append(model(**kw, attention_mask=mask, position_ids=_rows(pos_ids, b, pos),
+                                use_cache=False).logits[0])  # (K_d, V)
+        logits = torch.cat(pieces)  # (K_b, V)
         logits_out.append(logits)
+        pos = keep[b].nonzero().flatten()
         total = total + 0.0 * logits.sum()  # keeps the loss a graph even when nothing is counted
         t = target[b, pos]
         m = t != IGNORE_INDEX

@@ -68,7 +68,10 @@ def assert_close(actual, expected, what: str, atol: float = ATOL, rtol: float = 
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: float = RTOL) -> None:
+def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: float = RTOL,
+                       scale: float = 0.0) -> None:
+    """Every gradient equal. `scale` > 0 widens each tensor's atol by scale * its largest |grad|:
+    float32 noise of a gradient that sums many large terms (an MLLM projector's)."""
     names = set(actual) | set(expected)
     for n in sorted(names):
         a = actual.get(n)
@@ -77,7 +80,7 @@ def assert_grads_close(actual: dict, expected: dict, atol: float = ATOL, rtol: f
             other = a if a is not None else e
             assert float(other.abs().max()) == 0.0, f"grad of {n} exists on one side only"
             continue
-        assert_close(a, e, f"grad of {n}", atol=atol, rtol=rtol)
+        assert_close(a, e, f"grad of {n}", atol=atol + scale * float(e.abs().max()), rtol=rtol)
 
 
 def sparse_logits(smodel, batch: dict, keep: torch.Tensor, out) -> torch.Tensor | None:
@@ -95,7 +98,8 @@ def sparse_logits(smodel, batch: dict, keep: torch.Tensor, out) -> torch.Tensor 
     return out.logits
 
 
-def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window: int | None = None) -> None:
+def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window: int | None = None,
+                         grad_scale: float = 0.0) -> None:
     """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's.
 
     Logits are compared for every config except ``return_logits=False`` (where their absence is
@@ -117,7 +121,7 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window:
         assert float(logits[b, pruned].detach().abs().sum()) == 0.0, "pruned logits must be zero"
     # Absolute tolerance: relative to a loss of ~4.5, 2e-4 would also pass a fully dense run.
     assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=LOSS_ATOL, rtol=0)
-    assert_grads_close(g_sparse, g_ref)
+    assert_grads_close(g_sparse, g_ref, scale=grad_scale)
     # token_loss: the per-position CE at counted kept positions, zero elsewhere
     counted = keep & (F.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100)
     assert float(out.token_loss[~counted].detach().abs().sum()) == 0.0

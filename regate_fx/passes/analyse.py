@@ -72,7 +72,9 @@ class Branch:
         forms = {f for _, f in self.attention}
         if not forms:
             return None
-        return "sdpa" if "sdpa" in forms else "eager"
+        if "sdpa" in forms:
+            return "sdpa"
+        return "cross" if "cross" in forms else "eager"  # cross: sdpa over another sequence's keys
 
 
 @dataclass
@@ -288,9 +290,13 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     """
     sym = TokenSymbols.from_value(node_value(seq_input))
     if sym is None or not sym.seq_is_symbolic:
+        t = node_value(seq_input).shape[1] if isinstance(node_value(seq_input), torch.Tensor) else "?"
+        why = ("sequences of length 0/1 are always specialised by dynamo: use at least 2 tokens"
+               if isinstance(t, int) and t < 2 else
+               "an input whose token axis was not marked dynamic, or an op that needs a fixed length, "
+               "fixed it (inputs passed through sparsify() are marked: see regate_fx/capture.py)")
         return Analysis(sym, reason=Reason.SEQ_SPECIALIZED,
-                        detail="the sequence length was not traced symbolically; sequences of "
-                        "length 0/1 are specialised by dynamo, use at least 2 tokens")
+                        detail=f"the sequence length was specialised to {t} while tracing; {why}")
     graph = gm.graph
     anc = Ancestry(graph)
     chain = find_stream(graph, sym, anc)
@@ -314,7 +320,7 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     branches: list[Branch] = []
     for i, (add, carry, out) in enumerate(chain):
         bits = (anc.ancestors(out) | anc.bit(out)) & stream_dep & ~anc.ancestors(carry) & ~anc.bit(carry)
-        nodes = [n for n in anc.members(bits) if n not in stream_set]
+        nodes = _with_inplace([n for n in anc.members(bits) if n not in stream_set], anc)
         br = Branch(i, add, carry, out, nodes)
         for n in nodes:
             v = classify(n, sym)
@@ -405,9 +411,29 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
             i = j + 1
             continue
         bits = anc.descendants_of_any([start]) & (anc.ancestors(end) | anc.bit(end))
-        out.append(Region(i, j, start, end, anc.members(bits)))
+        out.append(Region(i, j, start, end, _with_inplace(anc.members(bits), anc)))
         i = j + 1
     return out
+
+
+def _mutates(u: fx.Node, n: fx.Node) -> bool:
+    """Whether `u` is an in-place op on `n` (`n.clamp_(...)`, `n[idx] = v`)."""
+    if u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not n:
+        return False
+    name = op_name(u)
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
+
+
+def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
+    """`nodes` plus the in-place ops that mutate one of them (OLMo's `query_states.clamp_(...)`).
+
+    Such an op's result is unused, so it is no one's ancestor; without it a replay on kept tokens
+    would drop the mutation, and it would look like a use escaping the branch."""
+    members = set(nodes)
+    extra = [u for n in nodes for u in n.users if u not in members and _mutates(u, n)]
+    if not extra:
+        return nodes
+    return sorted(members | set(extra), key=lambda n: anc.index[n])
 
 
 def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:
@@ -443,6 +469,11 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                     side[a] = None
         for a in side:
             problem = _side_input_problem(a, sym)
+            mutated = next((u for u in a.users if _mutates(u, a)), None)
+            if problem is None and mutated is not None and sym.token_dims(node_value(a)):
+                # it is gathered where it is computed: a later in-place change would be missed
+                problem = (Reason.UNSUPPORTED_OP,
+                           f"side input '{a.name}' is modified in place by '{mutated.name}' after it is computed")
             if problem is not None:
                 user = next(u for u in a.users if u in members)
                 _owner(user, region, branches).refuse(*problem)

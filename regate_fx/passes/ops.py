@@ -257,11 +257,24 @@ def _softmax(c: _Call) -> Verdict:
 
 def _sdpa(c: _Call) -> Verdict:
     n, sym = c.node, c.sym
-    for role, v in (("query", c.x), ("key", node_value(_arg(n, 1, "key")))):
+    key, value, mask = (node_value(a) if isinstance(a, fx.Node) else a
+                        for a in (_arg(n, 1, "key"), _arg(n, 2, "value"), _arg(n, 3, "attn_mask")))
+    if isinstance(key, torch.Tensor) and not sym.token_dims(key) and not sym.token_dims(value):
+        # Cross-attention (Mllama): keys and values are another sequence (image tokens), so each
+        # query row reads only its own mask row: token-wise over the queries.
+        q_ok = isinstance(c.x, torch.Tensor) and c.x.dim() == 4 and c.x_tok == (2,) and sym.is_batch(c.x.shape[0])
+        m_ok = not isinstance(mask, torch.Tensor) or set(sym.token_dims(mask)) <= {mask.dim() - 2}
+        if q_ok and m_ok and not _arg(n, 5, "is_causal", False):
+            return Verdict(True, attention="cross")
+        return Verdict(False, reason=Reason.ATTENTION_FORM,
+                       detail="cross-attention (keys without a token axis) whose query or mask is not "
+                       "(batch, heads, tokens, ...) or that is causal")
+    for role, v in (("query", c.x), ("key", key)):
         if not (isinstance(v, torch.Tensor) and v.dim() == 4 and sym.token_dims(v) == (2,)
                 and sym.is_batch(v.shape[0])):
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             return Verdict(False, reason=Reason.ATTENTION_FORM,
-                           detail=f"sdpa {role} is not (batch, heads, tokens, head_dim)")
+                           detail=f"sdpa {role} {shape} is not (batch, heads, tokens, head_dim)")
     return Verdict(True, attention="sdpa")
 
 
@@ -382,6 +395,15 @@ def _masked_scatter(c: _Call) -> Verdict:
     return OK
 
 
+def _setitem(c: _Call) -> Verdict:
+    """`x[idx] = value` (in place): per token when `idx` keeps every token axis of `x` whole, as
+    `getitem` (Qwen3-VL's interleaved M-RoPE writes frequency columns: `freqs[..., idx] = ...`)."""
+    value = node_value(c.node.args[2]) if len(c.node.args) > 2 and isinstance(c.node.args[2], fx.Node) else None
+    if isinstance(value, torch.Tensor) and c.sym.token_dims(value) and not c.x_tok:
+        return _mix("setitem writes a token-indexed value into a tensor without a token axis")
+    return _getitem(c)
+
+
 def _getitem(c: _Call) -> Verdict:
     node, sym, sv = c.node, c.sym, c.x
     if not isinstance(sv, torch.Tensor):
@@ -437,6 +459,7 @@ RULES: dict[str, Rule] = {
         "relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "hardtanh",
         "hardsigmoid", "hardswish", "mish", "softplus", "softsign", "tanhshrink", "threshold",
         "logsigmoid", "sigmoid", "tanh", "expand_as", "broadcast_to",
+        "polar",  # complex from (abs, angle), per element (Llama4's complex RoPE); no pointwise tag
         # Sizes and constants: their tensors carry no token data.
         "size", "dim", "numel", "sym_size_int", "sym_numel", "new_zeros", "new_ones", "new_empty",
         "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "new_tensor", "zeros", "ones",
@@ -462,6 +485,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(_names("tril", "triu"), _tril),
     **dict.fromkeys(_names("masked_scatter", "masked_scatter_"), _masked_scatter),
     "getitem": _getitem,
+    "setitem": _setitem,
     "where": _where,
     # Mix neighbouring positions or pool statistics over tokens: refused on a token axis.
     **dict.fromkeys(_names(

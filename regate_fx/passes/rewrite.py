@@ -115,7 +115,7 @@ class _Replay:
             if is_sdpa(n) and sdpa_arg(n, "attn_mask") in self.causal_masks:
                 set_sdpa_arg(new, "attn_mask", None)  # proven "causal AND key is real": masks.py
                 set_sdpa_arg(new, "is_causal", True)
-            elif is_sdpa(n):
+            elif is_sdpa(n) and sym.token_dims(node_value(sdpa_arg(n, "key"))):  # not cross-attention
                 _mask_sdpa_keys(graph, new, valid)
             else:
                 form = classify(n, sym).attention if n.op in ("call_function", "call_method") else None

@@ -103,11 +103,13 @@ def parse_batch(batch: Mapping[str, Any], config: ReGateConfig) -> ParsedBatch:
         )
     positions, lengths = sample_positions(real)  # (B, T), (B,)
     supervised = supervised_mask(labels, real)  # (B, T)
+    modality = _tensor(batch, "mm_token_type_ids", dev)  # Qwen-VL processors: 0 text, 1 image, 2 video
     protected = protected_mask(
         ids,
         real,
         (*config.visual_token_ids, *config.special_token_ids),
-        [_tensor(batch, "visual_mask", dev), _tensor(batch, "protected_mask", dev)],
+        [_tensor(batch, "visual_mask", dev), _tensor(batch, "protected_mask", dev),
+         None if modality is None or modality.shape != ids.shape else modality != 0],
     )  # (B, T)
     if config.keep_context:
         protected = protected | (real & ~supervised)

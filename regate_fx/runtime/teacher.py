@@ -28,6 +28,7 @@ __all__ = [
     "causal_lm_teacher",
     "check_same_vocab",
     "text_only_teacher",
+    "marker_token_ids_from_config",
     "visual_token_ids_from_config",
     "weights_fingerprint",
 ]
@@ -49,6 +50,31 @@ def visual_token_ids_from_config(config: Any) -> tuple[int, ...]:
         if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             ids.add(v)
     return tuple(sorted(ids))
+
+
+_VISUAL_WORDS = ("vision", "image", "video", "img", "vid", "boi", "eoi")
+
+
+def marker_token_ids_from_config(config: Any) -> tuple[int, ...]:
+    """Ids of the markers around visual tokens named by a Hugging Face MLLM config.
+
+    Every integer ``*_token_id`` / ``*_token_index`` field that names a visual thing and is not a
+    placeholder: Qwen-VL's ``vision_start_token_id`` / ``vision_end_token_id``, Gemma3's and
+    Llama4's ``boi_token_index`` / ``eoi_token_index``. The runtime keeps them with the visual
+    tokens: some models read them (Gemma3 separates consecutive images by them).
+
+    Returns:
+        Sorted unique ids; empty for a text-only config.
+    """
+    ids = set()
+    fields = dict(vars(config)) if config is not None and hasattr(config, "__dict__") else {}
+    for name, v in fields.items():
+        name = name.lstrip("_")
+        if name in _VISUAL_ID_FIELDS or not name.endswith(("_token_id", "_token_index")):
+            continue
+        if any(w in name for w in _VISUAL_WORDS) and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            ids.add(v)
+    return tuple(sorted(ids - set(visual_token_ids_from_config(config))))
 
 
 def _vocab_rows(model: torch.nn.Module) -> int:

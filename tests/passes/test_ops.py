@@ -49,6 +49,19 @@ def _scores(x):
     h = x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)  # (B, 2, T, 4)
     return h @ h.transpose(-1, -2)  # (B, 2, T, T)
 
+def _set_hidden(x):
+    """Qwen3-VL's interleaved M-RoPE: write some hidden columns in place."""
+    y = x.clone()
+    y[..., :4] = x[..., 4:] * 2
+    return y
+
+
+def _set_tokens(x):
+    y = x.clone()
+    y[:, 1:] = x[:, :-1]  # shifts tokens
+    return y
+
+
 TOKEN_WISE = {
     "pointwise": lambda x: torch.sigmoid(x) * 2,
     "operator with a scalar first": lambda x: 0.5 * x,
@@ -71,6 +84,8 @@ TOKEN_WISE = {
     "masked_fill": lambda x: x.masked_fill(x > 0, 0.0),
     "a table read at token-indexed positions": lambda x: torch.ones(64, 8)[(x[..., 0] > 0).long()],
     "functional activation with inplace=": lambda x: F.relu(x, inplace=False),
+    "setitem of hidden columns": _set_hidden,
+    "polar (complex RoPE table)": lambda x: torch.polar(torch.ones_like(x), x),
 }
 MIXING = {
     "max over tokens (reduction overload)": lambda x: x.max(dim=1).values,
@@ -90,6 +105,7 @@ MIXING = {
     "getitem of some tokens": lambda x: x[:, 1:],
     "conv over tokens": lambda x: F.conv1d(x.transpose(1, 2), torch.ones(8, 1, 2), groups=8),
     "masked_scatter with a token-indexed source": lambda x: x.masked_scatter(x > 0, x * 2),
+    "setitem of some tokens": _set_tokens,
 }
 
 
@@ -121,6 +137,18 @@ def test_attention_pieces():
     assert not v.ok and v.reason is Reason.ATTENTION_FORM
 
 
+def test_cross_attention_is_token_wise_over_queries():
+    """Mllama: keys and values are image tokens (no token axis); each query reads its own mask row."""
+    q = lambda x: x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)  # noqa: E731  (B, 2, T, 4)
+    kv = torch.randn(2, 2, 5, 4)
+    assert _verdict(lambda x: F.scaled_dot_product_attention(q(x), kv, kv), BTD).attention == "cross"
+    row_mask = lambda x: (x[:, None, :, :5] > 0)  # noqa: E731  (B, 1, T, 5): a row per query
+    assert _verdict(lambda x: F.scaled_dot_product_attention(q(x), kv, kv, attn_mask=row_mask(x)),
+                    BTD).attention == "cross"
+    v = _verdict(lambda x: F.scaled_dot_product_attention(q(x), kv, kv, is_causal=True), BTD)
+    assert not v.ok and v.reason is Reason.ATTENTION_FORM and "cross-attention" in v.detail
+
+
 def test_masked_scatter_of_per_image_features_is_token_wise():
     """LLaVA merges image features (no token axis) into the embeddings at placeholder positions."""
     feats = torch.randn(100, 8)
@@ -139,5 +167,5 @@ def test_every_rule_is_exercised():
 
     tested = {ops._token_wise, ops._reshape, ops._permute, ops._view_complex, ops._linear, ops._matmul,
               ops._softmax, ops._sdpa, ops._norm, ops._always_mixing, ops._reduce, ops._cat, ops._split,
-              ops._pad, ops._repeat, ops._where, ops._masked_scatter, ops._getitem, ops._tril}
+              ops._pad, ops._repeat, ops._where, ops._masked_scatter, ops._getitem, ops._tril, ops._setitem}
     assert set(RULES.values()) <= tested
