@@ -159,7 +159,7 @@ def assert_structured_refusal(err: Exception) -> None:
 
 def new_sparse(model):
     """A fresh sparsified model: strict, eager backend, no spinner."""
-    return sparsify(model, SparsifyConfig(strict=True, progress=False), backend="eager")
+    return sparsify(model, SparsifyConfig(strict=True, progress=False, return_logits=True), backend="eager")
 
 
 def sparse_step(smodel, model, batch: dict, keep: torch.Tensor):
