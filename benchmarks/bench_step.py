@@ -4,9 +4,10 @@ Variants, run interleaved in every round after a warm-up (so drifting machine lo
 
     dense         the plain model on all T tokens (through torch.compile with --backend unless it
                   is "eager", then plain PyTorch)
-    dense_graph   the sparsified model called with keep_mask=None: the same captured graph and
-                  loss code as `sparse`, through the same backend, on all tokens; the fairest
-                  dense baseline for the rewrite
+    dense_graph   the sparsified model with a keep mask that keeps every token (K = T): the same
+                  captured graph and loss code as `sparse`, through the same backend, on all
+                  tokens; the fairest dense baseline for the rewrite (a call without keep_mask is
+                  the plain model, i.e. `dense`)
     sparse        the sparsified model with a keep mask of exactly K = ceil(rho * T) positions
                   per sample (random, a new mask each round); default SparsifyConfig, so it also
                   returns the (B, T, V) logits, zero at pruned positions
@@ -27,6 +28,7 @@ sparse/oracle and oracle/dense as a rich table and one JSON line (``--out`` appe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -144,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)
 
     model = build_model(args)
+    # sparsify works in place: the return_logits=False variant runs on a copy (same weights)
+    smodel_nl = regate_fx.sparsify(copy.deepcopy(model), regate_fx.SparsifyConfig(return_logits=False),
+                                   backend=args.backend)
     smodel = regate_fx.sparsify(model, backend=args.backend)
-    smodel_nl = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=False), backend=args.backend)
     plain = plain_step if args.backend == "eager" else torch.compile(plain_step, backend=args.backend, dynamic=False)
 
     b, t = args.batch, args.seq
@@ -157,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     ones_t = torch.ones(b, t, dtype=torch.long)
     pos_t = torch.arange(t).expand(b, t)
     ones_k = torch.ones(b, k, dtype=torch.long)
+    keep_all = torch.ones(b, t, dtype=torch.bool)
 
     def run(variant: str, keep: torch.Tensor) -> tuple[float, float, float]:
         model.zero_grad(set_to_none=True)
+        smodel_nl.zero_grad(set_to_none=True)
         if variant == "oracle":  # gather outside the timed region: the oracle is given its batch
             idx = keep.nonzero()[:, 1].view(b, k)  # (B, K) kept positions, ascending
             sub_ids, sub_target = ids.gather(1, idx), target.gather(1, idx)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "dense":
             loss = plain(model, ids, ones_t, pos_t, target)
         elif variant == "dense_graph":
-            loss = smodel(input_ids=ids, attention_mask=ones_t, labels=labels).loss
+            loss = smodel(input_ids=ids, attention_mask=ones_t, labels=labels, keep_mask=keep_all).loss
         elif variant == "sparse":
             loss = smodel(input_ids=ids, attention_mask=ones_t, labels=labels, keep_mask=keep).loss
         elif variant == "sparse_nologits":

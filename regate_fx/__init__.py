@@ -10,7 +10,17 @@ from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.verify import oracle
 from regate_fx.report import BranchKind, BranchRecord, GraphReport, Reason, RewriteReport
 from regate_fx.runtime import *  # noqa: F401,F403
-from regate_fx.sparse import KeptLayout, ReGateOutput, SparseModel, SparsifyConfig, kept_layout, sparsify
+from regate_fx.sparse import (
+    KeptLayout,
+    ReGateOutput,
+    SparseForward,
+    SparsifyConfig,
+    is_sparsified,
+    kept_layout,
+    sparse_forward,
+    sparsify,
+    unsparsify,
+)
 
 __all__ = [
     "BranchKind",
@@ -22,11 +32,14 @@ __all__ = [
     "ReGateOutput",
     "RewriteError",
     "RewriteReport",
-    "SparseModel",
+    "SparseForward",
     "SparsifyConfig",
+    "is_sparsified",
     "kept_layout",
     "oracle",
+    "sparse_forward",
     "sparsify",
+    "unsparsify",
     *runtime.__all__,
 ]
 __version__ = "0.1.0"
