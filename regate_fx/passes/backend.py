@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
+from regate_fx.passes.checkpoint import CheckpointError, inline_activation_checkpoints
 from regate_fx.passes.graph import node_value
 from regate_fx.passes.rewrite import KeptInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, RewriteReport
@@ -35,8 +36,12 @@ def resolve_backend(backend: str | Callable) -> Callable:
     if callable(backend):
         return backend
     if backend == "eager":
-        return lambda gm, example_inputs: gm.forward
+        return _eager
     return torch._dynamo.lookup_backend(backend)
+
+
+def _eager(gm: fx.GraphModule, example_inputs):
+    return gm.forward
 
 
 def _find_roles(gm: fx.GraphModule, example_inputs, roles: PlaceholderRoles) -> dict[str, fx.Node]:
@@ -68,6 +73,10 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
         counters["sparse_graphs"] += 1
+        try:  # checkpointed layers: flatten into the graph, tagged for recompute in the backward
+            checkpointed = inline_activation_checkpoints(gm)
+        except CheckpointError as e:
+            raise RewriteError(str(e), report=report) from None
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
@@ -97,7 +106,9 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
         if log is not None:
             log(g)
-        return inner(gm, example_inputs)
+        # Plain eager has no backward partitioner to act on the recompute tags: use aot_eager's.
+        compiler = torch._dynamo.lookup_backend("aot_eager") if checkpointed and inner is _eager else inner
+        return compiler(gm, example_inputs)
 
     return regate_backend
 
