@@ -41,5 +41,24 @@ __all__ = [
     "sparsify",
     "unsparsify",
     *runtime.__all__,
+    "ReGateTrainer",
+    "ReGateTrainerMixin",
 ]
+
+_LAZY = {
+    "ReGateTrainer": "regate_fx.integrations.trainer",
+    "ReGateTrainerMixin": "regate_fx.integrations.trainer",
+    "ReGateSFTTrainer": "regate_fx.integrations.trl",  # needs trl
+}
+
+
+def __getattr__(name: str):
+    """The trainer integrations, imported on first use (transformers.Trainer, trl)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regate_fx' has no attribute {name!r}")
 __version__ = "0.1.0"

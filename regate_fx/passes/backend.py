@@ -18,7 +18,8 @@ from regate_fx.report import BranchRecord, GraphReport, RewriteReport
 __all__ = ["PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
 
 # What fired, for tests and debugging (in the style of torch._dynamo.utils.counters).
-counters: dict[str, int] = {"graphs": 0, "sparse_graphs": 0, "branches_rewritten": 0, "branches_refused": 0}
+counters: dict[str, int] = {"graphs": 0, "sparse_graphs": 0, "branches_rewritten": 0, "branches_refused": 0,
+                             "checkpoints_inlined": 0}
 
 
 class PlaceholderRoles:
@@ -77,6 +78,7 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             checkpointed = inline_activation_checkpoints(gm)
         except CheckpointError as e:
             raise RewriteError(str(e), report=report) from None
+        counters["checkpoints_inlined"] += checkpointed
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")

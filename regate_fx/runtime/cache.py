@@ -22,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -173,6 +173,13 @@ class _Scan:
         """Batches of sample ids: sorted by (length, id), chunked; deterministic."""
         order = np.lexsort((np.arange(self.lengths.size), self.lengths))
         return [order[s : s + batch_size] for s in range(0, order.size, batch_size)]
+
+
+def _text_part(sample: Any) -> Any:
+    """What the text-only teacher reads of a sample (per-sample model inputs such as pixels left out)."""
+    if not isinstance(sample, Mapping):
+        return sample
+    return {k: v for k, v in sample.items() if k in ("input_ids", "labels", "attention_mask", "visual_mask", "sample_id")}
 
 
 def dataset_fingerprint(dataset: Sequence, *, progress: bool = False) -> str:
@@ -723,7 +730,8 @@ class _Computation:
             pending: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
             for j, b in enumerate(todo):
                 ids = self.plan[b]
-                batch = collate([self.dataset[int(self.scan.index_of[s])] for s in ids], pad_token_id=pad, indices=[int(self.scan.index_of[s]) for s in ids])
+                samples = [_text_part(self.dataset[int(self.scan.index_of[s])]) for s in ids]  # no pixels
+                batch = collate(samples, pad_token_id=pad, indices=[int(self.scan.index_of[s]) for s in ids])
                 if not np.array_equal(batch["sample_id"].numpy(), ids):
                     raise ValueError("the dataset changed while the teacher cache was being computed")
                 r = self.teacher.reference_losses(
