@@ -80,3 +80,23 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 __all__ = ["GradCapture", "IMAGE_ID", "N", "PAD", "VOCAB", "args", "build", "copy", "dataset", "regate_config",
            "snapshot", "trainer"]
+
+
+def tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary ("t0" .. "t127"), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"t{PAD}", unk_token="t1", eos_token="t2",
+                                   bos_token="t3")
+
+
+def text_dataset(n: int = N, seed: int = 0):
+    """A raw-text datasets.Dataset that TRL tokenizes itself ("t5 t17 ...")."""
+    import datasets
+
+    rows = [{"text": " ".join(f"t{int(i)}" for i in s["input_ids"])} for s in dataset("llama", n, seed)]
+    return datasets.Dataset.from_list(rows)
