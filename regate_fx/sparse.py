@@ -260,6 +260,7 @@ class SparseForward:
             raise ValueError("regate_fx: pass input_ids or inputs_embeds to the sparsified model")
         if self.config.validate:
             check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
+        _check_no_inner_fsdp(getattr(self.original, "__self__", None))
         layout = kept_layout(keep_mask)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         for t in [*inputs.values(), labels]:
@@ -292,6 +293,25 @@ class SparseForward:
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+
+
+def _check_no_inner_fsdp(model: nn.Module | None) -> None:
+    """Refuse FSDP2 below the sparsified module: its per-module hooks (all-gather before, reduce-scatter
+    after) run outside any graph, so the decoder could not be captured as one."""
+    if model is None:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    inner = [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
+    if inner:
+        raise RewriteError(
+            f"regate_fx: {len(inner)} submodules of the sparsified model are sharded with fully_shard (e.g. "
+            f"{inner[0]!r}); FSDP2's per-module hooks cannot run inside the one graph a sparse step captures. "
+            f"Shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
+            f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}}): parameters, gradients and optimizer state stay "
+            f"sharded between steps, the step itself gathers them once")
 
 
 def _with_keep_mask(sig: inspect.Signature) -> inspect.Signature:

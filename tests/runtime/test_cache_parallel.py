@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from regate_fx.runtime.cache import CacheError, CacheMismatchError, TeacherCache
 from regate_fx.runtime.teacher import text_only_teacher
-from tests.runtime.runtime_helpers import CountingTeacher, free_port, llama_teacher, synthetic_dataset, tiny_llava
+from tests.runtime.runtime_helpers import CountingTeacher, file_store, llama_teacher, synthetic_dataset, tiny_llava
 from tests.runtime.test_cache import same_cache
 
 N, BS, WORLD = 24, 2, 2
@@ -34,9 +34,9 @@ class FailingTeacher(CountingTeacher):
         return super().reference_losses(*args, **kwargs)
 
 
-def _worker(rank: int, port: int, path: str, fail_rank: int, out: str) -> None:
+def _worker(rank: int, port: str, path: str, fail_rank: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         teacher = CountingTeacher(llama_teacher(0)) if rank != fail_rank else FailingTeacher(llama_teacher(0), 2)
         try:
@@ -57,7 +57,7 @@ def _worker(rank: int, port: int, path: str, fail_rank: int, out: str) -> None:
 def _run(path, tmp_path, fail_rank: int = -1) -> list[dict]:
     out = tmp_path / f"out-{fail_rank}"
     out.mkdir()
-    mp.spawn(_worker, args=(free_port(), str(path), fail_rank, str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(file_store(out), str(path), fail_rank, str(out)), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
