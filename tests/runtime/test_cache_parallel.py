@@ -34,7 +34,7 @@ class FailingTeacher(CountingTeacher):
         return super().reference_losses(*args, **kwargs)
 
 
-def _worker(rank: int, port: str, path: str, fail_rank: int, out: str) -> None:
+def _worker(rank: int, init: str, path: str, fail_rank: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
