@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
-from regate_fx.passes.checkpoint import CheckpointError, inline_activation_checkpoints
+from regate_fx.passes.checkpoint import CheckpointError, carry_recompute_tags, inline_activation_checkpoints
 from regate_fx.passes.graph import node_value
 from regate_fx.passes.rewrite import KeptInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, RewriteReport
@@ -102,7 +102,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
                 raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.",
                                    report=report)
             warnings.warn(msg, stacklevel=2)
-        g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
+        with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
+            g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)

@@ -19,14 +19,18 @@ compiles tagged graphs with ``aot_eager`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
+from typing import Iterator
 
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-__all__ = ["CheckpointError", "has_recompute_tags", "inline_activation_checkpoints"]
+__all__ = ["CheckpointError", "carry_recompute_tags", "has_recompute_tags", "inline_activation_checkpoints"]
+
+_TAGS = ("recompute", "ac_graph_id")
 
 _IDS = itertools.count()  # ac_graph_id: increasing in capture order, unique per process
 
@@ -71,7 +75,8 @@ def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
 
 
 def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
-    if node.kwargs.get("context_fn") is not None:
+    body_module = getattr(gm, node.args[0].target)
+    if node.kwargs.get("context_fn") is not None or body_module.meta.get("_checkpoint_context_fn") is not None:
         raise CheckpointError(
             "regate_fx: a checkpointed call uses selective activation checkpointing (context_fn); its "
             "per-op policy cannot be kept inside a sparsified model. Use plain checkpointing "
@@ -126,3 +131,31 @@ def has_recompute_tags(gm: fx.GraphModule) -> bool:
     """Whether any node of ``gm`` is tagged to be recomputed in the backward."""
     return any(n.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
                for n in gm.graph.nodes)
+
+
+@contextlib.contextmanager
+def carry_recompute_tags(graph: fx.Graph) -> Iterator[None]:
+    """Inside the block, every ``graph.node_copy`` is recorded; on exit each copy gets its original's
+    recompute tags back.
+
+    The rewrite replays a region's nodes with ``graph.node_copy`` and starts each copy with empty
+    ``meta``; a replayed checkpointed op must keep ``recompute`` / ``ac_graph_id`` to be recomputed
+    in the backward. (The copy of the graph's method is an instance attribute, removed on exit.)
+    """
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+    original_copy = graph.node_copy
+
+    def node_copy(node, arg_transform=lambda x: x):
+        new = original_copy(node, arg_transform)
+        pairs.append((node, new))
+        return new
+
+    graph.node_copy = node_copy
+    try:
+        yield
+    finally:
+        del graph.node_copy
+    for old, new in pairs:
+        for key in _TAGS:
+            if key in old.meta and key not in new.meta:
+                new.meta[key] = old.meta[key]
