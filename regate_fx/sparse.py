@@ -21,8 +21,8 @@ from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_bac
 from regate_fx.passes.kernels import kept_rows
 from regate_fx.report import RewriteReport
 
-__all__ = ["KeptLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "is_sparsified", "kept_layout",
-           "sparse_forward", "sparsify", "unsparsify"]
+__all__ = ["KeptLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
+           "kept_layout", "sparse_forward", "sparsify", "unsparsify"]
 
 IGNORE_INDEX = -100
 
@@ -89,6 +89,17 @@ class KeptLayout:
     gather_idx: torch.Tensor  # (B, K) long
     scatter_idx: torch.Tensor  # (B, K) long
     valid: torch.Tensor  # (B, K) bool
+
+
+def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The predictions a sparse step counts in its loss: kept positions whose next label is supervised.
+
+    Bool ``[B, T]``. Its sum over the micro-batches of an optimizer step is the normaliser of
+    gradient accumulation: ``(out.token_loss.sum() / n).backward()`` per micro-batch, with ``n`` the
+    sum over all of them, equals one step on the whole batch.
+    """
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): the label of p + 1
+    return keep & (target != IGNORE_INDEX)
 
 
 def kept_layout(keep: torch.Tensor) -> KeptLayout:
@@ -275,7 +286,8 @@ class SparseForward:
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) else None,
                         gather_idx=layout.gather_idx, scatter_idx=layout.scatter_idx, valid=layout.valid)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status("sparse"):
+            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status("sparse"), \
+                    _without_input_require_grads(getattr(self.original, "__self__", None)):
                 logits, loss, token_loss = self._compiled(
                     self.original, inputs, self._use_cache_kw,
                     layout.gather_idx, layout.scatter_idx, layout.valid, labels, self.config.return_logits)
@@ -293,6 +305,32 @@ class SparseForward:
         finally:
             self._roles.set()
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+
+
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+@contextlib.contextmanager
+def _without_input_require_grads(model: nn.Module | None):
+    """Lift transformers' ``enable_input_require_grads()`` hooks for the sparse call.
+
+    The hook calls ``requires_grad_()`` on the input embeddings' output so that *reentrant*
+    checkpointing of frozen-embedding models (PEFT, TRL with gradient checkpointing) has an input
+    that requires grad. Dynamo cannot capture it, and a sparse step does not need it: checkpointed
+    layers are inlined and recomputed by AOTAutograd (``passes/checkpoint.py``), whose backward
+    reaches every trainable weight regardless.
+    """
+    lifted = []
+    for m in model.modules() if model is not None else ():
+        for key, fn in list(m._forward_hooks.items()):
+            # transformers' enable_input_require_grads and PEFT's fallback; possibly registered twice
+            if getattr(fn, "__name__", "") in _REQUIRE_GRADS_HOOKS:
+                lifted.append((m._forward_hooks, key, m._forward_hooks.pop(key)))
+    try:
+        yield
+    finally:
+        for hooks, key, fn in lifted:
+            hooks[key] = fn
 
 
 def _check_no_inner_fsdp(model: nn.Module | None) -> None:

@@ -36,25 +36,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import Trainer
 
 from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
-from regate_fx.runtime.data import ReGateCollator
+from regate_fx.runtime.data import ReGateCollator, model_inputs
 from regate_fx.runtime.regate import ReGate
-from regate_fx.sparse import IGNORE_INDEX, ReGateOutput, is_sparsified
+from regate_fx.sparse import ReGateOutput, counted_predictions, is_sparsified
 
-__all__ = ["REGATE_STATE_NAME", "ReGateTrainer", "ReGateTrainerMixin", "counted_predictions", "with_sample_ids"]
+__all__ = ["REGATE_STATE_NAME", "ReGateTrainer", "ReGateTrainerMixin", "with_sample_ids"]
 
 REGATE_STATE_NAME = "regate_state.pt"
 _STATE_FORMAT = "regate_fx.trainer_state"
-
-
-def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Which predictions a sparse step counts in its loss: kept positions whose next label is
-    supervised. Bool ``[B, T]``; its sum is the step's share of the normaliser."""
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): the label of p + 1
-    return keep & (target != IGNORE_INDEX)
 
 
 class _WithSampleIds(torch.utils.data.Dataset):
@@ -216,8 +208,7 @@ class ReGateTrainerMixin:
 
     # ------------------------------------------------------------------ loss
     def _regate_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        drop = {self._regate_key, "visual_mask", "protected_mask", "keep_mask"}
-        return {k: v for k, v in inputs.items() if k not in drop}
+        return model_inputs(inputs, self._regate_key)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):

@@ -11,7 +11,7 @@ from regate_fx.runtime.cache import (
 )
 from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from regate_fx.runtime.config import ReGateConfig
-from regate_fx.runtime.data import ReGateCollator, collate
+from regate_fx.runtime.data import ReGateCollator, collate, model_inputs
 from regate_fx.runtime.regate import ReGate, ReGateStateError, parse_batch
 from regate_fx.runtime.schedule import constant_rho, dual_cycle_rho, mean_rho, schedule_rho
 from regate_fx.runtime.selection import budget, keep_from_scores, random_scores, select_topk
@@ -47,6 +47,7 @@ __all__ = [
     "keep_from_scores",
     "load_checkpoint",
     "mean_rho",
+    "model_inputs",
     "parse_batch",
     "random_scores",
     "save_checkpoint",

@@ -18,13 +18,22 @@ import torch
 
 from regate_fx.runtime.selection import IGNORE_INDEX
 
-__all__ = ["PER_SAMPLE_MODES", "ReGateCollator", "TOKEN_KEYS", "collate", "read_sample"]
+__all__ = ["PER_SAMPLE_MODES", "RUNTIME_KEYS", "ReGateCollator", "TOKEN_KEYS", "collate", "model_inputs", "read_sample"]
 
 # Keys collate reads itself; every other key of a sample is passed through.
 _OWN_KEYS = ("input_ids", "labels", "attention_mask", "visual_mask")
 # Per-token inputs other than the ids: padded like input_ids (with 0 / False).
 TOKEN_KEYS = ("protected_mask", "token_type_ids", "mm_token_type_ids")
 PER_SAMPLE_MODES = ("stack", "cat", "list")
+# Batch keys only the runtime reads (the model must not receive them).
+RUNTIME_KEYS = ("visual_mask", "protected_mask", "keep_mask")
+
+
+def model_inputs(batch: Mapping[str, Any], sample_id_key: str = "sample_id") -> dict[str, Any]:
+    """The model's inputs of a batch: everything but the runtime's keys (sample ids, visual and
+    protected masks, a keep mask). ``model(**model_inputs(batch), keep_mask=keep)``."""
+    drop = {sample_id_key, *RUNTIME_KEYS}
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 def _vec(x: Any, dtype: torch.dtype, what: str, index: int) -> torch.Tensor:
