@@ -338,6 +338,12 @@ def _check_no_inner_fsdp(model: nn.Module | None) -> None:
     after) run outside any graph, so the decoder could not be captured as one."""
     if model is None:
         return
+    if any(hasattr(p, "ds_status") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions weights
+        raise RewriteError(
+            "regate_fx: this model's parameters are partitioned by DeepSpeed ZeRO stage 3, whose per-module "
+            "hooks gather each weight just before its module runs; they cannot run inside the one graph a sparse "
+            "step captures. Use ZeRO stage 1 or 2 (optimizer state and gradients partitioned, tested exact), or "
+            "FSDP2 on the whole model (fully_shard(model))")
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
