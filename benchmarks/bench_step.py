@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -687,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.backends:
                 smodels = {"default": regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=backend)}
                 if args.logits_variant:
-                    smodels["logits"] = regate_fx.sparsify(
-                        model, regate_fx.SparsifyConfig(return_logits=True, progress=False), backend=backend)
+                    smodels["logits"] = regate_fx.sparsify(  # in place: a copy (same weights) of its own
+                        copy.deepcopy(model), regate_fx.SparsifyConfig(return_logits=True, progress=False),
+                        backend=backend)
                 for seq in args.seqs:
                     for mask_mode in masks:
                         res = run_cell(args, model, smodels, backend, seq, mask_mode, device, console, status)

@@ -10,7 +10,18 @@ from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.verify import oracle
 from regate_fx.report import BranchKind, BranchRecord, GraphReport, Reason, RewriteReport
 from regate_fx.runtime import *  # noqa: F401,F403
-from regate_fx.sparse import KeptLayout, ReGateOutput, SparseModel, SparsifyConfig, kept_layout, sparsify
+from regate_fx.sparse import (
+    KeptLayout,
+    ReGateOutput,
+    SparseForward,
+    SparsifyConfig,
+    counted_predictions,
+    is_sparsified,
+    kept_layout,
+    sparse_forward,
+    sparsify,
+    unsparsify,
+)
 
 __all__ = [
     "BranchKind",
@@ -22,11 +33,34 @@ __all__ = [
     "ReGateOutput",
     "RewriteError",
     "RewriteReport",
-    "SparseModel",
+    "SparseForward",
     "SparsifyConfig",
+    "counted_predictions",
+    "is_sparsified",
     "kept_layout",
     "oracle",
+    "sparse_forward",
     "sparsify",
+    "unsparsify",
     *runtime.__all__,
+    "ReGateTrainer",
+    "ReGateTrainerMixin",
 ]
+
+_LAZY = {
+    "ReGateTrainer": "regate_fx.integrations.trainer",
+    "ReGateTrainerMixin": "regate_fx.integrations.trainer",
+    "ReGateSFTTrainer": "regate_fx.integrations.trl",  # needs trl
+}
+
+
+def __getattr__(name: str):
+    """The trainer integrations, imported on first use (transformers.Trainer, trl)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regate_fx' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -21,7 +22,8 @@ from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_bac
 from regate_fx.passes.kernels import kept_rows
 from regate_fx.report import RewriteReport
 
-__all__ = ["KeptLayout", "ReGateOutput", "SparseModel", "SparsifyConfig", "kept_layout", "sparsify"]
+__all__ = ["KeptLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
+           "kept_layout", "sparse_forward", "sparsify", "unsparsify"]
 
 IGNORE_INDEX = -100
 
@@ -113,6 +115,17 @@ class KeptLayout:
     valid: torch.Tensor  # (B, K) bool
 
 
+def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The predictions a sparse step counts in its loss: kept positions whose next label is supervised.
+
+    Bool ``[B, T]``. Its sum over the micro-batches of an optimizer step is the normaliser of
+    gradient accumulation: ``(out.token_loss.sum() / n).backward()`` per micro-batch, with ``n`` the
+    sum over all of them, equals one step on the whole batch.
+    """
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): the label of p + 1
+    return keep & (target != IGNORE_INDEX)
+
+
 def kept_layout(keep: torch.Tensor) -> KeptLayout:
     """Build the padded kept layout of a bool keep mask (B, T); every row must keep >= 1 position."""
     b, t = keep.shape
@@ -175,33 +188,81 @@ def _own_step_function() -> Callable:
     return types.FunctionType(code, _step.__globals__, code.co_name, _step.__defaults__, _step.__closure__)
 
 
-class SparseModel(nn.Module):
-    """A model whose decoder runs on the kept tokens of a ReGATE keep mask.
+_NESTED_COMPILE = (
+    "regate_fx: a sparse step (a call with keep_mask) runs its own captured and rewritten graph, "
+    "so code compiled around it graph-breaks at the call. Compile without fullgraph=True (Trainer's "
+    "torch_compile=True already does), or call the sparsified model outside the compiled function")
 
-    Shares its parameters with the wrapped model (an optimizer over ``model.parameters()`` trains
-    it); the wrapped model stays usable and dense. Built by :func:`sparsify`.
+
+class SparseForward:
+    """The forward :func:`sparsify` installs on a model (``model.forward``).
+
+    A call without ``keep_mask`` is the model's own forward, called directly: same outputs, same
+    autograd graph, no capture. A call with ``keep_mask`` runs the captured, rewritten step, in
+    which the decoder computes the kept positions only.
 
     Attributes:
-        model: the wrapped model.
-        regate_report: a :class:`~regate_fx.RewriteReport` of every graph captured so far.
+        original: the forward the model had before :func:`sparsify` (a bound method).
+        config: the :class:`SparsifyConfig`.
+        backend: the torch.compile backend used after the pass.
+        report: a :class:`~regate_fx.RewriteReport` of every graph captured so far (also
+            ``model.regate_report``).
     """
 
-    def __init__(self, model: nn.Module, config: SparsifyConfig, backend: str | Callable):
-        super().__init__()
-        self.model = model
+    def __init__(self, original: Callable, config: SparsifyConfig, backend: str | Callable,
+                 report: RewriteReport | None = None):
+        self.original = original
         self.config = config
-        self.regate_report = RewriteReport()
-        self._roles = PlaceholderRoles()
-        params = inspect.signature(model.forward).parameters
+        self.backend = backend
+        self.report = RewriteReport() if report is None else report
+        params = inspect.signature(original).parameters
         accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self._use_cache_kw = {"use_cache": False} if ("use_cache" in params or accepts_kwargs) else {}
+        self._signature = _with_keep_mask(inspect.signature(original))
+        self._roles = PlaceholderRoles()
         self._printed = False
-        self._compiled_kinds: set[str] = set()  # "dense" / "sparse" calls that have compiled once
-        install_output_hooks(model)
+        self._compiled_kinds: set[str] = set()  # "sparse" once the first sparse call compiled
+        model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
-        regate_backend = make_backend(resolve_backend(backend), self.regate_report, self._roles,
+        regate_backend = make_backend(resolve_backend(backend), self.report, self._roles,
                                       strict=config.strict, on_report=self._maybe_print)
         self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
+        functools.update_wrapper(self, original, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
+                                 updated=())
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The model's own signature plus ``keep_mask`` (read by Trainer, ``generate``, PEFT)."""
+        return self._signature
+
+    def __deepcopy__(self, memo: dict) -> "SparseForward":
+        # A copy of the model gets its own capture (its own dynamo cache, roles and backend), with
+        # the copied report: `copy.deepcopy(model)` stays a sparsified model of its own.
+        return SparseForward(copy.deepcopy(self.original, memo), self.config, self.backend,
+                             copy.deepcopy(self.report, memo))
+
+    def __reduce__(self):
+        raise TypeError("a sparsified model cannot be pickled whole (its forward holds a compiled step): "
+                        "save model.state_dict() or use model.save_pretrained(...), or call "
+                        "regate_fx.unsparsify(model) first")
+
+    def __call__(self, *args: Any, keep_mask: torch.Tensor | None = None, **inputs: Any) -> Any:
+        """Run the model; with ``keep_mask`` (bool [B, T]) the decoder computes kept positions only.
+
+        Args:
+            *args: positional inputs of the model's own forward (dense calls only; a sparse call
+                takes keyword arguments only).
+            keep_mask: bool (B, T); True = position computed (visible as context in every layer,
+                its prediction counted in the loss). None: the model's own forward, unchanged.
+            **inputs: the model's keyword arguments (``input_ids`` or ``inputs_embeds``,
+                ``attention_mask``, ``labels``, ``pixel_values``, ...).
+
+        Returns:
+            Without ``keep_mask``: whatever the model returns. With it: a :class:`ReGateOutput`.
+        """
+        if keep_mask is None:
+            return self.original(*args, **inputs)
+        return self._sparse(args, keep_mask, inputs)
 
     def _first_call_status(self, kind: str):
         """A rich spinner on stderr during the first (compiling) call of each kind."""
@@ -219,68 +280,61 @@ class SparseModel(nn.Module):
         if self.config.print_report and not self._printed:
             from rich.console import Console
 
-            Console().print(self.regate_report)
+            Console().print(self.report)
             self._printed = True
 
-    def forward(self, *args: Any, keep_mask: torch.Tensor | None = None, **inputs: Any) -> ReGateOutput:
-        """Run the model; with ``keep_mask`` (bool [B, T]) the decoder computes kept positions only.
-
-        Args:
-            *args: refused with a TypeError: pass every input by keyword.
-            keep_mask: bool (B, T); True = position computed (visible as context in every layer,
-                its prediction counted in the loss). None runs the dense model.
-            **inputs: the wrapped model's keyword arguments (``input_ids`` or ``inputs_embeds``,
-                ``attention_mask``, ``labels``, ``pixel_values``, ...).
-        """
+    @torch._dynamo.disable(reason=_NESTED_COMPILE)
+    def _sparse(self, args: tuple, keep_mask: torch.Tensor, inputs: dict) -> ReGateOutput:
         if args:
-            raise TypeError(f"the sparsified model takes keyword arguments only (input_ids=..., "
+            raise TypeError(f"a sparse step takes keyword arguments only (input_ids=..., "
                             f"attention_mask=..., labels=..., keep_mask=...), got {len(args)} positional")
+        inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         seq = inputs.get("input_ids")
         if seq is None:
             seq = inputs.get("inputs_embeds")
         if seq is None:
             raise ValueError("regate_fx: pass input_ids or inputs_embeds to the sparsified model")
-        layout = None
-        if keep_mask is not None:
-            if self.config.validate:
-                check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
-            layout = kept_layout(keep_mask)
-            if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
-                    and _accepts(self.model, "attention_mask"):
-                # No padding and default positions: the same call as an all-ones padding mask. Without
-                # one, transformers builds its causal mask from position ids plus a packed-sequence
-                # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
-                # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
-                inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        model = getattr(self.original, "__self__", None)
+        if self.config.validate:
+            check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
+        _check_no_inner_fsdp(model)
+        layout = kept_layout(keep_mask)
+        if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
+                and model is not None and _accepts(model, "attention_mask"):
+            # No padding and default positions: the same call as an all-ones padding mask. Without
+            # one, transformers builds its causal mask from position ids plus a packed-sequence
+            # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
+            # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
+            inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
         # The whole model, or its decoder + head on eagerly computed inputs (regate_fx/capture.py).
         target, inputs, seq = self._capture.prepare(inputs, seq)
+        if target is model:
+            target = self.original  # the model's own forward, not this one (no recursion)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
-        if layout is not None and not torch.compiler.is_compiling():
-            for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+        for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
         am = inputs.get("attention_mask")
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
-                        gather_idx=layout and layout.gather_idx,
-                        scatter_idx=layout and layout.scatter_idx, valid=layout and layout.valid)
-        kind = "dense" if layout is None else "sparse"
+                        gather_idx=layout.gather_idx, scatter_idx=layout.scatter_idx, valid=layout.valid)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status(kind):
+            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status("sparse"), \
+                    _without_input_require_grads(getattr(self.original, "__self__", None)):
                 logits, loss, token_loss = self._compiled(
                     target, inputs, self._use_cache_kw,
-                    layout and layout.gather_idx, layout and layout.scatter_idx, layout and layout.valid, labels,
+                    layout.gather_idx, layout.scatter_idx, layout.valid, labels,
                     self.config.wants_logits(labels is not None))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (KeepMaskError, RewriteError)):
                 raise inner.with_traceback(None) from None
-            raise capture_error(e, self.model, self._capture.mode) from e
+            raise capture_error(e, self._capture.model, self._capture.mode) from e
         except (KeepMaskError, RewriteError):
             raise
         except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
-            err = capture_error(e, self.model, self._capture.mode)
+            err = capture_error(e, self._capture.model, self._capture.mode)
             if err is None:
                 raise
             raise err from e
@@ -297,6 +351,67 @@ def _forward_accepts(cls: type, name: str) -> bool:
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether the model's forward names the keyword argument `name` (not merely **kwargs)."""
     return _forward_accepts(type(model), name)
+
+
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+@contextlib.contextmanager
+def _without_input_require_grads(model: nn.Module | None):
+    """Lift transformers' ``enable_input_require_grads()`` hooks for the sparse call.
+
+    The hook calls ``requires_grad_()`` on the input embeddings' output so that *reentrant*
+    checkpointing of frozen-embedding models (PEFT, TRL with gradient checkpointing) has an input
+    that requires grad. Dynamo cannot capture it, and a sparse step does not need it: checkpointed
+    layers are inlined and recomputed by AOTAutograd (``passes/checkpoint.py``), whose backward
+    reaches every trainable weight regardless.
+    """
+    lifted = []
+    for m in model.modules() if model is not None else ():
+        for key, fn in list(m._forward_hooks.items()):
+            # transformers' enable_input_require_grads and PEFT's fallback; possibly registered twice
+            if getattr(fn, "__name__", "") in _REQUIRE_GRADS_HOOKS:
+                lifted.append((m._forward_hooks, key, m._forward_hooks.pop(key)))
+    try:
+        yield
+    finally:
+        for hooks, key, fn in lifted:
+            hooks[key] = fn
+
+
+def _check_no_inner_fsdp(model: nn.Module | None) -> None:
+    """Refuse FSDP2 below the sparsified module: its per-module hooks (all-gather before, reduce-scatter
+    after) run outside any graph, so the decoder could not be captured as one."""
+    if model is None:
+        return
+    if any(hasattr(p, "ds_status") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions weights
+        raise RewriteError(
+            "regate_fx: this model's parameters are partitioned by DeepSpeed ZeRO stage 3, whose per-module "
+            "hooks gather each weight just before its module runs; they cannot run inside the one graph a sparse "
+            "step captures. Use ZeRO stage 1 or 2 (optimizer state and gradients partitioned, tested exact), or "
+            "FSDP2 on the whole model (fully_shard(model))")
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    inner = [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
+    if inner:
+        raise RewriteError(
+            f"regate_fx: {len(inner)} submodules of the sparsified model are sharded with fully_shard (e.g. "
+            f"{inner[0]!r}); FSDP2's per-module hooks cannot run inside the one graph a sparse step captures. "
+            f"Shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
+            f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}}): parameters, gradients and optimizer state stay "
+            f"sharded between steps, the step itself gathers them once")
+
+
+def _with_keep_mask(sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` plus a keyword-only ``keep_mask=None`` (before any ``**kwargs``)."""
+    params = [p for p in sig.parameters.values() if p.name != "keep_mask"]
+    keep = inspect.Parameter("keep_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=[*params[:at], keep, *params[at:]])
+
+
 
 
 def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -327,29 +442,56 @@ def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch
                             "every sample needs at least one kept position")
 
 
-def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
-             backend: str | Callable = "inductor") -> SparseModel:
-    """Make a Hugging Face causal LM (or LLaVA-style MLLM) ReGATE-sparse.
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a wrapper calls: DDP / DataParallel (``.module``), torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
-    The model is captured with dynamo on its first call; a graph pass finds the residual stream and
-    its attention / MLP / parallel branches from the graph's structure and rewrites them to run on
-    the kept tokens only (gather -> compute -> scatter); the result is compiled with ``backend``.
+
+def sparse_forward(model: nn.Module) -> SparseForward | None:
+    """The :class:`SparseForward` that :func:`sparsify` installed on ``model`` (or a wrapper of it),
+    None if the model is not sparsified."""
+    return _unwrap(model).__dict__.get("_regate_forward")
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    """Whether :func:`sparsify` was applied to ``model`` (or to the module a wrapper calls)."""
+    return sparse_forward(model) is not None
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
+             backend: str | Callable = "inductor") -> nn.Module:
+    """Make a Hugging Face causal LM (or LLaVA-style MLLM) ReGATE-sparse, in place.
+
+    ``model.forward`` gains a ``keep_mask`` argument and nothing else changes: the model keeps its
+    class, config, parameters, ``state_dict`` keys, ``save_pretrained``, ``generate`` and
+    gradient-checkpointing switches, and a call without ``keep_mask`` is its own forward, run
+    directly. A call with ``keep_mask`` is captured with dynamo on first use; a graph pass finds
+    the residual stream and its attention / MLP / parallel branches from the graph's structure and
+    rewrites them to run on the kept tokens only (gather -> compute -> scatter); the result is
+    compiled with ``backend``.
 
     Args:
-        model: the model; it is not modified and keeps working densely.
+        model: the model (or a DDP / torch.compile wrapper of it; the module it wraps is changed).
+            Sparsifying it again replaces the configuration.
         config: :class:`SparsifyConfig`; defaults to strict refusal of unrewritable branches.
         backend: the torch.compile backend used after the pass: ``"eager"``, ``"aot_eager"``,
             ``"inductor"`` or a callable backend.
 
     Returns:
-        A :class:`SparseModel` sharing ``model``'s parameters. Call it with the model's keyword
-        arguments plus ``keep_mask``; read ``.regate_report`` for what was rewritten.
+        ``model`` itself. Call it with the model's keyword arguments plus ``keep_mask``; read
+        ``model.regate_report`` for what was rewritten. :func:`unsparsify` undoes it.
 
     Example:
-        >>> smodel = regate_fx.sparsify(model, backend="eager")
-        >>> out = smodel(input_ids=ids, attention_mask=am, labels=labels, keep_mask=keep)
+        >>> model = regate_fx.sparsify(model, backend="eager")
+        >>> out = model(input_ids=ids, attention_mask=am, labels=labels, keep_mask=keep)
         >>> out.loss.backward()
-        >>> print(smodel.regate_report)
+        >>> print(model.regate_report)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
@@ -360,4 +502,39 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
     if not (callable(backend) or backend in ("eager", "aot_eager", "inductor")
             or backend in torch._dynamo.list_backends()):
         raise ValueError(f"unknown backend {backend!r}; use 'eager', 'aot_eager', 'inductor' or a callable")
-    return SparseModel(model, config, backend)
+    target = _unwrap(model)
+    install_output_hooks(target)
+    fwd = sparse_forward(target)
+    if fwd is not None:  # again: a new configuration, a fresh capture; wrappers of fwd see it too
+        fwd.__init__(fwd.original, config, backend)
+    else:
+        fwd = SparseForward(target.forward, config, backend)
+        target.__dict__["forward"] = fwd
+    # Plain attributes (not submodules): state_dict, named_modules and parameters are unchanged.
+    target.__dict__["_regate_forward"] = fwd
+    target.__dict__["regate_report"] = fwd.report
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify`: the model's forward is the one it had before. Returns ``model``.
+
+    Raises:
+        RuntimeError: something replaced ``model.forward`` after :func:`sparsify` (e.g. a trainer's
+            patch); restore that first.
+    """
+    target = _unwrap(model)
+    fwd = sparse_forward(target)
+    if fwd is None:
+        return model
+    if target.__dict__.get("forward") is not fwd:
+        raise RuntimeError("model.forward was replaced after regate_fx.sparsify (by "
+                           f"{getattr(target.forward, '__qualname__', target.forward)!r}); undo that first")
+    original = fwd.original
+    bound_class_forward = getattr(original, "__func__", None) is getattr(type(target), "forward", None) \
+        and getattr(original, "__self__", None) is target
+    for key in ("_regate_forward", "regate_report", "forward"):
+        target.__dict__.pop(key, None)
+    if not bound_class_forward:  # the model had its own instance forward (e.g. accelerate's autocast)
+        target.__dict__["forward"] = original
+    return model

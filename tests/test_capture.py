@@ -67,8 +67,8 @@ def test_decoder_capture_refuses_logits_changed_after_the_head():
 
 
 def test_multimodal_models_capture_the_decoder_by_default():
-    assert regate_fx.sparsify(BY_NAME["llava"]("sdpa"), backend="eager")._capture.mode == "decoder"
-    assert regate_fx.sparsify(BY_NAME["llama"]("sdpa"), backend="eager")._capture.mode == "model"
+    assert regate_fx.sparsify(BY_NAME["llava"]("sdpa"), backend="eager")._regate_forward._capture.mode == "decoder"
+    assert regate_fx.sparsify(BY_NAME["llama"]("sdpa"), backend="eager")._regate_forward._capture.mode == "model"
     with pytest.raises(ValueError, match="capture must be one of"):
         SparsifyConfig(capture="vision")
 
@@ -122,7 +122,7 @@ def test_dense_call_in_decoder_capture_equals_the_model():
     ref.sum().backward()
     assert_close(out.logits.detach(), ref.detach(), "logits", atol=1e-5, rtol=1e-5)
     assert_grads_close(g_sparse, grads(model), scale=2e-6)
-    assert out.keep_mask is None and smodel._capture.mode == "decoder"
+    assert smodel._regate_forward._capture.mode == "decoder"  # a dense call is the model's own forward
 
 
 def test_image_layout_does_not_recompile_the_decoder():

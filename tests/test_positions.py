@@ -56,7 +56,7 @@ def test_token_axes_of_every_layout():
 @pytest.fixture(scope="module")
 def llama():
     model = LLAMA("sdpa")
-    return model, regate_fx.sparsify(model, backend="eager")
+    return model, regate_fx.sparsify(model, SparsifyConfig(return_logits=True), backend="eager")
 
 
 def test_no_position_ids(llama):
@@ -112,7 +112,7 @@ def test_mrope_3_b_t_position_ids(capture):
     """Qwen2-VL's language model called with (3, B, T) M-RoPE position ids (text only)."""
     fam = MM["qwen2_vl"]
     model = fam("sdpa")
-    smodel = regate_fx.sparsify(model, SparsifyConfig(capture=capture), backend="eager")
+    smodel = regate_fx.sparsify(model, SparsifyConfig(capture=capture, return_logits=True), backend="eager")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 90, (2, 12), generator=g)
     am = torch.ones(2, 12, dtype=torch.long)

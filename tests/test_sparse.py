@@ -60,8 +60,9 @@ def test_sample_with_no_kept_position_is_refused(llama):
 
 def test_missing_inputs_and_bad_arguments():
     model = LLAMA("sdpa")
+    keep = torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
-        regate_fx.sparsify(model, backend="eager")(attention_mask=torch.ones(1, 4))
+        regate_fx.sparsify(model, backend="eager")(attention_mask=torch.ones(1, 4), keep_mask=keep)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         regate_fx.sparsify(model, backend="nope")
     with pytest.raises(ValueError, match="SparsifyConfig.strict must be a bool, got 'yes'"):
@@ -69,7 +70,7 @@ def test_missing_inputs_and_bad_arguments():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         regate_fx.sparsify("model")
     with pytest.raises(TypeError, match="keyword arguments only"):
-        regate_fx.sparsify(model, backend="eager")(torch.ones(1, 4, dtype=torch.long))
+        regate_fx.sparsify(model, backend="eager")(torch.ones(1, 4, dtype=torch.long), keep_mask=keep)
 
 
 def test_optimizer_over_model_parameters_trains_the_sparse_model():
@@ -88,14 +89,19 @@ def test_optimizer_over_model_parameters_trains_the_sparse_model():
     assert losses[-1] < losses[0]
 
 
-def test_dense_call_counts_every_supervised_non_padding_prediction(llama):
+def test_keeping_every_real_token_is_the_models_own_loss(llama):
     model, smodel = llama
     batch = make_batch(LLAMA, 2, 10, pad="right", lengths=[7, 10])
-    dense = smodel(**batch)
+    dense = smodel(**batch)  # no keep_mask: the model's own forward and loss
     keep_all = smodel(**batch, keep_mask=batch["attention_mask"].bool())
     torch.testing.assert_close(dense.loss, keep_all.loss)
-    torch.testing.assert_close(dense.token_loss, keep_all.token_loss)
-    assert dense.keep_mask is None
+    real = batch["attention_mask"].bool()
+    assert keep_all.logits is None  # a step with labels builds no (B, T, V) logits by default
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    keep_all_logits = smodel(**no_labels, keep_mask=batch["attention_mask"].bool()).logits
+    torch.testing.assert_close(dense.logits[real], keep_all_logits[real])
+    counted = real & (torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100)
+    torch.testing.assert_close(keep_all.token_loss[counted].mean(), dense.loss)
 
 
 def test_kept_layout_contract():

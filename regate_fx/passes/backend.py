@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
+from regate_fx.passes.checkpoint import CheckpointError, carry_recompute_tags, inline_activation_checkpoints
 from regate_fx.passes.graph import node_value
 from regate_fx.passes.rewrite import KeptInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
@@ -22,7 +23,8 @@ __all__ = ["PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
 log = logging.getLogger(__name__)
 
 # What fired, for tests and debugging: torch's own counters, under "regate_fx"
-# (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals).
+# (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals,
+# checkpoints_inlined).
 counters = torch._dynamo.utils.counters["regate_fx"]
 
 
@@ -41,8 +43,12 @@ def resolve_backend(backend: str | Callable) -> Callable:
     if callable(backend):
         return backend
     if backend == "eager":
-        return lambda gm, example_inputs: gm.forward
+        return _eager
     return torch._dynamo.lookup_backend(backend)
+
+
+def _eager(gm: fx.GraphModule, example_inputs):
+    return gm.forward
 
 
 def _find_roles(gm: fx.GraphModule, example_inputs, roles: PlaceholderRoles) -> dict[str, fx.Node]:
@@ -74,6 +80,11 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
         counters["sparse_graphs"] += 1
+        try:  # checkpointed layers: flatten into the graph, tagged for recompute in the backward
+            checkpointed = inline_activation_checkpoints(gm)
+        except CheckpointError as e:
+            raise RewriteError(str(e), report=report) from None
+        counters["checkpoints_inlined"] += checkpointed
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
@@ -110,7 +121,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
                 raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.",
                                    report=report)
             warnings.warn(msg, stacklevel=2)
-        g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
+        with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
+            g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
@@ -118,7 +130,9 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             log.debug("regate_fx %s rewritten:\n%s\n%s", name, report, gm.print_readable(print_output=False))
         if on_report is not None:
             on_report(g)
-        return inner(gm, example_inputs)
+        # Plain eager has no backward partitioner to act on the recompute tags: use aot_eager's.
+        compiler = torch._dynamo.lookup_backend("aot_eager") if checkpointed and inner is _eager else inner
+        return compiler(gm, example_inputs)
 
     return regate_backend
 

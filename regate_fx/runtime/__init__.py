@@ -11,8 +11,8 @@ from regate_fx.runtime.cache import (
 )
 from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from regate_fx.runtime.config import ReGateConfig
-from regate_fx.runtime.data import collate
-from regate_fx.runtime.regate import ReGate, parse_batch
+from regate_fx.runtime.data import ReGateCollator, collate, model_inputs
+from regate_fx.runtime.regate import ReGate, ReGateStateError, parse_batch
 from regate_fx.runtime.schedule import constant_rho, dual_cycle_rho, mean_rho, schedule_rho
 from regate_fx.runtime.selection import budget, keep_from_scores, random_scores, select_topk
 from regate_fx.runtime.store import DifficultyStore
@@ -33,7 +33,9 @@ __all__ = [
     "CacheMismatchError",
     "DifficultyStore",
     "ReGate",
+    "ReGateCollator",
     "ReGateConfig",
+    "ReGateStateError",
     "TeacherCache",
     "TextTeacher",
     "budget",
@@ -47,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "marker_token_ids_from_config",
     "mean_rho",
+    "model_inputs",
     "parse_batch",
     "random_scores",
     "save_checkpoint",

@@ -22,11 +22,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from regate_fx.runtime import _dist
 from regate_fx.runtime.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir
 from regate_fx.runtime.data import collate, read_sample
 from regate_fx.runtime.selection import hash32
@@ -52,6 +53,7 @@ _MANIFEST = "manifest.json"
 _VALUES = "values.bin"
 _INDEX = "index.npz"
 _TMP = TMP_SUFFIX
+_RANK_PREFIX = "shards-rank"
 _HASH_CHUNK = 1 << 24
 
 
@@ -77,6 +79,9 @@ class ReferenceTeacher(Protocol):
     pad_token_id: int | None
 
     def fingerprint(self) -> str: ...
+
+    # Optional: ``probe() -> str``, a cheap fingerprint (see TextTeacher.probe); without it the full
+    # fingerprint is compared whenever a cache is reopened.
 
     def reference_losses(
         self,
@@ -168,6 +173,13 @@ class _Scan:
         """Batches of sample ids: sorted by (length, id), chunked; deterministic."""
         order = np.lexsort((np.arange(self.lengths.size), self.lengths))
         return [order[s : s + batch_size] for s in range(0, order.size, batch_size)]
+
+
+def _text_part(sample: Any) -> Any:
+    """What the text-only teacher reads of a sample (per-sample model inputs such as pixels left out)."""
+    if not isinstance(sample, Mapping):
+        return sample
+    return {k: v for k, v in sample.items() if k in ("input_ids", "labels", "attention_mask", "visual_mask", "sample_id")}
 
 
 def dataset_fingerprint(dataset: Sequence, *, progress: bool = False) -> str:
@@ -321,6 +333,31 @@ def _check_match(manifest: dict, root: Path, *, teacher_fp: str | None, dataset_
         )
 
 
+VERIFY_TEACHER = ("probe", "full")
+
+
+def _teacher_probe(teacher: ReferenceTeacher) -> str | None:
+    probe = getattr(teacher, "probe", None)
+    return probe() if callable(probe) else None
+
+
+def _check_teacher(manifest: dict, root: Path, teacher: ReferenceTeacher, how: str) -> None:
+    """Refuse a cache of another teacher: the cheap probe (``how="probe"``, when both sides have
+    one) or the full fingerprint of every weight byte (``how="full"``)."""
+    if how not in VERIFY_TEACHER:
+        raise ValueError(f"verify_teacher must be one of {VERIFY_TEACHER}, got {how!r}")
+    recorded = manifest.get("teacher_probe")
+    probe = _teacher_probe(teacher) if how == "probe" and isinstance(recorded, str) else None
+    if probe is not None:
+        if probe != recorded:
+            raise CacheMismatchError(
+                f"the teacher cache at {root} was computed with another teacher (its weights differ from "
+                f"this teacher's: probe {recorded[:12]}..., this teacher {probe[:12]}...); refusing to use "
+                f"its reference losses. Use a new directory for this teacher")
+        return
+    _check_match(manifest, root, teacher_fp=teacher.fingerprint(), dataset_fp=None, dtype=None, num_samples=None)
+
+
 def _load_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -379,7 +416,7 @@ class TeacherCache:
     def sample(self, sample_id: int) -> np.ndarray:
         """One sample's reference losses as float32 (a copy)."""
         off, n = int(self._offsets[sample_id]), int(self._lengths[sample_id])
-        return np.asarray(self._values[off : off + n], dtype=np.float32)
+        return np.array(self._values[off : off + n], dtype=np.float32, copy=True)  # writable, not the map
 
     def lookup(self, sample_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``r`` at ``(sample_ids[b], positions[b, p])``; NaN where not ``valid``.
@@ -434,17 +471,21 @@ class TeacherCache:
         dataset_fingerprint: str | None = None,
         dtype: str | None = None,
         verify: bool = True,
+        verify_teacher: str = "probe",
     ) -> "TeacherCache":
         """Open a complete cache, refusing it if corrupt or computed for another teacher/dataset.
 
         Args:
             path: the cache directory.
-            teacher: if given, its fingerprint must match the cache's.
+            teacher: if given, it must be the cache's teacher (see ``verify_teacher``).
             dataset: if given, its fingerprint must match (one pass over the dataset).
             teacher_fingerprint: an expected teacher fingerprint (instead of ``teacher``).
             dataset_fingerprint: an expected dataset fingerprint (instead of ``dataset``).
             dtype: if given, the on-disk dtype the cache must have (``"float32"``/``"float16"``).
             verify: check every file's SHA-256 (sizes are always checked).
+            verify_teacher: ``"probe"`` (default) compares a sample of each of the teacher's weight
+                tensors (:meth:`TextTeacher.probe`: milliseconds, even for a 7B teacher);
+                ``"full"`` hashes every weight byte (:meth:`TextTeacher.fingerprint`).
 
         Raises:
             CacheIncompleteError: the computation was interrupted.
@@ -454,7 +495,7 @@ class TeacherCache:
         root = Path(path)
         manifest = _read_manifest(root)
         if teacher is not None:
-            teacher_fingerprint = teacher.fingerprint()
+            _check_teacher(manifest, root, teacher, verify_teacher)
         num_samples = None
         if dataset is not None:
             dataset_fingerprint = _Scan(dataset, progress=False).fingerprint
@@ -504,6 +545,8 @@ class TeacherCache:
         shard_samples: int = 1024,
         progress: bool = True,
         verify: bool = True,
+        verify_teacher: str = "probe",
+        distributed: bool | None = None,
     ) -> "TeacherCache":
         """Compute (or resume, or just open) the cache of ``teacher``'s losses over ``dataset``.
 
@@ -512,7 +555,15 @@ class TeacherCache:
         samples. If ``path`` holds an interrupted computation for the same teacher and dataset,
         only the missing batches are computed (with the batch size recorded in the manifest, so
         the result is bit-for-bit that of an uninterrupted run). A complete matching cache is
-        opened without recomputation.
+        opened without recomputation, its teacher checked as ``verify_teacher`` says.
+
+        Data parallel: when ``torch.distributed`` is initialised with more than one rank (or
+        ``distributed=True``), every rank calls ``compute`` with the same arguments; the batches
+        still to do are split among the ranks (contiguous runs of the length-sorted plan, balanced
+        by padded tokens), each rank commits its own shards, and rank 0 alone finalises. The result
+        is bit-for-bit the single-process cache (each batch is the same batch on whichever rank),
+        an interrupted run resumes with any number of ranks, and every rank returns the opened
+        cache. Every rank's teacher must be the same weights (checked).
 
         Args:
             path: the cache directory (created if needed).
@@ -524,6 +575,11 @@ class TeacherCache:
             shard_samples: samples per committed shard (the most work a crash can lose).
             progress: show rich progress bars.
             verify: check SHA-256 of shards and final files.
+            verify_teacher: how a *complete* cache's teacher is checked: ``"probe"`` (a sample of
+                every weight tensor) or ``"full"`` (every byte); see :meth:`open`. A new or
+                resumed computation always uses the full fingerprint.
+            distributed: compute data-parallel (None: whenever torch.distributed is initialised
+                with more than one rank).
 
         Raises:
             CacheMismatchError: ``path`` holds a cache for another teacher, dataset or dtype.
@@ -535,70 +591,147 @@ class TeacherCache:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if isinstance(shard_samples, bool) or not isinstance(shard_samples, int) or shard_samples < 1:
             raise ValueError(f"shard_samples must be an int >= 1, got {shard_samples!r}")
+        if verify_teacher not in VERIFY_TEACHER:
+            raise ValueError(f"verify_teacher must be one of {VERIFY_TEACHER}, got {verify_teacher!r}")
         root = Path(path)
+        if _dist.distributed_active(distributed):
+            return _compute_distributed(cls, root, teacher, dataset, batch_size=batch_size, dtype=dtype,
+                                        shard_samples=shard_samples, progress=progress, verify=verify,
+                                        verify_teacher=verify_teacher)
         root.mkdir(parents=True, exist_ok=True)
         with _lock(root):
-            teacher_fp = teacher.fingerprint()
             scan = _Scan(dataset, progress)
-            if (root / _MANIFEST).exists():
-                manifest = _read_manifest(root)
-                _check_match(manifest, root, teacher_fp=teacher_fp, dataset_fp=scan.fingerprint, dtype=dtype, num_samples=len(dataset))
-                if manifest["state"] == "complete":
-                    return cls._open_complete(root, manifest, verify)
-                if manifest["batch_size"] != batch_size:
-                    warnings.warn(
-                        f"resuming the teacher cache at {root} with its recorded batch_size="
-                        f"{manifest['batch_size']} (not {batch_size}) so the result matches an "
-                        f"uninterrupted run",
-                        stacklevel=2,
-                    )
-                    batch_size = int(manifest["batch_size"])
-            else:
-                manifest = {
-                    "format": CACHE_FORMAT,
-                    "version": CACHE_VERSION,
-                    "state": "partial",
-                    "teacher_fingerprint": teacher_fp,
-                    "dataset_fingerprint": scan.fingerprint,
-                    "dtype": dtype,
-                    "num_samples": len(dataset),
-                    "batch_size": batch_size,
-                    "shards": [],
-                }
-                _write_manifest(root, manifest)
-            _check_shard_list(root, manifest, len(scan.plan(int(manifest["batch_size"]))))
-            listed = {e["file"] for e in manifest["shards"]}
-            for stale in [*root.glob(f"*{_TMP}"), *root.glob("shard-*.npz")]:
-                if stale.name not in listed:  # leftovers of a killed writer
-                    stale.unlink()
+            manifest, batch_size, complete = _prepare(root, teacher, scan, dataset, batch_size=batch_size,
+                                                      dtype=dtype, verify_teacher=verify_teacher)
+            if complete:
+                return cls._open_complete(root, manifest, verify)
             _Computation(root, manifest, teacher, dataset, scan, progress, verify, shard_samples).run()
             return cls._open_complete(root, manifest, verify)
 
 
-class _Computation:
-    """The resumable part of :meth:`TeacherCache.compute` (under the directory lock)."""
+def _prepare(root: Path, teacher: ReferenceTeacher, scan: "_Scan", dataset: Sequence, *, batch_size: int,
+             dtype: str, verify_teacher: str, teacher_fp: str | None = None) -> tuple[dict, int, bool]:
+    """Under the lock: read (checking it matches) or create the manifest, fold in the shards that
+    data-parallel ranks recorded, and remove leftovers. Returns (manifest, batch size, complete)."""
+    if (root / _MANIFEST).exists():
+        manifest = _read_manifest(root)
+        _check_match(manifest, root, teacher_fp=None, dataset_fp=scan.fingerprint, dtype=dtype,
+                     num_samples=len(dataset))
+        if manifest["state"] == "complete":
+            _check_teacher(manifest, root, teacher, verify_teacher)
+            return manifest, int(manifest["batch_size"]), True
+        teacher_fp = teacher_fp or teacher.fingerprint()
+        _check_match(manifest, root, teacher_fp=teacher_fp, dataset_fp=None, dtype=None, num_samples=None)
+        if manifest["batch_size"] != batch_size:
+            warnings.warn(
+                f"resuming the teacher cache at {root} with its recorded batch_size="
+                f"{manifest['batch_size']} (not {batch_size}) so the result matches an "
+                f"uninterrupted run",
+                stacklevel=2,
+            )
+            batch_size = int(manifest["batch_size"])
+    else:
+        manifest = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "state": "partial",
+            "teacher_fingerprint": teacher_fp or teacher.fingerprint(),
+            "dataset_fingerprint": scan.fingerprint,
+            "dtype": dtype,
+            "num_samples": len(dataset),
+            "batch_size": batch_size,
+            "shards": [],
+        }
+        probe = _teacher_probe(teacher)
+        if probe is not None:
+            manifest["teacher_probe"] = probe
+        _write_manifest(root, manifest)
+    num_batches = len(scan.plan(int(manifest["batch_size"])))
+    _check_shard_list(root, manifest, num_batches)
+    _merge_rank_files(root, manifest, num_batches)
+    listed = {e["file"] for e in manifest["shards"]}
+    for stale in [*root.glob(f"*{_TMP}"), *root.glob("shard-*.npz")]:
+        if stale.name not in listed:  # leftovers of a killed writer
+            stale.unlink()
+    return manifest, batch_size, False
 
-    def __init__(self, root, manifest, teacher, dataset, scan, progress, verify, shard_samples) -> None:
+
+def _rank_file(rank: int) -> str:
+    return f"{_RANK_PREFIX}{rank:05d}.json"
+
+
+def _merge_rank_files(root: Path, manifest: dict, num_batches: int) -> None:
+    """Fold the shard lists data-parallel ranks recorded (``shards-rank*.json``) into the manifest.
+
+    A rank lists a shard only once the shard is durable, so the union is exactly the committed work.
+    The manifest is rewritten before the rank files are deleted, so a crash in between loses nothing.
+    """
+    files = sorted(root.glob(f"{_RANK_PREFIX}*.json"))
+    if not files:
+        return
+    listed = {e["file"] for e in manifest["shards"]}
+    for f in files:
+        try:
+            entries = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheCorruptError(f"teacher cache rank file {f} is not valid JSON ({e}); delete {root} and "
+                                    f"recompute") from e
+        _check_shard_list(root, {"shards": entries}, num_batches)
+        manifest["shards"].extend(e for e in entries if e["file"] not in listed)
+        listed.update(e["file"] for e in entries)
+    manifest["shards"].sort(key=lambda e: e["batches"][0])
+    done = np.zeros(num_batches, dtype=np.int64)
+    for e in manifest["shards"]:
+        done[e["batches"][0]:e["batches"][1]] += 1
+    if (done > 1).any():
+        raise CacheCorruptError(f"the teacher cache shards in {root} overlap; delete {root} and recompute")
+    _write_manifest(root, manifest)
+    for f in files:
+        f.unlink()
+    fsync_dir(root)
+
+
+class _Computation:
+    """The resumable part of :meth:`TeacherCache.compute` (under the directory lock).
+
+    Single process: :meth:`run` computes every batch not yet in a listed shard, then finalises.
+    A data-parallel rank: ``rank`` is set, :meth:`run` gets its share of the batches, records its
+    shards in its own ``shards-rank*.json`` (the manifest is rank 0's), and does not finalise.
+    """
+
+    def __init__(self, root, manifest, teacher, dataset, scan, progress, verify, shard_samples,
+                 rank: int | None = None) -> None:
         self.root, self.manifest, self.teacher, self.dataset = root, manifest, teacher, dataset
         self.scan, self.progress, self.verify, self.shard_samples = scan, progress, verify, shard_samples
         self.np_dtype = np.dtype(manifest["dtype"])
         self.plan = scan.plan(int(manifest["batch_size"]))
+        self.rank = rank
+        self.recorded: list[dict] = []  # this rank's committed shards
 
-    def run(self) -> None:
+    def todo(self) -> np.ndarray:
+        """Indices of the plan's batches that no listed shard holds (the listed shards checked)."""
         done = np.zeros(len(self.plan), dtype=bool)
         for entry in self.manifest["shards"]:
             _check_file(self.root, entry, self.verify)
             lo, hi = entry["batches"]
             done[lo:hi] = True
-        todo = np.flatnonzero(~done)
+        return np.flatnonzero(~done)
+
+    def run(self, todo: np.ndarray | None = None) -> None:
+        todo = self.todo() if todo is None else todo
         pad = self.teacher.pad_token_id if getattr(self.teacher, "pad_token_id", None) is not None else 0
         with _progress(self.progress) as bar:
-            total = sum(int(self.plan[i].size) for i in range(len(self.plan)))
-            task = bar.add_task("teacher reference losses", total=total, completed=total - sum(int(self.plan[i].size) for i in todo))
+            if self.rank is None:
+                total = sum(int(self.plan[i].size) for i in range(len(self.plan)))
+                completed = total - sum(int(self.plan[i].size) for i in todo)
+            else:  # a rank's bar counts its own share
+                total, completed = sum(int(self.plan[i].size) for i in todo), 0
+            task = bar.add_task("teacher reference losses", total=total, completed=completed)
             pending: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
             for j, b in enumerate(todo):
                 ids = self.plan[b]
-                batch = collate([self.dataset[int(self.scan.index_of[s])] for s in ids], pad_token_id=pad, indices=[int(self.scan.index_of[s]) for s in ids])
+                samples = [_text_part(self.dataset[int(self.scan.index_of[s])]) for s in ids]  # no pixels
+                batch = collate(samples, pad_token_id=pad, indices=[int(self.scan.index_of[s]) for s in ids])
                 if not np.array_equal(batch["sample_id"].numpy(), ids):
                     raise ValueError("the dataset changed while the teacher cache was being computed")
                 r = self.teacher.reference_losses(
@@ -612,7 +745,8 @@ class _Computation:
                 if boundary or sum(p[1].size for p in pending) >= self.shard_samples:
                     self._commit(pending)
                     pending = []
-        self._finalize()
+        if self.rank is None:
+            self._finalize()
 
     def _commit(self, pending) -> None:
         lo, hi = pending[0][0], pending[-1][0] + 1
@@ -623,10 +757,14 @@ class _Computation:
         name = f"shard-{lo:08d}-{hi:08d}.npz"
         atomic_write(self.root / name, lambda f: np.savez(f, sample_ids=ids, lengths=lengths, values=values))
         path = self.root / name
-        self.manifest["shards"].append(
-            {"file": name, "batches": [lo, hi], "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-        )
-        _write_manifest(self.root, self.manifest)
+        entry = {"file": name, "batches": [lo, hi], "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+        if self.rank is None:
+            self.manifest["shards"].append(entry)
+            _write_manifest(self.root, self.manifest)
+        else:  # a data-parallel rank lists its shards in its own file; rank 0 merges them
+            self.recorded.append(entry)
+            data = json.dumps(self.recorded, indent=1).encode()
+            atomic_write(self.root / _rank_file(self.rank), lambda f: f.write(data))
 
     def _finalize(self) -> None:
         lengths = self.scan.lengths
@@ -683,3 +821,77 @@ class _Computation:
         for name in shard_files:  # only after the complete manifest is durable
             with contextlib.suppress(FileNotFoundError):
                 (self.root / name).unlink()
+
+
+# --------------------------------------------------------------------------- data parallel
+def _split_balanced(todo: np.ndarray, cost: np.ndarray, world: int) -> list[np.ndarray]:
+    """Split ``todo`` (plan order) into ``world`` contiguous runs of about equal total ``cost``."""
+    if todo.size == 0:
+        return [todo for _ in range(world)]
+    c = np.cumsum(cost[todo].astype(np.float64))  # (n,)
+    cuts = np.searchsorted(c, c[-1] * np.arange(1, world) / world, side="left")  # (world - 1,)
+    return np.split(todo, cuts)
+
+
+def _exchange(failure: BaseException | None, payload: Any, what: str) -> list:
+    """Collective: every rank's ``payload``, in rank order; raises on every rank if any rank failed
+    (the failing rank re-raises its own error, the others name it)."""
+    import torch.distributed as dist
+
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (None if failure is None else f"{type(failure).__name__}: {failure}", payload))
+    if failure is not None:
+        raise failure
+    bad = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise CacheError(f"teacher cache {what} failed on rank {r}: {m}")
+    return [p for _, p in got]
+
+
+def _compute_distributed(cls, root: Path, teacher, dataset, *, batch_size, dtype, shard_samples, progress,
+                         verify, verify_teacher) -> "TeacherCache":
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lead = rank == 0
+    with contextlib.ExitStack() as stack:
+        # 1. every rank scans the data and fingerprints its teacher; rank 0 locks and prepares
+        failure, prepared, fp = None, None, None
+        try:
+            scan = _Scan(dataset, progress and lead)
+            fp = teacher.fingerprint()
+            if lead:
+                root.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(_lock(root))
+                prepared = _prepare(root, teacher, scan, dataset, batch_size=batch_size, dtype=dtype,
+                                    verify_teacher=verify_teacher, teacher_fp=fp)
+        except BaseException as e:  # noqa: BLE001 (re-raised by _exchange on this rank)
+            failure = e
+        got = _exchange(failure, (fp, prepared), "preparation")
+        if len({f for f, _ in got}) > 1:
+            raise CacheMismatchError("the ranks' teachers differ (weights fingerprints "
+                                     f"{sorted({f[:12] for f, _ in got})}); every rank must load the same teacher")
+        manifest, _, complete = got[0][1]
+        if not complete:
+            # 2. every rank computes its share of the missing batches, balanced by padded tokens
+            failure = None
+            try:
+                comp = _Computation(root, manifest, teacher, dataset, scan, progress and lead, verify,
+                                    shard_samples, rank=rank)
+                todo = comp.todo()
+                cost = np.array([int(scan.lengths[b].max()) * b.size for b in comp.plan], dtype=np.int64)
+                comp.run(_split_balanced(todo, cost, world)[rank])
+            except BaseException as e:  # noqa: BLE001
+                failure = e
+            _exchange(failure, None, "computation")
+            # 3. one finalisation, on rank 0
+            failure = None
+            if lead:
+                try:
+                    _merge_rank_files(root, manifest, len(comp.plan))
+                    _Computation(root, manifest, teacher, dataset, scan, False, verify, shard_samples)._finalize()
+                except BaseException as e:  # noqa: BLE001
+                    failure = e
+            _exchange(failure, None, "finalisation")
+    return cls._open_complete(root, _read_manifest(root), verify)

@@ -33,10 +33,22 @@ from regate_fx.runtime.selection import (
 )
 from regate_fx.runtime.store import DifficultyStore
 
-__all__ = ["ReGate", "ParsedBatch", "parse_batch"]
+__all__ = ["ReGate", "ReGateStateError", "ParsedBatch", "parse_batch"]
 
 _FORMAT = "regate_fx.regate"
 _VERSION = 1
+
+
+class ReGateStateError(RuntimeError):
+    """A keep mask was asked of a ReGate whose state is missing (a resume that did not restore it)."""
+
+
+def first_sparse_step(config: ReGateConfig) -> int | None:
+    """The first global step whose keep fraction is below 1 (None if every step is dense)."""
+    for step in range(config.warmup_steps + config.cycle_steps + 1):
+        if schedule_rho(config, step) < 1.0:
+            return step
+    return None
 
 
 @dataclass(frozen=True)
@@ -167,11 +179,39 @@ class ReGate:
         self.store = DifficultyStore(
             num_samples, config.beta, path=store_path, capacity=capacity, distributed=distributed
         )
+        # Guard against a resume that forgot the state: None until the first keep mask, then the
+        # step this ReGate started at (or "restored" after load_state_dict / start_at).
+        self._started: int | str | None = None
 
     # ------------------------------------------------------------------ schedule
     def rho(self, step: int) -> float:
         """Keep fraction of the candidates at global step ``step``."""
         return schedule_rho(self.config, step)
+
+    def start_at(self, step: int) -> None:
+        """Declare that this ReGate starts, with an empty state, at global step ``step``.
+
+        Only needed to switch ReGATE on mid-training on purpose (e.g. after dense steps run
+        without it): otherwise the first :meth:`keep_mask` of an empty ReGate must come no later
+        than the schedule's first sparse step, because a later one is what a resume that did not
+        restore :meth:`state_dict` looks like (see :class:`ReGateStateError`).
+        """
+        _check_step(step)
+        self._started = "declared"
+
+    def _check_started(self, step: int) -> None:
+        if self._started is not None:
+            return
+        first = first_sparse_step(self.config)
+        if self.store.num_updates == 0 and first is not None and step > first:
+            raise ReGateStateError(
+                f"ReGate.keep_mask(step={step}): this ReGate has an empty state (no update, nothing "
+                f"loaded), but the schedule's first sparse step is {first}: this looks like a resumed run "
+                f"that did not restore the ReGate state, whose difficulty EMA and token counts would "
+                f"silently restart. Restore it with rg.load_state_dict(checkpoint['regate']) (saved "
+                f"with rg.state_dict(); ReGateTrainer does both), or, to start ReGATE at step {step} "
+                f"on purpose, call rg.start_at({step}) first")
+        self._started = step
 
     # ------------------------------------------------------------------ scoring
     def _check_cache(self, pb: ParsedBatch) -> None:
@@ -223,6 +263,7 @@ class ReGate:
         :func:`~regate_fx.runtime.selection.keep_from_scores`).
         """
         step = _check_step(step)
+        self._check_started(step)
         pb = parse_batch(batch, self.config)
         self._check_cache(pb)
         rho = self.rho(step)
@@ -245,6 +286,14 @@ class ReGate:
                 (zero where not computed).
             keep: the step's keep mask, bool ``[B, T]``.
         """
+        if token_loss is None:
+            raise ValueError(
+                "token_loss is None: the sparse step ran without labels, so it has no per-token loss "
+                "to learn from. Pass labels=... to the model (unshifted, -100 = ignore, e.g. "
+                "labels=input_ids.masked_fill(attention_mask == 0, -100))")
+        if not isinstance(token_loss, torch.Tensor) or not isinstance(keep, torch.Tensor):
+            raise ValueError(f"token_loss and keep must be tensors, got {type(token_loss).__name__} and "
+                             f"{type(keep).__name__} (pass out.token_loss and the step's keep mask)")
         pb = parse_batch(batch, self.config)
         shape = tuple(pb.real.shape)
         if tuple(token_loss.shape) != shape or tuple(keep.shape) != shape:
@@ -322,3 +371,4 @@ class ReGate:
         if fp is not None and self.teacher_cache is not None and fp != self.teacher_cache.teacher_fingerprint:
             raise ValueError("the state was recorded with another teacher cache (fingerprints differ)")
         self.store.load_state_dict(state["store"])
+        self._started = "restored"

@@ -31,11 +31,13 @@ __all__ = [
     "marker_token_ids_from_config",
     "visual_token_ids_from_config",
     "weights_fingerprint",
+    "weights_probe",
 ]
 
 MODES = ("model", "decoder")
 _VISUAL_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 _CE_CHUNK = 4096  # supervised positions per cross-entropy chunk
+_PROBE_SAMPLES = 64  # values read per tensor by weights_probe
 
 
 def visual_token_ids_from_config(config: Any) -> tuple[int, ...]:
@@ -154,11 +156,29 @@ def check_same_vocab(
             )
 
 
+def _named_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """``prefix.name`` -> parameter or buffer, each tensor once (tied weights under their first name)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix in sorted(modules):
+        mod = modules[prefix]
+        tensors = dict(mod.named_parameters(recurse=not prefix.startswith("direct:")))
+        tensors.update({f"buffer:{k}": v for k, v in mod.named_buffers(recurse=not prefix.startswith("direct:"))})
+        for name in sorted(tensors):
+            t = tensors[name]
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[f"{prefix}.{name}"] = t
+    return out
+
+
 def weights_fingerprint(modules: Mapping[str, torch.nn.Module], extra: Any = None) -> str:
     """SHA-256 of named parameters and buffers (names, dtypes, shapes and bytes), plus ``extra``.
 
     Args:
-        modules: name -> module; every parameter and buffer of each is hashed, in sorted order.
+        modules: name -> module; every parameter and buffer of each is hashed, in sorted order, each
+            tensor once. A name starting with ``"direct:"`` hashes the module's own tensors only
+            (not its submodules').
         extra: JSON-serialisable data that also determines the teacher's outputs.
 
     Returns:
@@ -166,14 +186,36 @@ def weights_fingerprint(modules: Mapping[str, torch.nn.Module], extra: Any = Non
     """
     h = hashlib.sha256()
     h.update(json.dumps(extra, sort_keys=True).encode())
-    for prefix in sorted(modules):
-        mod = modules[prefix]
-        tensors = dict(mod.named_parameters())
-        tensors.update({f"buffer:{k}": v for k, v in mod.named_buffers()})
-        for name in sorted(tensors):
-            t = tensors[name].detach()
-            h.update(f"{prefix}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+    for name, t in _named_tensors(modules).items():
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def weights_probe(modules: Mapping[str, torch.nn.Module], extra: Any = None, samples: int = _PROBE_SAMPLES) -> str:
+    """A cheap fingerprint: every tensor's name, dtype and shape, and ``samples`` of its values.
+
+    The values are read at fixed pseudo-random positions (a function of the name and size), on the
+    tensor's own device, so the cost is a few small gathers per tensor whatever the model's size
+    (no pass over every weight byte, no copy of the weights to the host). Any other checkpoint,
+    fine-tune or merged adapter changes the sampled values; an edit of a few weights can escape it,
+    which :func:`weights_fingerprint` (every byte) does not.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"probe": samples, "extra": extra}, sort_keys=True).encode())
+    for name, t in _named_tensors(modules).items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        n = flat.numel()
+        if n == 0:
+            continue
+        k = min(n, samples)
+        seed = int.from_bytes(hashlib.sha256(f"{name}|{n}".encode()).digest()[:8], "little")
+        step = (seed | 1) % n or 1
+        idx = (torch.arange(k, dtype=torch.long) * step + seed) % n  # (k,) fixed positions
+        vals = flat.index_select(0, idx.to(flat.device)).cpu()  # (k,) the only device -> host copy
+        h.update(vals.contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -241,20 +283,58 @@ class TextTeacher:
         return next(self.model.parameters()).device
 
     def _modules_for_hash(self) -> dict[str, torch.nn.Module]:
-        if self.mode == "decoder":
-            return {"decoder": self.model.get_decoder(), "head": self.model.get_output_embeddings()}
-        return {"model": self.model}
+        """The modules whose weights the teacher runs.
 
-    def fingerprint(self) -> str:
-        """SHA-256 of the weights the teacher runs, its placeholder settings and mode."""
-        extra = {
+        The language model and its heads (``get_decoder()``, ``get_input_embeddings()``,
+        ``get_output_embeddings()``, all their weights), plus the own weights of every other module a
+        text-only forward calls. A vision tower and projector are never called without pixel inputs,
+        so they are left out: two MLLMs with the same language model share a cache.
+        """
+        mods: dict[str, torch.nn.Module] = {}
+        for name in ("get_decoder", "get_input_embeddings", "get_output_embeddings"):
+            get = getattr(self.model, name, None)
+            m = get() if callable(get) else None
+            if isinstance(m, torch.nn.Module):
+                mods[name[4:]] = m
+        covered = {id(p) for m in mods.values() for p in [*m.parameters(), *m.buffers()]}
+        called: list[torch.nn.Module] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, _args: called.append(mod)) for m in self.model.modules()]
+        try:
+            tok = 0 if self.pad_token_id is None else self.pad_token_id
+            ids = torch.full((1, 2), tok, dtype=torch.long, device=self.device)
+            with torch.no_grad(), _eval_mode(self.model):
+                self._hidden_or_logits(ids, torch.ones_like(ids))
+        finally:
+            for hk in hooks:
+                hk.remove()
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for m in called:
+            own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            if any(id(t) not in covered for t in own):
+                mods[f"direct:{names.get(id(m), type(m).__name__)}"] = m
+                covered.update(id(t) for t in own)
+        return mods or {"model": self.model}
+
+    def _fingerprint_extra(self) -> dict:
+        return {
             "kind": "regate_fx.TextTeacher",
-            "version": 1,
+            "version": 2,
             "pad_token_id": self.pad_token_id,
             "visual_token_ids": list(self.visual_token_ids),
             "mode": self.mode,
         }
-        return weights_fingerprint(self._modules_for_hash(), extra)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights the teacher runs (every byte), its placeholder settings and mode."""
+        return weights_fingerprint(self._modules_for_hash(), self._fingerprint_extra())
+
+    def probe(self) -> str:
+        """A cheap fingerprint of the same weights (a sample of each tensor; see :func:`weights_probe`).
+
+        :meth:`TeacherCache.open` and :meth:`TeacherCache.compute` on a complete cache compare this
+        one by default, so reopening a cache for a 7B teacher reads a few KB of weights, not 14 GB.
+        """
+        return weights_probe(self._modules_for_hash(), self._fingerprint_extra())
 
     def text_only_ids(
         self, input_ids: torch.Tensor, real: torch.Tensor, visual_mask: torch.Tensor | None = None

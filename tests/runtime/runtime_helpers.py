@@ -67,6 +67,16 @@ def synthetic_dataset(
     return out
 
 
+def file_store(directory) -> str:
+    """A ``file://`` init_method in ``directory`` (a fresh directory per test): unlike a TCP port, it
+    cannot collide with another job's process group on a shared machine."""
+    import os
+
+    path = os.path.join(str(directory), "process-group-store")
+    assert not os.path.exists(path), "a file store must not exist before init_process_group"
+    return f"file://{path}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

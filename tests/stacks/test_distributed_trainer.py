@@ -1,0 +1,57 @@
+"""ReGateTrainer on 2 gloo ranks: DDP stays in sync and equals one process with the ranks' batches
+accumulated. (Trainer's fsdp=... needs GPUs: Accelerate enables FSDP only for multi-GPU process
+groups and runs a CPU group as DDP; FSDP2 itself is tested on CPU in tests/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import torch.distributed as dist
+
+from tests.runtime.runtime_helpers import file_store, free_port
+from tests.stacks.common import snapshot, trainer
+
+WORLD = 2
+
+
+def _worker(rank: int, init: str, port: int, out: str, kind: str, extra: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)  # Accelerate adopts it
+    t, cap = trainer(kind, os.path.join(out, "run"), max_steps=2, ddp_backend="gloo", **extra)
+    t.train()
+    torch.save({"params": snapshot(t.accelerator.unwrap_model(t.model)), "stats": t.regate.token_stats(),
+                "store": t.regate.store.state_dict(), "wrapped": type(t.model_wrapped).__name__},
+               os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _run(tmp_path, kind: str, **extra) -> list[dict]:
+    mp.spawn(_worker, args=(file_store(tmp_path), free_port(), str(tmp_path), kind, extra), nprocs=WORLD,
+             join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single(tmp_path, kind: str):
+    """One process, the ranks' batches as accumulation steps (accelerate hands rank r the r-th batch
+    of each group of WORLD batches, so step s covers the same samples)."""
+    t, _ = trainer(kind, tmp_path / "single", max_steps=2, gradient_accumulation_steps=WORLD)
+    t.train()
+    return t
+
+
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_ddp_ranks_stay_in_sync_and_equal_one_process(tmp_path, kind):
+    got = _run(tmp_path, kind)
+    assert got[0]["wrapped"] == "DistributedDataParallel"
+    single = _single(tmp_path, kind)
+    want = snapshot(single.model)
+    for k in want:
+        torch.testing.assert_close(got[0]["params"][k], got[1]["params"][k], rtol=0, atol=0, msg=k)  # in sync
+        torch.testing.assert_close(got[0]["params"][k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert got[0]["stats"] == got[1]["stats"] == single.regate.token_stats() | {"steps": got[0]["stats"]["steps"]}

@@ -1,0 +1,120 @@
+"""Gradient checkpointing inside a sparse step (exact against the oracle, fewer saved activations) and
+a sparsified model called from code the user compiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regate_fx
+from regate_fx.passes.backend import counters
+from tests.helpers import assert_close, assert_grads_close, check_against_oracle, grads, make_batch, random_keep
+from tests.models import BY_NAME
+
+
+def saved_bytes(fn) -> tuple[int, object]:
+    """Bytes of the tensors autograd saves for the backward while ``fn`` runs (the activations)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+@pytest.mark.parametrize("name,reentrant,layers", [("llama", False, 2), ("llava", False, 4), ("llama", True, 2)])
+def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers):
+    tm = BY_NAME[name]
+    model = tm("sdpa").train()
+    regate_fx.sparsify(model, backend="eager")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    before = counters["checkpoints_inlined"]
+    batch = make_batch(tm, 3, 16, pad="left", seed=3)
+    check_against_oracle(model, model, batch, random_keep(batch, 0.5, seed=4))
+    # one per checkpointed layer (LLaVA: the vision tower's too), inside the sparse graph
+    assert counters["checkpoints_inlined"] - before == layers
+    assert model.regate_report.refused == []
+
+
+def test_gradient_checkpointing_saves_fewer_activations_with_the_same_gradients():
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=False), backend="aot_eager")
+    batch = make_batch(tm, 2, 64, seed=1)
+    keep = random_keep(batch, 0.5, seed=2)
+    plain_bytes, out = saved_bytes(lambda: model(**batch, keep_mask=keep))
+    out.loss.backward()
+    g_plain = grads(model)
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    ckpt_bytes, out = saved_bytes(lambda: model(**batch, keep_mask=keep))
+    out.loss.backward()
+    assert_grads_close(grads(model), g_plain)
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_selective_checkpointing_policies_are_refused():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    policy = lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE  # noqa: E731
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": lambda: create_selective_checkpoint_contexts(policy)})
+    regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(tm, 2, 10)
+    with pytest.raises(regate_fx.RewriteError, match="selective activation checkpointing"):
+        model(**batch, keep_mask=random_keep(batch, 0.5))
+
+
+def test_a_compiled_train_step_calling_the_sparsified_model_gives_the_same_loss():
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(tm, 2, 12, pad="right", seed=5)
+    keep = random_keep(batch, 0.5, seed=6)
+
+    def train_step(batch, keep):
+        out = model(**batch, keep_mask=keep)
+        return out.loss * 1.0  # user code around the call is compiled by the outer torch.compile
+
+    want = train_step(batch, keep)
+    want.backward()
+    g_want = grads(model)
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(train_step, backend="eager")(batch, keep)
+    got.backward()
+    assert_close(got, want, "loss")
+    assert_grads_close(grads(model), g_want)
+    assert sum(g.sparse for g in model.regate_report.graphs) == 1  # the inner capture ran (and was reused)
+
+    def whole_graph(batch, keep):
+        return model(**batch, keep_mask=keep).loss
+
+    with pytest.raises(Exception, match="regate_fx: a sparse step"):
+        torch.compile(whole_graph, backend="eager", fullgraph=True)(batch, keep)
+
+
+def test_a_compiled_model_runs_dense_calls_compiled_and_sparse_calls_sparse():
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    regate_fx.sparsify(model, backend="eager")
+    compiled = torch.compile(model, backend="eager")  # what Trainer's torch_compile=True does
+    batch = make_batch(tm, 2, 12, seed=7)
+    keep = random_keep(batch, 0.5, seed=8)
+    assert_close(compiled(**batch, keep_mask=keep).loss, model(**batch, keep_mask=keep).loss, "sparse loss")
+    assert_close(compiled(**batch).loss, model(**batch).loss, "dense loss")
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_gradient_checkpointing_with_inductor_matches_the_oracle():
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    regate_fx.sparsify(model, backend="inductor")
+    model.gradient_checkpointing_enable()
+    batch = make_batch(tm, 2, 16, pad="left", seed=3)
+    check_against_oracle(model, model, batch, random_keep(batch, 0.5, seed=4))

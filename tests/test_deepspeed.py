@@ -1,0 +1,66 @@
+"""DeepSpeed over a sparsified model on 2 gloo ranks (DeepSpeed's CPU accelerator): ZeRO-1/2 equal one
+process; ZeRO-3 is a clear refusal. Skipped unless deepspeed is importable (it is not in the test
+extra: its source build needs torch at build time); run with e.g.
+``pip install --no-deps --target /tmp/ds deepspeed hjson py-cpuinfo msgpack ninja nvidia-ml-py einops``
+and ``PYTHONPATH=/tmp/ds``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import regate_fx
+from tests.helpers import assert_grads_close
+from tests.runtime.runtime_helpers import file_store
+from tests.test_distributed import WORLD, TM, _rank_inputs, _want_mean_of_ranks
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+pytest.importorskip("deepspeed")
+LR = 0.1
+
+
+def _worker(rank: int, init: str, out: str, stage: int) -> None:
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="0", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        model = regate_fx.sparsify(TM("sdpa").train(), backend="eager")
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                          config=config)
+        batch, keep = _rank_inputs(rank)
+        try:
+            loss = engine(**batch, keep_mask=keep).loss
+        except regate_fx.RewriteError as e:
+            torch.save(str(e), os.path.join(out, f"rank{rank}.pt"))
+            return
+        engine.backward(loss)
+        engine.step()
+        torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_equal_one_process(tmp_path, stage):
+    mp.spawn(_worker, args=(file_store(tmp_path), str(tmp_path), stage), nprocs=WORLD, join=True)
+    init = dict(TM("sdpa").named_parameters())
+    want = {n: (init[n] - LR * g).detach() for n, g in _want_mean_of_ranks().items()}
+    for r in range(WORLD):
+        assert_grads_close(torch.load(tmp_path / f"rank{r}.pt"), want)
+
+
+@pytest.mark.slow
+def test_zero_3_is_a_clear_refusal(tmp_path):
+    mp.spawn(_worker, args=(file_store(tmp_path), str(tmp_path), 3), nprocs=WORLD, join=True)
+    assert "ZeRO stage 3" in torch.load(tmp_path / "rank0.pt")
