@@ -85,7 +85,7 @@ EOF
 } > "$OUT/env.txt"
 tee -a "$LOG" < "$OUT/env.txt"
 
-stage preflight 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts="" --timeout 80 \
+stage preflight 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts="" \
     > "$OUT/preflight.txt" 2>&1
 tail -n 5 "$OUT/preflight.txt" | tee -a "$LOG"
 
