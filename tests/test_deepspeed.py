@@ -41,6 +41,7 @@ def _worker(rank: int, init: str, out: str, stage: int) -> None:
             loss = engine(**batch, keep_mask=keep).loss
         except regate_fx.RewriteError as e:
             torch.save(str(e), os.path.join(out, f"rank{rank}.pt"))
+            dist.barrier()  # both ranks refused: leave together
             return
         engine.backward(loss)
         engine.step()

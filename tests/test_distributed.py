@@ -70,6 +70,7 @@ def _fsdp_worker(rank: int, init: str, out: str, per_layer: bool) -> None:
             model(**batch, keep_mask=keep).loss.backward()
         except regate_fx.RewriteError as e:
             torch.save(str(e), os.path.join(out, f"rank{rank}.pt"))
+            dist.barrier()  # both ranks refused: leave together (no rank tears the group down early)
             return
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # gathers the shards
         sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
