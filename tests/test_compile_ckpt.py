@@ -25,7 +25,9 @@ def saved_bytes(fn) -> tuple[int, object]:
     return total[0], out
 
 
-@pytest.mark.parametrize("name,reentrant,layers", [("llama", False, 2), ("llava", False, 4), ("llama", True, 2)])
+# LLaVA: decoder capture (regate_fx/capture.py) runs the vision tower eagerly, so only its 2 LM layers
+# are checkpointed inside the sparse graph.
+@pytest.mark.parametrize("name,reentrant,layers", [("llama", False, 2), ("llava", False, 2), ("llama", True, 2)])
 def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers):
     tm = BY_NAME[name]
     model = tm("sdpa").train()
@@ -34,8 +36,9 @@ def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers):
     before = counters["checkpoints_inlined"]
     batch = make_batch(tm, 3, 16, pad="left", seed=3)
     check_against_oracle(model, model, batch, random_keep(batch, 0.5, seed=4))
-    # one per checkpointed layer (LLaVA: the vision tower's too), inside the sparse graph
-    assert counters["checkpoints_inlined"] - before == layers
+    # one per checkpointed layer inside each sparse graph: the step with labels, and the call
+    # without labels that check_against_oracle makes for the logits
+    assert counters["checkpoints_inlined"] - before == 2 * layers
     assert model.regate_report.refused == []
 
 
