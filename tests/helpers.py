@@ -87,7 +87,8 @@ def sparse_logits(smodel, batch: dict, keep: torch.Tensor, out) -> torch.Tensor 
     """The (B, T, V) logits of a sparse step: from `out` when the call returned them
     (``return_logits=True``), else from a second call without labels (the default config returns
     logits exactly when the call has none). None only for ``return_logits=False``."""
-    wanted = smodel._regate_forward.config.return_logits  # the SparsifyConfig (sparsify works in place)
+    fwd = getattr(smodel, "_regate_forward", None)  # the SparsifyConfig (sparsify works in place)
+    wanted = fwd.config.return_logits if fwd is not None else True  # not sparsified: logits as returned
     if wanted is False:
         assert out.logits is None, "return_logits=False must not return logits"
         return None

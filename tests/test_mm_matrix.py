@@ -42,7 +42,7 @@ def _cases():
 def case(request):
     fam, attn = request.param
     model = fam(attn)
-    return fam, attn, model, regate_fx.sparsify(model, backend="eager")
+    return fam, attn, model, regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")
 
 
 @pytest.fixture(scope="module", autouse=True)
