@@ -80,6 +80,8 @@ def module_path(node: fx.Node) -> str:
     path = str(list(stack.values())[-1][0])
     if path.startswith(("L[", "G[")) and "]" in path:
         path = path.split("]", 1)[1].lstrip(".")
+    if path == "__self__" or path.startswith("__self__."):  # captured through a bound forward
+        path = path[len("__self__."):]
     return path
 
 

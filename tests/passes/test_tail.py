@@ -70,7 +70,7 @@ def test_default_returns_logits_exactly_when_the_call_has_no_labels():
     batch = make_batch(tm, 3, 12, pad="left", seed=2)
     keep = random_keep(batch, 0.5, seed=4)
     smodel = regate_fx.sparsify(model, backend="eager")
-    assert smodel.config.return_logits is None
+    assert smodel._regate_forward.config.return_logits is None  # the SparsifyConfig (in place)
     train = smodel(**batch, keep_mask=keep)
     assert train.logits is None and train.loss is not None
     infer = smodel(**{k: v for k, v in batch.items() if k != "labels"}, keep_mask=keep)
