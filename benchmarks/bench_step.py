@@ -12,6 +12,9 @@ round after untimed warm-up rounds (so drifting machine load hits all variants a
                    original position ids, an all-ones attention mask, the original next-token
                    labels (same backend as dense). The physical limit: nothing can compute less.
     sparse_logits_r<rho>   (--logits-variant) the same with SparsifyConfig(return_logits=True)
+    sparse_padded_r<rho>   (--padded-variant) the same with SparsifyConfig(layout="padded"); the
+                   default layout "auto" packs the kept tokens of a step whose (B, K) layout would
+                   be >= 10% padding (--lengths mixed)
     nokeep         (--nokeep-variant) the sparsified model called without keep_mask
 
 Every variant computes the mean cross-entropy of its counted predictions and calls backward.
@@ -335,6 +338,8 @@ def run_cell(args, model, smodels: dict, backend: str, seq: int, mask_mode: str,
         variants += [(f"sparse_{rho_tag(rho)}", rho), (f"oracle_{rho_tag(rho)}", rho)]
         if args.logits_variant:
             variants.append((f"sparse_logits_{rho_tag(rho)}", rho))
+        if args.padded_variant:
+            variants.append((f"sparse_padded_{rho_tag(rho)}", rho))
     if args.nokeep_variant:
         variants.append(("nokeep", None))
 
@@ -349,6 +354,8 @@ def run_cell(args, model, smodels: dict, backend: str, seq: int, mask_mode: str,
             return lambda: smodel(**kw).loss
         if name.startswith("sparse_logits"):
             return lambda: smodels["logits"](**kw, keep_mask=keep).loss
+        if name.startswith("sparse_padded"):
+            return lambda: smodels["padded"](**kw, keep_mask=keep).loss
         if name.startswith("sparse"):
             return lambda: smodel(**kw, keep_mask=keep).loss
         # oracle: gathered outside the timed region (the oracle is given its batch)
@@ -430,6 +437,9 @@ def run_cell(args, model, smodels: dict, backend: str, seq: int, mask_mode: str,
         ratios[f"sparse_{tag}/oracle_{tag}"] = med[f"sparse_{tag}"] / med[f"oracle_{tag}"]
         if args.logits_variant:
             ratios[f"sparse_logits_{tag}/oracle_{tag}"] = med[f"sparse_logits_{tag}"] / med[f"oracle_{tag}"]
+        if args.padded_variant:
+            ratios[f"sparse_padded_{tag}/oracle_{tag}"] = med[f"sparse_padded_{tag}"] / med[f"oracle_{tag}"]
+            ratios[f"sparse_{tag}/sparse_padded_{tag}"] = med[f"sparse_{tag}"] / med[f"sparse_padded_{tag}"]
         if peaks:
             ratios[f"mem sparse_{tag}/dense"] = peaks[f"sparse_{tag}"] / max(peaks["dense"], 1)
     if args.nokeep_variant:
@@ -463,6 +473,7 @@ def run_cell(args, model, smodels: dict, backend: str, seq: int, mask_mode: str,
         result["rewrite"] = {"branches_rewritten": smodel.regate_report.num_rewritten,
                              "refused": len(smodel.regate_report.refused), "regions": len(graph.regions),
                              "tail_on_kept": graph.tail_on_kept, "causal_masks": graph.causal_masks,
+                             "layouts": sorted({g.layout for g in smodel.regate_report.graphs if g.sparse}),
                              "gathered_inputs": list(graph.gathered_inputs or [])}
     if mixed:
         lengths = data["lengths"]
@@ -671,6 +682,8 @@ def parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory steps")
     ap.add_argument("--logits-variant", action="store_true", help="also time SparsifyConfig(return_logits=True)")
+    ap.add_argument("--padded-variant", action="store_true",
+                    help="also time SparsifyConfig(layout='padded') (the default 'auto' packs uneven steps)")
     ap.add_argument("--nokeep-variant", action="store_true", help="also time the sparsified model without keep_mask")
     ap.add_argument("--plain-use-cache", action="store_true",
                     help="dense and oracle call the model with its default use_cache instead of use_cache=False "
@@ -711,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.logits_variant:
                     smodels["logits"] = regate_fx.sparsify(  # in place: a copy (same weights) of its own
                         copy.deepcopy(model), regate_fx.SparsifyConfig(return_logits=True, progress=False),
+                        backend=backend)
+                if args.padded_variant:
+                    smodels["padded"] = regate_fx.sparsify(
+                        copy.deepcopy(model), regate_fx.SparsifyConfig(layout="padded", progress=False),
                         backend=backend)
                 for seq in args.seqs:
                     for mask_mode in masks:

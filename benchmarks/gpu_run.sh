@@ -19,7 +19,8 @@
 #                  B = 2, eager backend: dense vs sparse vs oracle at rho 0.4 and 1, with and
 #                  without an attention_mask; peak memory via torch.cuda.max_memory_allocated
 #   3. B           the same model, LLaVA-like mixed lengths (25-100% of T, image block + text),
-#                  B = 4, rho 0.4: padding waste of the (B, K) layout
+#                  B = 4, rho 0.4: the default layout ("auto": packed, varlen attention) against
+#                  layout="padded" and the oracle; padding waste of the (B, K) layout
 #   4. C           stage A with the inductor backend (rho 0.4), compiles included in its limit:
 #                  last, because its compile time is the least predictable. No attention_mask and
 #                  --plain-use-cache, so plain torch.compile's dense and oracle steps get SDPA's
@@ -32,6 +33,7 @@ TINY=0
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-345}   # the whole script; the lead's budget is about 6 minutes
+STAGES=${STAGES:-"preflight A B C"}   # a subset, e.g. STAGES="preflight B"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -56,6 +58,7 @@ log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LO
 stage() {
     local name=$1 cap=$2
     shift 2
+    case " $STAGES " in *" $name "*) ;; *) log "stage $name: not in STAGES"; return 0 ;; esac
     local left=$(( DEADLINE_S - ($(date +%s) - START) ))
     local limit=$(( cap < left ? cap : left ))
     if [ "$limit" -lt 60 ]; then
@@ -91,7 +94,7 @@ tail -n 5 "$OUT/preflight.txt" | tee -a "$LOG"
 
 BENCH=("$PY" benchmarks/bench_step.py "${MODEL[@]}" --seqs "$SEQ" --attn sdpa --out "$RES")
 stage A 120 "${BENCH[@]}" --backends eager --batch 2 --rhos 0.4 1 --attention-mask both "${ROUNDS[@]}"
-stage B 90 "${BENCH[@]}" --backends eager --batch 4 --rhos 0.4 --lengths mixed "${ROUNDS[@]}"
+stage B 120 "${BENCH[@]}" --backends eager --batch 4 --rhos 0.4 --lengths mixed --padded-variant "${ROUNDS[@]}"
 stage C 240 "${BENCH[@]}" --backends inductor --batch 2 --rhos 0.4 --attention-mask none --plain-use-cache "${ROUNDS[@]}"
 
 log "done in $(( $(date +%s) - START ))s; results: $RES ($(wc -l < "$RES" 2>/dev/null || echo 0) lines)"

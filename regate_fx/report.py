@@ -113,6 +113,9 @@ class GraphReport:
     """Attention masks proven causal on kept tokens: those SDPA calls use is_causal=True."""
     outside: list[OutsideRecord] = field(default_factory=list)
     """Token-mixing nodes outside every rewritten branch (each one is a refusal of the graph)."""
+    layout: str = "padded"
+    """How the kept tokens are laid out: ``"padded"`` (B, K) or ``"packed"`` (1, N), see
+    :class:`~regate_fx.SparsifyConfig`'s ``layout``."""
     reason: Reason | None = None
     detail: str = ""
 
@@ -131,6 +134,8 @@ class RewriteReport:
     """All graphs captured by one sparsified model, newest last. Renders as a rich table."""
 
     graphs: list[GraphReport] = field(default_factory=list)
+    packed_refused: str = ""
+    """Why this model's graph cannot use the packed layout (empty: it can, or it was not tried)."""
 
     @property
     def sparse_graph(self) -> GraphReport | None:
@@ -183,6 +188,8 @@ class RewriteReport:
             f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
             f"gathered side inputs: {len(g.gathered_inputs)}",
             f"attention masks proven causal on kept tokens (SDPA is_causal fast path): {g.causal_masks}",
+            f"kept layout: {g.layout}" + (f" (packed layout not possible: {self.packed_refused})"
+                                          if self.packed_refused else ""),
             "final norm / LM head / loss on kept tokens only: "
             + ("yes" if g.tail_on_kept else f"no ({g.tail_detail})"),
         ]

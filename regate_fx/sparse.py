@@ -18,14 +18,15 @@ from transformers.utils import ModelOutput
 
 from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes
 from regate_fx.errors import KeepMaskError, RewriteError
-from regate_fx.passes.backend import PlaceholderRoles, make_backend, resolve_backend
-from regate_fx.passes.kernels import kept_rows
+from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, make_backend, resolve_backend
+from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.report import RewriteReport
 
-__all__ = ["KeptLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
-           "kept_layout", "sparse_forward", "sparsify", "unsparsify"]
+__all__ = ["KeptLayout", "LAYOUTS", "PackedLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
+           "kept_layout", "packed_layout", "sparse_forward", "sparsify", "unsparsify"]
 
 IGNORE_INDEX = -100
+LAYOUTS = ("auto", "padded", "packed")
 
 
 @dataclass
@@ -57,6 +58,18 @@ class SparsifyConfig:
             ``"decoder"`` the decoder and LM head, on the inputs the model's own forward computes
             for them eagerly (vision tower, projector, feature merge, M-RoPE position ids);
             ``"auto"`` (default) picks ``"decoder"`` for multimodal models.
+        layout: how a sparse step lays out the kept tokens. ``"padded"``: (B, K), K the largest
+            kept count, shorter samples padded; ``"packed"``: every sample's kept tokens in one
+            row (1, N), N the total kept count, attention per sample (varlen flash attention on
+            CUDA in half precision, SDPA on a per-sample padded view otherwise), so projections,
+            MLPs and the LM head compute no padding; the graph must allow it (every attention
+            causal SDPA, side inputs (batch, tokens, ...)), else :class:`~regate_fx.RewriteError`
+            says why. ``"auto"`` (default): packed when the padded layout of a step would waste
+            at least ``packed_min_waste`` of its slots and the graph allows it (the reason it
+            does not is in ``model.regate_report``), padded otherwise. Each layout is its own
+            compiled graph, compiled at its first use.
+        packed_min_waste: the padding share (0-1) of the (B, K) layout above which ``"auto"``
+            packs a step.
     """
 
     strict: bool = True
@@ -66,10 +79,18 @@ class SparsifyConfig:
     progress: bool = True
     return_logits: bool | None = None
     capture: str = "auto"
+    layout: str = "auto"
+    packed_min_waste: float = 0.1
 
     def __post_init__(self):
         if self.capture not in CAPTURE_MODES:
             raise ValueError(f"SparsifyConfig.capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SparsifyConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.packed_min_waste, bool) or not isinstance(self.packed_min_waste, (int, float)) \
+                or not 0.0 <= self.packed_min_waste <= 1.0:
+            raise ValueError(f"SparsifyConfig.packed_min_waste must be a number in [0, 1], "
+                             f"got {self.packed_min_waste!r}")
         for name in ("strict", "fullgraph", "validate", "print_report", "return_logits", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "return_logits" and value is None):
@@ -115,6 +136,19 @@ class KeptLayout:
     valid: torch.Tensor  # (B, K) bool
 
 
+@dataclass
+class PackedLayout:
+    """Kept positions packed in one row; see `regate_fx.passes.kernels` (packed layout)."""
+
+    flat_idx: torch.Tensor  # (N,) long: b * T + t of every kept token, ascending
+    pad_idx: torch.Tensor  # (B, K) long: sample b's tokens as indices into N, padded with its last
+    pack_idx: torch.Tensor  # (N,) long: each token's slot in the flattened (B * K) padded view
+    cu_seqlens: torch.Tensor  # (B + 1,) int32: cumulative kept counts
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.flat_idx, self.pad_idx, self.pack_idx, self.cu_seqlens
+
+
 def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The predictions a sparse step counts in its loss: kept positions whose next label is supervised.
 
@@ -140,10 +174,50 @@ def kept_layout(keep: torch.Tensor) -> KeptLayout:
     return KeptLayout(gather_idx, scatter_idx, valid)
 
 
+def packed_layout(keep: torch.Tensor) -> PackedLayout:
+    """Build the packed kept layout of a bool keep mask (B, T); every row must keep >= 1 position."""
+    b, t = keep.shape
+    counts = keep.sum(1)  # (B,)
+    k = min(max(int(counts.max()), 2), t)  # K >= 2: never specialised by dynamo (as kept_layout)
+    flat_idx = keep.flatten().nonzero().squeeze(1)  # (N,)
+    ends = counts.cumsum(0)  # (B,)
+    offsets = ends - counts  # (B,) first packed index of each sample
+    slot = torch.arange(k, device=keep.device)  # (K,)
+    pad_idx = offsets[:, None] + torch.minimum(slot[None, :], (counts - 1)[:, None])  # (B, K)
+    sample = torch.repeat_interleave(torch.arange(b, device=keep.device), counts,
+                                     output_size=flat_idx.numel())  # (N,) sample of each packed token
+    pack_idx = sample * k + torch.arange(flat_idx.numel(), device=keep.device) - offsets[sample]  # (N,)
+    cu_seqlens = F.pad(ends, (1, 0)).to(torch.int32)  # (B + 1,)
+    return PackedLayout(flat_idx, pad_idx, pack_idx, cu_seqlens)
+
+
+def _packed_loss(kept_logits, packed, labels, inputs, return_logits):
+    """Logits / loss / token loss from the packed kept rows (N, V)."""
+    flat_idx = packed[0]
+    seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+    b, t, v = seq.size(0), seq.size(1), kept_logits.size(-1)
+    full_logits = None
+    if return_logits:  # (B, T, V), zero where pruned
+        full_logits = kept_logits.new_zeros(b * t, v).index_copy(0, flat_idx, kept_logits).view(b, t, v)
+    loss = token_loss = None
+    if labels is not None:
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[flat_idx]  # (N,) label of p+1
+        counted = target != IGNORE_INDEX
+        ce = F.cross_entropy(kept_logits.float(), target.clamp(min=0), reduction="none")  # (N,)
+        ce = torch.where(counted, ce, 0.0)
+        loss = ce.sum() / counted.sum().clamp(min=1)
+        token_loss = ce.new_zeros(b * t).index_copy(0, flat_idx, ce).view(b, t)  # (B, T)
+    return full_logits, loss, token_loss
+
+
 def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatter_idx, valid, labels,
-          return_logits: bool = True):
+          return_logits: bool = True, packed: tuple | None = None):
     """The function dynamo captures: the model's forward, then logits/loss at kept positions."""
     logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
+    if packed is not None:
+        # kept_rows_packed marks the output for the pass (as kept_rows below) and brings the
+        # packed layout into the graph.
+        return _packed_loss(kept_rows_packed(logits, *packed), packed, labels, inputs, return_logits)  # (N, V)
     if gather_idx is None:
         loss = token_loss = None
         if labels is not None:
@@ -176,6 +250,10 @@ def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, gather_idx, scatte
         loss = ce.sum() / counted.sum().clamp(min=1)
         token_loss = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).scatter(1, scatter_idx, ce)
     return full_logits, loss, token_loss
+
+
+class _PackedRefused(Exception):
+    """This graph cannot run on the packed layout (the backend's PackedRefused, unwrapped)."""
 
 
 _INSTANCES = itertools.count()
@@ -283,6 +361,58 @@ class SparseForward:
             Console().print(self.report)
             self._printed = True
 
+    def _wants_packed(self, keep: torch.Tensor) -> bool:
+        """Whether this step runs on the packed layout (see ``SparsifyConfig.layout``)."""
+        layout = self.config.layout
+        if layout == "padded" or keep.size(0) < 2 or (layout == "auto" and self.report.packed_refused):
+            return False
+        if layout == "packed":
+            return True
+        counts = keep.sum(1)
+        waste = 1.0 - float(counts.sum()) / (keep.size(0) * max(int(counts.max()), 2))  # of the (B, K) slots
+        return waste >= self.config.packed_min_waste
+
+    def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, packed: bool):
+        """One call of the compiled step on the padded or the packed kept layout."""
+        if packed:
+            layout = packed_layout(keep_mask)
+            args = (None, None, None)
+            dims = {layout.flat_idx: (0,), layout.pad_idx: (0, 1), layout.pack_idx: (0,), layout.cu_seqlens: (0,)}
+            roles = dict(zip(("flat_idx", "pad_idx", "pack_idx", "cu_seqlens"), layout.tensors()))
+        else:
+            layout = kept_layout(keep_mask)
+            args = (layout.gather_idx, layout.scatter_idx, layout.valid)
+            dims = {t: (0, 1) for t in args}
+            roles = dict(zip(("gather_idx", "scatter_idx", "valid"), args))
+        for t, ds in dims.items():
+            for d in ds:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        am = inputs.get("attention_mask")
+        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
+                        **roles)
+        try:
+            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status("sparse"), \
+                    _without_input_require_grads(getattr(self.original, "__self__", None)):
+                return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
+                                      self.config.wants_logits(labels is not None),
+                                      layout.tensors() if packed else None)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None) or e.__cause__
+            if isinstance(inner, PackedRefused):
+                raise _PackedRefused(str(inner)) from None
+            if isinstance(inner, (KeepMaskError, RewriteError)):
+                raise inner.with_traceback(None) from None
+            raise capture_error(e, self._capture.model, self._capture.mode) from e
+        except (KeepMaskError, RewriteError):
+            raise
+        except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
+            err = capture_error(e, self._capture.model, self._capture.mode)
+            if err is None:
+                raise
+            raise err from e
+        finally:
+            self._roles.set()
+
     @torch._dynamo.disable(reason=_NESTED_COMPILE)
     def _sparse(self, args: tuple, keep_mask: torch.Tensor, inputs: dict) -> ReGateOutput:
         if args:
@@ -299,7 +429,6 @@ class SparseForward:
         if self.config.validate:
             check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
         _check_no_inner_fsdp(model)
-        layout = kept_layout(keep_mask)
         if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
                 and model is not None and _accepts(model, "attention_mask"):
             # No padding and default positions: the same call as an all-ones padding mask. Without
@@ -313,33 +442,16 @@ class SparseForward:
             target = self.original  # the model's own forward, not this one (no recursion)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
-        for t in (layout.gather_idx, layout.scatter_idx, layout.valid):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        am = inputs.get("attention_mask")
-        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
-                        gather_idx=layout.gather_idx, scatter_idx=layout.scatter_idx, valid=layout.valid)
+        packed = self._wants_packed(keep_mask)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False), self._first_call_status("sparse"), \
-                    _without_input_require_grads(getattr(self.original, "__self__", None)):
-                logits, loss, token_loss = self._compiled(
-                    target, inputs, self._use_cache_kw,
-                    layout.gather_idx, layout.scatter_idx, layout.valid, labels,
-                    self.config.wants_logits(labels is not None))
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            inner = getattr(e, "inner_exception", None) or e.__cause__
-            if isinstance(inner, (KeepMaskError, RewriteError)):
-                raise inner.with_traceback(None) from None
-            raise capture_error(e, self._capture.model, self._capture.mode) from e
-        except (KeepMaskError, RewriteError):
-            raise
-        except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
-            err = capture_error(e, self._capture.model, self._capture.mode)
-            if err is None:
-                raise
-            raise err from e
-        finally:
-            self._roles.set()
+            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
+        except _PackedRefused as e:
+            self.report.packed_refused = str(e)
+            if self.config.layout == "packed":
+                raise RewriteError(f"regate_fx: SparsifyConfig(layout='packed') cannot be used with this model: "
+                                   f"{e}. Use layout='padded' (or 'auto', which falls back to it).",
+                                   report=self.report) from None
+            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, False)
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
 
 

@@ -74,3 +74,51 @@ def test_flash_attention_2_model_matches_oracle_or_is_refused_with_a_reason():
     ref_logits, _ = regate_fx.oracle(model, batch, keep)
     for b, ref in enumerate(ref_logits):
         assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}", atol=3e-2, rtol=3e-2)
+
+
+# --- the packed layout (SparsifyConfig(layout="packed")): varlen attention on CUDA ---------------
+
+def test_cuda_packed_varlen_attention_is_per_sample_causal():
+    """bf16 on CUDA takes a varlen kernel (flash-attn, else torch's varlen_attn); the reference is
+    causal softmax attention of each sample alone, in fp32."""
+    from regate_fx.passes.kernels import _varlen_kernel, packed_attention
+    from regate_fx.sparse import packed_layout
+
+    keep = torch.zeros(3, 40, dtype=torch.bool, device="cuda")
+    keep[0, :37] = True
+    keep[1, ::3] = True
+    keep[2, 5:9] = True
+    lay = packed_layout(keep)
+    n = int(keep.sum())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, n, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    assert _varlen_kernel(q) is not None, "no varlen kernel on this CUDA build"
+    got = packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens).float()
+    start = 0
+    for c in keep.sum(1).tolist():
+        qs, ks, vs = (x[0, :, start:start + c].float() for x in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        assert_close(got[0, :, start:start + c], ref, f"sample at {start}", atol=2e-2, rtol=2e-2)
+        start += c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_packed_matches_oracle(dtype):
+    """fp32: SDPA on the per-sample padded view, exact; bf16: the varlen kernel, to bf16 noise."""
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").to("cuda", dtype)
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="packed", return_logits=True),
+                                backend="eager")
+    batch, keep = _batch_and_keep(tm, 3, "right", dtype, seed=3, keep_seed=4)
+    if dtype == torch.float32:
+        check_against_oracle(smodel, model, batch, keep)
+    else:
+        out = smodel(**batch, keep_mask=keep)
+        ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
+        for b, ref in enumerate(ref_logits):
+            assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}",
+                         atol=3e-2, rtol=3e-2)
+        assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=3e-2, rtol=3e-2)
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert smodel.regate_report.sparse_graph.layout == "packed"

@@ -77,7 +77,9 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     """A (B, 1, T, T) bool mask built from index tensors, the way transformers' sdpa_mask does.
 
     kind: 'causal_padding' (provably causal on kept tokens), 'window' (also q - kv < 3), 'foreign'
-    (also a key mask that is not the padding mask), 'shifted' (kv <= q + 1: not causal).
+    (also a key mask that is not the padding mask), 'shifted' (kv <= q + 1: not causal),
+    'broadcast_key' (the padding placed as keys by slicing, `am.bool()[:, None, None, :]`: proven),
+    'broadcast_query' (the padding placed as *queries*, `[:, None, :, None]`: not "key is real").
     """
     b = attention_mask.shape[0]
     q = torch.arange(t)[None, None, :, None]
@@ -86,6 +88,9 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     if kind == "shifted":
         kv = (torch.arange(t) - 1)[None, None, None, :]  # each query also sees the next key
         key = kv.clamp(min=0)
+    if kind.startswith("broadcast"):
+        placed = (slice(None), None, None, slice(None)) if kind == "broadcast_key" else (slice(None), None, slice(None), None)
+        return (kv <= q) & attention_mask.bool()[placed]
     mask = (kv <= q) & attention_mask.to(torch.bool)[torch.arange(b)[:, None, None, None], key]
     if kind == "window":
         mask = mask & (q - kv < 3)

@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, node_value, op_name, param_path,
                                     sdpa_arg)
-from regate_fx.passes.kernels import kept_rows
+from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import classify, higher_order_detail
 from regate_fx.report import BranchKind, Reason
@@ -500,7 +500,7 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
     and nothing in between is used elsewhere. Returns (tail, "") or (None, why not).
     """
     sym = analysis.sym
-    takes = [n for n in graph.nodes if n.op == "call_function" and n.target is kept_rows]
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]
     if len(takes) != 1:
         return None, "the model's output is not read at kept rows once (no kept_rows marker)"
     take = takes[0]

@@ -13,10 +13,11 @@ from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
 from regate_fx.passes.checkpoint import CheckpointError, carry_recompute_tags, inline_activation_checkpoints
 from regate_fx.passes.graph import node_value
-from regate_fx.passes.rewrite import KeptInputs, rewrite
+from regate_fx.passes.packed import packed_problem
+from regate_fx.passes.rewrite import KeptInputs, PackedInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
 
-__all__ = ["PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
+__all__ = ["PackedRefused", "PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
 
 # The rewritten graph, through torch's logging: TORCH_LOGS="+regate_fx" (or
 # torch._logging.set_logs(modules={"regate_fx": logging.DEBUG})) prints it with the report.
@@ -24,8 +25,17 @@ log = logging.getLogger(__name__)
 
 # What fired, for tests and debugging: torch's own counters, under "regate_fx"
 # (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals,
-# checkpoints_inlined).
+# checkpoints_inlined, packed_refused).
 counters = torch._dynamo.utils.counters["regate_fx"]
+
+
+class PackedRefused(Exception):
+    """The graph cannot run on the packed layout (the message says why); `sparsify` falls back
+    to the padded layout, or raises for ``SparsifyConfig(layout="packed")``."""
+
+
+_PADDED_ROLES = ("gather_idx", "scatter_idx", "valid")
+_PACKED_ROLES = ("flat_idx", "pad_idx", "pack_idx", "cu_seqlens")
 
 
 class PlaceholderRoles:
@@ -76,7 +86,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         counters["graphs"] += 1
         found = _find_roles(gm, example_inputs, roles)
         name = f"graph_{len(report.graphs)}"
-        if "gather_idx" not in found:  # a dense call (keep_mask=None): nothing to rewrite
+        packed = "flat_idx" in found
+        if "gather_idx" not in found and not packed:  # a dense call (keep_mask=None): nothing to rewrite
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
         counters["sparse_graphs"] += 1
@@ -88,8 +99,14 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
-        layout = [found[k] for k in ("gather_idx", "scatter_idx", "valid") if k in found]
+        layout = [found[k] for k in (*_PADDED_ROLES, *_PACKED_ROLES) if k in found]
         analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)
+        why = packed_problem(analysis) if packed and analysis.regions else None
+        if why:  # nothing reported or counted: the padded layout's capture reports this graph
+            counters["graphs"] -= 1
+            counters["sparse_graphs"] -= 1
+            counters["packed_refused"] += 1
+            raise PackedRefused(why)
         g = GraphReport(name, sparse=True, branches=_records(analysis), reason=analysis.reason,
                         detail=analysis.detail,
                         regions=[(r.first, r.last) for r in analysis.regions],
@@ -121,8 +138,12 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
                 raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.",
                                    report=report)
             warnings.warn(msg, stacklevel=2)
+        if packed:
+            g.layout = "packed"
+        kept = PackedInputs(*(found[k] for k in _PACKED_ROLES)) if packed else \
+            KeptInputs(*(found[k] for k in _PADDED_ROLES))
         with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
-            g.gathered_inputs = rewrite(gm, analysis, KeptInputs(found["gather_idx"], found["scatter_idx"], found["valid"]))
+            g.gathered_inputs = rewrite(gm, analysis, kept)
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)

@@ -41,7 +41,8 @@ def op_name(node: fx.Node) -> str:
     return node.op
 
 
-_SDPA_POSITIONS = {"query": 0, "key": 1, "value": 2, "attn_mask": 3, "dropout_p": 4, "is_causal": 5}
+_SDPA_POSITIONS = {"query": 0, "key": 1, "value": 2, "attn_mask": 3, "dropout_p": 4, "is_causal": 5, "scale": 6,
+                   "enable_gqa": 7}
 
 
 def is_sdpa(node: fx.Node) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_tokens", "kept_rows", "mask_keys_scores", "mask_keys_weights", "scatter_tokens", "sdpa_key_mask"]
+__all__ = ["gather_tokens", "kept_rows", "kept_rows_packed", "mask_keys_scores", "mask_keys_weights", "pack_tokens",
+           "packed_attention", "scatter_tokens", "sdpa_key_mask", "unpack_tokens"]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -59,3 +60,107 @@ def mask_keys_weights(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 def kept_rows(x: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
     """Rows of a (B, T, ...) model output at the kept positions: (B, K, ...)."""
     return gather_tokens(x, gather_idx, (1,))
+
+
+# --- the packed layout ------------------------------------------------------------------------
+# Kept tokens of every sample in one row, sample after sample (see `regate_fx.sparse.PackedLayout`):
+#
+#     flat_idx   (N,)    flat position b * T + t of every kept token, ascending
+#     pad_idx    (B, K)  for attention: sample b's kept tokens as indices into N, then padding
+#                        slots repeating its last kept token (causal: no real query sees them)
+#     pack_idx   (N,)    where each packed token sits in the flattened (B * K) padded layout
+#     cu_seqlens (B + 1,) int32 cumulative kept counts (varlen attention)
+
+
+def pack_tokens(x: torch.Tensor, flat_idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Rows of a (B|1, ..., T, ...) value (token axis `dim`) at the kept tokens, packed: (1, ..., N, ...)."""
+    x = x.movedim(dim, 1)  # (B|1, T, ...)
+    if x.size(0) != 1:
+        out = x.flatten(0, 1)[flat_idx]  # (B*T, ...) -> (N, ...)
+    else:
+        out = x[0][flat_idx % x.size(1)]  # shared over the batch: index by position  # (N, ...)
+    return out.unsqueeze(0).movedim(1, dim)  # (1, ..., N, ...)
+
+
+def unpack_tokens(base: torch.Tensor, kept: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+    """Write packed `kept` (1, N, D) back into `base` (B, T, D) at the kept tokens."""
+    flat = base.flatten(0, 1)  # (B*T, D)
+    return flat.index_copy(0, flat_idx, kept[0].to(base.dtype)).view_as(base)  # (B, T, D)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: torch.Tensor,
+                     pack_idx: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention of every sample's kept tokens among themselves; q, k, v (1, H, N, d).
+
+    CUDA with half precision: a varlen kernel on the packed tokens (flash-attn's
+    `flash_attn_varlen_func` when installed, else torch's `varlen_attn`). Otherwise the tokens are
+    laid out padded per sample, (B, H, K, d), for SDPA's causal kernel, and packed back.
+    """
+    varlen = _varlen_kernel(q)
+    if varlen is not None:
+        return varlen(q, k, v, cu_seqlens, pad_idx.size(1), scale, enable_gqa)
+    b, kk = pad_idx.shape
+    flat = pad_idx.flatten()  # (B*K,)
+
+    def padded(x):  # (1, H, N, d) -> (B, H, K, d)
+        return x[0][:, flat].unflatten(1, (b, kk)).transpose(0, 1)
+
+    o = torch.nn.functional.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), is_causal=True, scale=scale, enable_gqa=enable_gqa)  # (B, H, K, d)
+    return o.transpose(0, 1).flatten(1, 2)[:, pack_idx].unsqueeze(0)  # (1, H, N, d)
+
+
+def _varlen_kernel(q: torch.Tensor):
+    """The varlen attention this device and dtype can run, or None (SDPA on the padded layout)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.size(-1) > 256:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+        return _flash_attn_varlen
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return None
+    return _torch_varlen
+
+
+def _flash_attn_varlen(q, k, v, cu, max_len, scale, enable_gqa):
+    from flash_attn import flash_attn_varlen_func
+
+    nhd = [x[0].transpose(0, 1) for x in (q, k, v)]  # (N, H, d)
+    o = flash_attn_varlen_func(*nhd, cu, cu, max_len, max_len, causal=True, softmax_scale=scale)  # (N, H, d)
+    return o.transpose(0, 1).unsqueeze(0)  # (1, H, N, d)
+
+
+def _torch_varlen(q, k, v, cu, max_len, scale, enable_gqa):
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if k.size(1) != q.size(1) and "enable_gqa" not in params:  # older torch: repeat the kv heads
+        k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
+    kw = {"scale": scale}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)  # causal
+        if k.size(1) != q.size(1):
+            kw["enable_gqa"] = True
+    else:
+        kw["is_causal"] = True
+    nhd = [x[0].transpose(0, 1) for x in (q, k, v)]  # (N, H, d)
+    o = varlen_attn(*nhd, cu, cu, max_len, max_len, **kw)  # (N, H, d)
+    return o.transpose(0, 1).unsqueeze(0)  # (1, H, N, d)
+
+
+@torch._dynamo.allow_in_graph
+def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Tensor, pack_idx: torch.Tensor,
+                     cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B, T, ...) model output at the kept tokens, packed: (N, ...).
+
+    The marker of the packed layout; its other arguments bring the layout into the graph.
+    """
+    return x.flatten(0, 1)[flat_idx]  # (N, ...)

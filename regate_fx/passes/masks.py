@@ -7,6 +7,8 @@ every Llama/Qwen/Mistral-style model builds a full (B, 1, T, T) boolean mask fro
     q_idx  = arange(T)[None, None, :, None]        kv_idx = arange(T)[None, None, None, :]
     mask   = ones & (kv_idx <= q_idx) & attention_mask.bool()[arange(B)[:, None, None, None], kv_idx]
 
+(hand-written decoders often write the last term `attention_mask.bool()[:, None, None, :]`.)
+
 On the kept layout that mask is exactly causal: kept tokens are real (keep_mask never keeps padding,
 `check_keep_mask`), they keep their order, and the layout's padding slots come after every real
 slot. This module evaluates the mask's subgraph over a tiny abstract domain (index tensors along
@@ -30,6 +32,7 @@ from regate_fx.passes.graph import TokenSymbols, node_value
 __all__ = ["is_causal_key_padding_mask"]
 
 CAUSAL, KEY_REAL = "causal", "key_real"
+_KEY_PLACEMENT = (slice(None, None, None), None, None, slice(None, None, None))  # [:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ def _eval(node: fx.Node, sym: TokenSymbols, padding: fx.Node | None, memo: dict)
         src, index = ev(args[0]), args[1]
         if isinstance(src, _Index):
             out = _placed(src, index)
+        elif isinstance(src, _Padding) and src.as_bool and index == _KEY_PLACEMENT:
+            out = _Bool(frozenset({KEY_REAL}))  # attention_mask.bool()[:, None, None, :]: (B, 1, 1, T)
         elif isinstance(src, _Padding) and src.as_bool and isinstance(index, tuple) and len(index) == 2:
             b, kv = ev(index[0]), ev(index[1])
             rows_ok = isinstance(b, _Index) and (sym.is_batch(b.size) or b.size == src.rows)  # row b: sample b
@@ -122,6 +127,12 @@ def _eval(node: fx.Node, sym: TokenSymbols, padding: fx.Node | None, memo: dict)
         src = ev(args[0])
         if isinstance(src, _Padding):  # attention_mask.to(torch.bool): nonzero = real token
             out = _Padding(src.as_bool or torch.bool in (*args[1:], *node.kwargs.values()), src.rows)
+        elif isinstance(src, _Bool):
+            out = src
+    elif node.op == "call_method" and target == "bool" and len(args) == 1:
+        src = ev(args[0])
+        if isinstance(src, _Padding):  # attention_mask.bool(): nonzero = real token
+            out = _Padding(True, src.rows)
         elif isinstance(src, _Bool):
             out = src
     elif node.op == "call_method" and target == "expand":

@@ -157,9 +157,10 @@ def assert_structured_refusal(err: Exception) -> None:
         f"{type(err).__name__} without a structured reason: {err}")
 
 
-def new_sparse(model):
+def new_sparse(model, layout: str = "auto"):
     """A fresh sparsified model: strict, eager backend, no spinner."""
-    return sparsify(model, SparsifyConfig(strict=True, progress=False, return_logits=True), backend="eager")
+    return sparsify(model, SparsifyConfig(strict=True, progress=False, return_logits=True, layout=layout),
+                    backend="eager")
 
 
 def sparse_step(smodel, model, batch: dict, keep: torch.Tensor):
@@ -206,7 +207,8 @@ def assert_pruned_ids_ignored(smodel, batch: dict, keep: torch.Tensor, out, voca
 
 
 def check_refused_or_exact(model, batch: dict, keep: torch.Tensor, vocab: int, *, reference=oracle,
-                           invariance: bool = True, then_keep_all: bool = False, **extra) -> str:
+                           invariance: bool = True, then_keep_all: bool = False, layout: str = "auto",
+                           **extra) -> str:
     """The fuzzer's property: refused with a structured reason, or exact against `reference`
     (logits, loss, every gradient) and blind to the ids of pruned tokens.
 
@@ -219,15 +221,17 @@ def check_refused_or_exact(model, batch: dict, keep: torch.Tensor, vocab: int, *
         invariance: also check that pruned token ids do not reach kept logits.
         then_keep_all: afterwards, run the same sparse model with every real token kept and check
             it against the unsparsified model (a second step on the same compiled graph).
+        layout: ``SparsifyConfig.layout`` (``"auto"`` packs steps with uneven kept counts).
         **extra: more keyword inputs for every model call.
 
     Returns:
-        ``"refused"`` or ``"exact"``.
+        ``"refused"``, or ``"exact"`` plus the layout of the first step (``"exact, packed"``).
     """
-    smodel = new_sparse(model)
+    smodel = new_sparse(model, layout)
     got = sparse_step(smodel, model, batch, keep)
     if got is None:
         return "refused"
+    result = f"exact, {smodel.regate_report.sparse_graph.layout}"
     out, g_sparse = got
     if invariance:  # first: a leak of pruned tokens is the clearest diagnosis
         assert_pruned_ids_ignored(smodel, batch, keep, out, vocab)
@@ -241,4 +245,4 @@ def check_refused_or_exact(model, batch: dict, keep: torch.Tensor, vocab: int, *
             return "refused"
         assert_same(got[0], real, got[1], *reference_step(dense_reference, model, batch, real, **extra),
                     "second step, every real token kept, vs unsparsified model")
-    return "exact"
+    return result

@@ -187,7 +187,7 @@ def test_refusal_without_a_reason_is_not_accepted():
 def test_plain_decoders_are_rewritten_and_exact(spec):
     """Token-wise decoders in the fuzzer's space are not just refused: they run sparse, exactly."""
     model, (batch, keep) = FuzzLM(spec), make_batch(BatchSpec(3, 9, "right", (9, 5, 2), rho=0.5, seed=1), VOCAB)
-    assert check_refused_or_exact(model, batch, keep, VOCAB) == "exact"
+    assert check_refused_or_exact(model, batch, keep, VOCAB).startswith("exact")
 
 
 def test_mixer_in_fuzz_space_is_refused():

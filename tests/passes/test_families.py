@@ -21,7 +21,10 @@ def pair(request):
     # return_logits=True: logits come with the loss, one graph per call shape. (The default config
     # needs a second graph for calls without labels, and LLaVA specialises on the batch size: 4
     # batch sizes x 2 graphs would reach dynamo's recompile limit. The default is tested below.)
-    return tm, model, regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")
+    # layout="padded": this matrix pins the (B, K) layout; tests/passes/test_packed.py runs the
+    # packed one on every family that allows it (the default "auto" picks per step).
+    return tm, model, regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True, layout="padded"),
+                                         backend="eager")
 
 
 def test_keep_all_reproduces_unsparsified_model(pair):

@@ -30,7 +30,7 @@ def test_transformers_masks_are_proven_causal_and_exact(name, pad):
     tm = BY_NAME[name]
     model = tm("sdpa")
     calls: list = []
-    smodel = regate_fx.sparsify(model, backend=_sdpa_calls(calls))
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="padded"), backend=_sdpa_calls(calls))
     batch = make_batch(tm, 3, 14, pad=pad, seed=5)
     check_against_oracle(smodel, model, batch, random_keep(batch, 0.5, seed=6))
     graph = smodel.regate_report.sparse_graph
@@ -66,7 +66,7 @@ def _toy_oracle(model, ids, am, keep):
 
 
 @pytest.mark.parametrize("kind,proven", [("causal_padding", True), ("window", False), ("foreign", False),
-                                         ("shifted", False)])
+                                         ("shifted", False), ("broadcast_key", True), ("broadcast_query", False)])
 def test_only_provably_causal_masks_take_the_fast_path(kind, proven):
     model = ToyLM(mask=kind).eval()
     smodel = regate_fx.sparsify(model, backend="eager")
@@ -97,7 +97,7 @@ def test_a_call_without_attention_mask_takes_the_causal_fast_path(name):
     keep = random_keep(batch, 0.5, seed=3)
     del batch["attention_mask"]
     calls: list = []
-    smodel = regate_fx.sparsify(model, backend=_sdpa_calls(calls))
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="padded"), backend=_sdpa_calls(calls))
     check_against_oracle(smodel, model, batch, keep)
     assert smodel.regate_report.sparse_graph.causal_masks == 1
     # every SDPA call gets no mask; the decoder's (2 layers, in the loss step and in the logits call

@@ -30,7 +30,7 @@ def test_lm_head_runs_on_kept_rows_only(name, return_logits):
     tm = BY_NAME[name]
     model = tm("sdpa")
     shapes: list = []
-    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=return_logits),
+    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=return_logits, layout="padded"),
                                 backend=_recording_backend(shapes))
     batch = make_batch(tm, 2, 16, pad="left", seed=4)
     keep = random_keep(batch, 0.4, seed=3)
@@ -47,6 +47,21 @@ def test_lm_head_runs_on_kept_rows_only(name, return_logits):
     assert (out.logits is None) is (not return_logits)
     assert out.loss is not None and out.token_loss is not None
     assert "final norm / LM head / loss on kept tokens only: yes" in str(smodel.regate_report)
+
+
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_packed_lm_head_runs_on_the_packed_rows_only(name):
+    """Packed layout: every vocab-sized value is (1, N, V); no (B, T, V) or (B, K, V) product."""
+    tm = BY_NAME[name]
+    model = tm("sdpa")
+    shapes: list = []
+    smodel = regate_fx.sparsify(model, SparsifyConfig(layout="packed"), backend=_recording_backend(shapes))
+    batch = make_batch(tm, 3, 16, pad="right", seed=4)
+    keep = random_keep(batch, 0.4, seed=3)
+    out = smodel(**batch, keep_mask=keep)
+    assert smodel.regate_report.sparse_graph.layout == "packed" and smodel.regate_report.sparse_graph.tail_on_kept
+    assert shapes and all(s[2] == (1, int(keep.sum()), VOCAB) for s in shapes), shapes
+    assert out.logits is None and out.loss is not None
 
 
 def test_return_logits_false_gives_the_same_loss_and_grads():
