@@ -140,5 +140,6 @@ def test_image_layout_does_not_recompile_the_decoder():
                                   [["image"], ["image", "video"], ["video"], ["image"]]]):  # B >= 2: 1 specialises
         batch = make_mm_batch(fam, model, items, seed=seed + 2)
         smodel(**model_inputs(batch), keep_mask=keep_visual(batch, 0.4, seed=seed)).loss.backward()
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert sum(g.sparse for g in smodel.regate_report.graphs) == 1
+    layouts = [g.layout for g in smodel.regate_report.graphs if g.sparse]
+    assert len(layouts) == len(set(layouts)), layouts  # "auto": each layout compiled once, at its first use
+    assert counters["stats"]["unique_graphs"] - graphs == len(layouts) - 1
