@@ -23,7 +23,7 @@ from tests.fuzz.check import (BatchSpec, assert_pruned_ids_ignored, assert_same,
 from regate_fx import RewriteError
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-FAST = settings(max_examples=200, deadline=None, suppress_health_check=_HEALTH)
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=_HEALTH)
 FAST_SMALL = settings(max_examples=15, deadline=None, suppress_health_check=_HEALTH)
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=_HEALTH)
 

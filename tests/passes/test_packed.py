@@ -96,9 +96,12 @@ def test_pack_unpack(keep, shared):
 # --- whole models: exact against the oracle ------------------------------------------------------
 
 # Every family whose attention is causal SDPA on the kept tokens (eager attention, sliding windows
-# and GPT-2's own mask stay padded: test_auto_falls_back_to_padded).
-PACKABLE = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi", "gpt_neox", "opt", "falcon", "gpt_j",
-            "cohere", "llava", "bert_decoder"]
+# and GPT-2's own mask stay padded: test_auto_falls_back_to_padded). One of each structure by
+# default (GQA + RoPE, head_dim != hidden / heads, partial rotary, parallel residual, flattened
+# stream + learned positions, post-norm, the MLLM); the rest under the slow mark.
+_SLOW = pytest.mark.slow
+PACKABLE = ["llama", "qwen3", "phi", "gpt_neox", "opt", "bert_decoder", "llava",
+            *(pytest.param(n, marks=_SLOW) for n in ("qwen2", "mistral", "gemma", "falcon", "gpt_j", "cohere"))]
 
 
 def _packed(name: str, layout: str = "packed", attn: str = "sdpa", backend: str = "eager"):

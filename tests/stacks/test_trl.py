@@ -42,7 +42,11 @@ def sft(kind: str, out, *, cache_dir=None, **kw):
     return t, cap
 
 
-@pytest.mark.parametrize("kind", ["llama", "llava"])
+# LLaVA under TRL runs under the slow mark (CI time); tests/stacks/test_trainer.py runs it under Trainer.
+KINDS = ["llama", pytest.param("llava", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_sft_gradient_accumulation_equals_one_double_batch(kind, tmp_path):
     ga, cap_ga = sft(kind, tmp_path / "ga", cache_dir=tmp_path / "cache", gradient_accumulation_steps=2)
     ga.train()
@@ -54,7 +58,7 @@ def test_sft_gradient_accumulation_equals_one_double_batch(kind, tmp_path):
     assert ga.regate.tokens_processed == big.regate.tokens_processed < big.regate.tokens_dense
 
 
-@pytest.mark.parametrize("kind", ["llama", "llava"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_sft_resume_equals_the_uninterrupted_run(kind, tmp_path):
     full, _ = sft(kind, tmp_path / "full", cache_dir=tmp_path / "cache", max_steps=4)
     full.train()
