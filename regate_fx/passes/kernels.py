@@ -2,14 +2,24 @@
 
 `kept_rows` is also a marker: `sparsify`'s step function calls it on the model's output (the
 logits), dynamo keeps it as one node (`allow_in_graph`), and the pass recognises it to run the
-tail of the model (final norm, LM head) on kept positions only.
+tail of the model (final norm, LM head) on kept positions only. The rewrite never leaves it in a
+graph.
+
+AOTAutograd's cache accepts a call to a Python function only when the node is marked as a wrapped
+function with a cache hash (`mark_cacheable`): the hash of this file's source and the package
+version, so an edited kernel never reuses a stale compiled graph.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+import hashlib
 
-__all__ = ["gather_tokens", "kept_rows", "mask_keys_scores", "mask_keys_weights", "scatter_tokens", "sdpa_key_mask"]
+import torch
+import torch.fx as fx
+
+__all__ = ["KERNELS", "gather_tokens", "kept_rows", "mark_cacheable", "mask_keys_scores", "mask_keys_weights",
+           "scatter_tokens", "sdpa_key_mask"]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -59,3 +69,22 @@ def mask_keys_weights(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 def kept_rows(x: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
     """Rows of a (B, T, ...) model output at the kept positions: (B, K, ...)."""
     return gather_tokens(x, gather_idx, (1,))
+
+
+KERNELS = frozenset({gather_tokens, scatter_tokens, sdpa_key_mask, mask_keys_scores, mask_keys_weights})
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    from regate_fx import __version__
+
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read() + __version__.encode()).hexdigest()[:32]
+
+
+def mark_cacheable(node: fx.Node) -> None:
+    """Mark a call to one of `KERNELS` as a wrapped function with a cache hash, the form
+    AOTAutograd's cache accepts (``autograd_cache.check_node_safe``); aot_autograd still traces
+    through it, so inductor fuses the kernel's ops with their neighbours."""
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = f"regate_fx.kernels.{node.target.__name__}.{_source_hash()}"

@@ -25,8 +25,10 @@ import torch
 import torch.fx as fx
 
 from regate_fx.passes.analyse import Analysis, Region, Tail
-from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg
-from regate_fx.passes.kernels import gather_tokens, mask_keys_scores, mask_keys_weights, scatter_tokens, sdpa_key_mask
+from regate_fx.passes.graph import (TokenSymbols, fill_values, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg,
+                                    value_free_meta)
+from regate_fx.passes.kernels import (KERNELS, gather_tokens, kept_rows, mark_cacheable, mask_keys_scores,
+                                      mask_keys_weights, scatter_tokens, sdpa_key_mask)
 from regate_fx.passes.ops import classify
 
 __all__ = ["KeptInputs", "rewrite"]
@@ -72,6 +74,7 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs) -> list[st
     # Masks replaced by is_causal=True: drop their gathers and the full (B, 1, T, T) construction.
     unused = [g for g in gathered.values() if not g.users]
     _erase_unused(graph, unused)
+    _finish(graph, kept)
     gm.recompile()
     return [a.name for a, g in gathered.items() if g not in unused]
 
@@ -101,7 +104,7 @@ class _Replay:
             return self.k_node
         with self.graph.inserting_before(before):
             new = self.graph.node_copy(a, lambda x: self.lookup(x, before, env))
-        new.meta = {}
+        new.meta = value_free_meta(a.meta)
         return new
 
     def run(self, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
@@ -110,7 +113,7 @@ class _Replay:
         for n in nodes:
             with graph.inserting_after(n):
                 new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
-            new.meta = {}
+            new.meta = value_free_meta(n.meta)  # values recorded for T, not K: refilled at the end
             env[n] = new
             if is_sdpa(n) and sdpa_arg(n, "attn_mask") in self.causal_masks:
                 set_sdpa_arg(new, "attn_mask", None)  # proven "causal AND key is real": masks.py
@@ -129,6 +132,17 @@ class _Replay:
                     with graph.inserting_before(new):
                         masked = graph.call_function(mask_keys_weights, (new.args[0], valid))  # (B, ..., K, K)
                     new.update_arg(0, masked)
+
+
+def _finish(graph: fx.Graph, kept: KeptInputs) -> None:
+    """Leave a graph AOTAutograd can cache: no `kept_rows` marker, a fake value on every node,
+    kernel calls marked with their cache hash."""
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target is kept_rows]:
+        n.target, n.args, n.kwargs = gather_tokens, (n.args[0], kept.gather_idx, (1,)), {}  # tail left dense
+    fill_values(graph)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in KERNELS:
+            mark_cacheable(n)
 
 
 def _erase_unused(graph: fx.Graph, replaced) -> None:
