@@ -604,6 +604,12 @@ def probe(args) -> dict:
     }
 
 
+def _aot_cache_state(r: dict) -> str:
+    """'hit', 'miss' or 'bypass' from AOTAutograd's cache counters ('' for the eager backend)."""
+    c = r.get("aot_autograd_cache", {})
+    return next((k for k in ("bypass", "miss", "hit") if c.get(f"autograd_cache_{k}")), "")
+
+
 def compile_time(args, console: Console) -> list[dict]:
     """Cold then warm cache, each in a fresh process, for plain torch.compile and for sparsify."""
     results = []
@@ -629,18 +635,19 @@ def compile_time(args, console: Console) -> list[dict]:
                             continue
                         results.append(json.loads(line))
     table = Table(title="first step (fresh process): capture, pass, inner compile")
-    for col in ("backend", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
-                "lazy bwd s", "second step s", "x plain compile"):
+    for col in ("backend", "layers", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
+                "lazy bwd s", "second step s", "aot cache", "x plain compile"):
         table.add_column(col, justify="left" if col in ("backend", "variant", "cache") else "right")
     by = {(r["backend"], r["variant"], r["cache"]): r for r in results}
     for r in results:
         plain = by.get((r["backend"], "dense", r["cache"]))
         bd = r["breakdown_s"]
-        table.add_row(r["backend"], r["variant"], r["cache"], f"{r['first_step_s']:.2f}",
+        table.add_row(r["backend"], str(r["model"].get("layers", "")), r["variant"], r["cache"],
+                      f"{r['first_step_s']:.2f}",
                       f"{bd['capture (bytecode_tracing)']:.2f}", f"{bd['regate pass']:.2f}",
                       f"{bd['inner compile (backend call)']:.2f}",
                       f"{bd['first backward beyond a steady one (lazy backward compile)']:.2f}",
-                      f"{r['second_step_s']:.3f}",
+                      f"{r['second_step_s']:.3f}", _aot_cache_state(r),
                       f"{r['first_step_s'] / plain['first_step_s']:.2f}" if plain else "")
     console.print(table)
     return results
