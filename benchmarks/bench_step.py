@@ -556,8 +556,8 @@ def probe(args) -> dict:
     am = torch.ones(b, t, dtype=torch.long, device=device)
     target = F.pad(ids[:, 1:], (0, 1), value=IGNORE)
     timed = TimedBackend(backend)
-    if variant == "dense":
-        fn = compiled_plain(backend, dynamic=False, inner=timed)
+    if variant in ("dense", "dense_dynamic"):  # torch.compile(dynamic=False) / (dynamic=True)
+        fn = compiled_plain(backend, dynamic=variant == "dense_dynamic", inner=timed)
         step = lambda keep: fn(model, ids, am, None, target)  # noqa: E731
     else:
         smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=timed)
@@ -620,7 +620,7 @@ def compile_time(args, console: Console) -> list[dict]:
             base += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     for backend in args.backends:
         for seq in args.seqs[:1]:
-            for variant in ("dense", "sparse"):
+            for variant in args.compile_variants:
                 with tempfile.TemporaryDirectory(prefix="regate-bench-cache-") as cache:
                     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                                TRITON_CACHE_DIR=os.path.join(cache, "triton"))
@@ -684,10 +684,14 @@ def parse(argv):
                          "(the oracle then without a mask): under torch.compile their SDPA gets is_causal=True")
     ap.add_argument("--compile-time", action="store_true",
                     help="only measure the first step, cold and warm cache, in fresh processes")
+    ap.add_argument("--compile-variants", nargs="+", default=["dense", "sparse"],
+                    choices=["dense", "dense_dynamic", "sparse"],
+                    help="--compile-time: dense_dynamic is plain torch.compile(dynamic=True), every axis "
+                         "symbolic from the first call as in the sparse graph")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed round, wait up to this many seconds for the CPUs to be >= 90%% idle")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
-    ap.add_argument("--probe", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=["dense", "dense_dynamic", "sparse"], help=argparse.SUPPRESS)
     ap.add_argument("--cache-label", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if any(not 0.0 < r <= 1.0 for r in args.rhos):
