@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -54,8 +55,10 @@ def fill_values(graph: fx.Graph) -> int:
     if mode is None:
         return 0
     grad = torch.is_grad_enabled()
+    # As while dynamo traces: a user's saved-tensor hooks (active around the first call) never see fakes.
+    no_hooks = getattr(torch._dynamo.utils, "_disable_saved_tensors_hooks_during_tracing", contextlib.nullcontext)
     try:
-        with mode:
+        with mode, no_hooks():
             for n in todo:
                 if n.target in _GLOBAL_STATE:  # not run here: no tensor value, and it would change our state
                     n.meta["example_value"] = None

@@ -120,3 +120,18 @@ def test_a_second_process_reuses_the_compiled_sparse_graph(tmp_path):
     assert warm["aot"].get("autograd_cache_hit") == 1, warm
     assert not warm["aot"].get("autograd_cache_miss") and not warm["aot"].get("autograd_cache_bypass"), warm
     assert not warm["inductor"].get("fxgraph_cache_miss"), warm
+
+
+def test_filling_values_leaves_saved_tensor_hooks_alone():
+    # The values are computed with fake tensors while a user's saved-tensor hooks may be active (a
+    # memory probe around the first call): the hooks must see real tensors only.
+    import torch
+
+    tm = BY_NAME["llama"]
+    smodel = regate_fx.sparsify(tm("sdpa"), regate_fx.SparsifyConfig(progress=False),
+                                backend=lambda gm, example_inputs: gm.forward)  # a callable: values filled
+    batch = make_batch(tm, 2, 12, seed=4)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(type(t)) or t, lambda t: t):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3))
+    assert seen and all(t is torch.Tensor or t is torch.nn.Parameter for t in seen), set(seen)
