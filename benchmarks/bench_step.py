@@ -560,7 +560,9 @@ def probe(args) -> dict:
         fn = compiled_plain(backend, dynamic=variant == "dense_dynamic", inner=timed)
         step = lambda keep: fn(model, ids, am, None, target)  # noqa: E731
     else:
-        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=timed)
+        # eager by name: the pass then skips the fake values only a compiler reads (a callable may read them)
+        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False),
+                                    backend="eager" if backend == "eager" else timed)
         step = lambda keep: smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss  # noqa: E731
     rows = []
     for i in range(2):
