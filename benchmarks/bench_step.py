@@ -31,7 +31,9 @@ each sample's candidates). Reports the padding waste of the dense (B, T) batch a
 ``--compile-time``: the first step (capture + pass + inner compile + the first run) of plain
 ``torch.compile`` and of ``sparsify``, each in a fresh process, with a cold and then a warm
 compile cache (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` in a fresh directory), broken
-down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend.
+down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend, with what
+AOTAutograd's cache did. ``--compile-variants dense_dynamic`` adds plain
+``torch.compile(dynamic=True)`` (every axis symbolic from the first call, as in the sparse graph).
 
 Output: a rich table per cell, a summary table, and one JSON line per cell (``--out`` appends them).
 
