@@ -34,7 +34,9 @@ each sample's candidates). Reports the padding waste of the dense (B, T) batch a
 ``--compile-time``: the first step (capture + pass + inner compile + the first run) of plain
 ``torch.compile`` and of ``sparsify``, each in a fresh process, with a cold and then a warm
 compile cache (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` in a fresh directory), broken
-down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend.
+down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend, with what
+AOTAutograd's cache did. ``--compile-variants dense_dynamic`` adds plain
+``torch.compile(dynamic=True)`` (every axis symbolic from the first call, as in the sparse graph).
 
 Output: a rich table per cell, a summary table, and one JSON line per cell (``--out`` appends them).
 
@@ -567,11 +569,13 @@ def probe(args) -> dict:
     am = torch.ones(b, t, dtype=torch.long, device=device)
     target = F.pad(ids[:, 1:], (0, 1), value=IGNORE)
     timed = TimedBackend(backend)
-    if variant == "dense":
-        fn = compiled_plain(backend, dynamic=False, inner=timed)
+    if variant in ("dense", "dense_dynamic"):  # torch.compile(dynamic=False) / (dynamic=True)
+        fn = compiled_plain(backend, dynamic=variant == "dense_dynamic", inner=timed)
         step = lambda keep: fn(model, ids, am, None, target)  # noqa: E731
     else:
-        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=timed)
+        # eager by name: the pass then skips the fake values only a compiler reads (a callable may read them)
+        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False),
+                                    backend="eager" if backend == "eager" else timed)
         step = lambda keep: smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss  # noqa: E731
     rows = []
     for i in range(2):
@@ -615,6 +619,12 @@ def probe(args) -> dict:
     }
 
 
+def _aot_cache_state(r: dict) -> str:
+    """'hit', 'miss' or 'bypass' from AOTAutograd's cache counters ('' for the eager backend)."""
+    c = r.get("aot_autograd_cache", {})
+    return next((k for k in ("bypass", "miss", "hit") if c.get(f"autograd_cache_{k}")), "")
+
+
 def compile_time(args, console: Console) -> list[dict]:
     """Cold then warm cache, each in a fresh process, for plain torch.compile and for sparsify."""
     results = []
@@ -625,7 +635,7 @@ def compile_time(args, console: Console) -> list[dict]:
             base += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     for backend in args.backends:
         for seq in args.seqs[:1]:
-            for variant in ("dense", "sparse"):
+            for variant in args.compile_variants:
                 with tempfile.TemporaryDirectory(prefix="regate-bench-cache-") as cache:
                     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                                TRITON_CACHE_DIR=os.path.join(cache, "triton"))
@@ -640,18 +650,19 @@ def compile_time(args, console: Console) -> list[dict]:
                             continue
                         results.append(json.loads(line))
     table = Table(title="first step (fresh process): capture, pass, inner compile")
-    for col in ("backend", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
-                "lazy bwd s", "second step s", "x plain compile"):
+    for col in ("backend", "layers", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
+                "lazy bwd s", "second step s", "aot cache", "x plain compile"):
         table.add_column(col, justify="left" if col in ("backend", "variant", "cache") else "right")
     by = {(r["backend"], r["variant"], r["cache"]): r for r in results}
     for r in results:
         plain = by.get((r["backend"], "dense", r["cache"]))
         bd = r["breakdown_s"]
-        table.add_row(r["backend"], r["variant"], r["cache"], f"{r['first_step_s']:.2f}",
+        table.add_row(r["backend"], str(r["model"].get("layers", "")), r["variant"], r["cache"],
+                      f"{r['first_step_s']:.2f}",
                       f"{bd['capture (bytecode_tracing)']:.2f}", f"{bd['regate pass']:.2f}",
                       f"{bd['inner compile (backend call)']:.2f}",
                       f"{bd['first backward beyond a steady one (lazy backward compile)']:.2f}",
-                      f"{r['second_step_s']:.3f}",
+                      f"{r['second_step_s']:.3f}", _aot_cache_state(r),
                       f"{r['first_step_s'] / plain['first_step_s']:.2f}" if plain else "")
     console.print(table)
     return results
@@ -690,10 +701,14 @@ def parse(argv):
                          "(the oracle then without a mask): under torch.compile their SDPA gets is_causal=True")
     ap.add_argument("--compile-time", action="store_true",
                     help="only measure the first step, cold and warm cache, in fresh processes")
+    ap.add_argument("--compile-variants", nargs="+", default=["dense", "sparse"],
+                    choices=["dense", "dense_dynamic", "sparse"],
+                    help="--compile-time: dense_dynamic is plain torch.compile(dynamic=True), every axis "
+                         "symbolic from the first call as in the sparse graph")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed round, wait up to this many seconds for the CPUs to be >= 90%% idle")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
-    ap.add_argument("--probe", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=["dense", "dense_dynamic", "sparse"], help=argparse.SUPPRESS)
     ap.add_argument("--cache-label", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if any(not 0.0 < r <= 1.0 for r in args.rhos):

@@ -143,7 +143,7 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         kept = PackedInputs(*(found[k] for k in _PACKED_ROLES)) if packed else \
             KeptInputs(*(found[k] for k in _PADDED_ROLES))
         with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
-            g.gathered_inputs = rewrite(gm, analysis, kept)
+            g.gathered_inputs = rewrite(gm, analysis, kept, fill=_reads_values(inner))
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)
@@ -156,6 +156,12 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         return compiler(gm, example_inputs)
 
     return regate_backend
+
+
+def _reads_values(inner: Callable) -> bool:
+    """Whether the inner compiler may read node values: eager and aot_eager never use AOTAutograd's
+    cache or inductor's pre-grad passes; inductor and callables may."""
+    return inner is not _eager and inner is not torch._dynamo.lookup_backend("aot_eager")
 
 
 def _outside_text(outside: list[OutsideRecord]) -> str:

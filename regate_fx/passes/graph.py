@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -11,7 +12,9 @@ import torch.fx as fx
 
 __all__ = [
     "Ancestry",
+    "fill_values",
     "is_sdpa",
+    "value_free_meta",
     "sdpa_arg",
     "set_sdpa_arg",
     "TokenSymbols",
@@ -26,6 +29,54 @@ __all__ = [
 def node_value(node: fx.Node) -> Any:
     """The fake value dynamo recorded for `node` (tensor, SymInt, tuple, ...) or None."""
     return node.meta.get("example_value", node.meta.get("val"))
+
+
+_VALUE_KEYS = ("example_value", "val", "tensor_meta", "unbacked_bindings")
+
+
+def value_free_meta(meta: dict) -> dict:
+    """A copy of a node's meta without its recorded values (kept: stack trace, module stack, tags)."""
+    return {k: v for k, v in meta.items() if k not in _VALUE_KEYS}
+
+
+def fill_values(graph: fx.Graph) -> int:
+    """Record a fake ``example_value`` on every call node that has none (nodes the rewrite added),
+    computed in the graph's own fake mode and ShapeEnv from its inputs' values.
+
+    AOTAutograd's cache requires a value on the tensor a method is called on, and inductor's
+    pre-grad passes read them. Returns the number of nodes filled (0 outside a dynamo compile).
+    """
+    todo = [n for n in graph.nodes if n.op in ("call_function", "call_method") and "example_value" not in n.meta]
+    if not todo:
+        return 0
+    # The mode of the recorded values (dynamo hands the backend a fresh mode on the same ShapeEnv).
+    mode = next((v.fake_mode for n in graph.nodes if n.op == "placeholder"
+                 and isinstance(v := node_value(n), torch._subclasses.FakeTensor)), None)
+    if mode is None:
+        return 0
+    grad = torch.is_grad_enabled()
+    # As while dynamo traces: a user's saved-tensor hooks (active around the first call) never see fakes.
+    no_hooks = getattr(torch._dynamo.utils, "_disable_saved_tensors_hooks_during_tracing", contextlib.nullcontext)
+    try:
+        with mode, no_hooks():
+            for n in todo:
+                if n.target in _GLOBAL_STATE:  # not run here: no tensor value, and it would change our state
+                    n.meta["example_value"] = None
+                    continue
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), node_value)
+                if n.op == "call_method":
+                    value = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    value = n.target(*args, **kwargs)
+                n.meta["example_value"] = value
+    finally:
+        torch.set_grad_enabled(grad)
+    return len(todo)
+
+
+# Graph nodes that switch global state (grad mode, autocast) rather than compute a value.
+_GLOBAL_STATE = frozenset({torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                           torch.amp.autocast_mode._exit_autocast})
 
 
 def op_name(node: fx.Node) -> str:

@@ -1,16 +1,26 @@
 """Functions the rewritten graph calls. aot_autograd and inductor trace through them.
 
-`kept_rows` is also a marker: `sparsify`'s step function calls it on the model's output (the
+`kept_rows` (and `kept_rows_packed` for the packed layout) is also a marker: `sparsify`'s step function calls it on the model's output (the
 logits), dynamo keeps it as one node (`allow_in_graph`), and the pass recognises it to run the
-tail of the model (final norm, LM head) on kept positions only.
+tail of the model (final norm, LM head) on kept positions only. The rewrite never leaves it in a
+graph.
+
+AOTAutograd's cache accepts a call to a Python function only when the node is marked as a wrapped
+function with a cache hash (`mark_cacheable`): the hash of this file's source and the package
+version, so an edited kernel never reuses a stale compiled graph.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+import hashlib
 
-__all__ = ["gather_tokens", "kept_rows", "kept_rows_packed", "mask_keys_scores", "mask_keys_weights", "pack_tokens",
-           "packed_attention", "scatter_tokens", "sdpa_key_mask", "unpack_tokens"]
+import torch
+import torch.fx as fx
+
+__all__ = ["KERNELS", "gather_tokens", "kept_rows", "kept_rows_packed", "mark_cacheable", "mask_keys_scores",
+           "mask_keys_weights", "pack_tokens", "packed_attention", "packed_rows", "scatter_tokens", "sdpa_key_mask",
+           "unpack_tokens"]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -156,6 +166,11 @@ def _torch_varlen(q, k, v, cu, max_len, scale, enable_gqa):
     return o.transpose(0, 1).unsqueeze(0)  # (1, H, N, d)
 
 
+def packed_rows(x: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B, T, ...) value at the kept tokens, packed: (N, ...)."""
+    return x.flatten(0, 1)[flat_idx]  # (N, ...)
+
+
 @torch._dynamo.allow_in_graph
 def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Tensor, pack_idx: torch.Tensor,
                      cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -163,4 +178,24 @@ def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Ten
 
     The marker of the packed layout; its other arguments bring the layout into the graph.
     """
-    return x.flatten(0, 1)[flat_idx]  # (N, ...)
+    return packed_rows(x, flat_idx)
+
+
+KERNELS = frozenset({gather_tokens, scatter_tokens, sdpa_key_mask, mask_keys_scores, mask_keys_weights, pack_tokens,
+                     unpack_tokens, packed_attention, packed_rows})
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    from regate_fx import __version__
+
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read() + __version__.encode()).hexdigest()[:32]
+
+
+def mark_cacheable(node: fx.Node) -> None:
+    """Mark a call to one of `KERNELS` as a wrapped function with a cache hash, the form
+    AOTAutograd's cache accepts (``autograd_cache.check_node_safe``); aot_autograd still traces
+    through it, so inductor fuses the kernel's ops with their neighbours."""
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = f"regate_fx.kernels.{node.target.__name__}.{_source_hash()}"

@@ -30,9 +30,11 @@ import torch
 import torch.fx as fx
 
 from regate_fx.passes.analyse import Analysis, Region, Tail
-from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg
-from regate_fx.passes.kernels import (gather_tokens, mask_keys_scores, mask_keys_weights, pack_tokens,
-                                      packed_attention, scatter_tokens, sdpa_key_mask, unpack_tokens)
+from regate_fx.passes.graph import (TokenSymbols, fill_values, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg,
+                                    value_free_meta)
+from regate_fx.passes.kernels import (KERNELS, gather_tokens, kept_rows, kept_rows_packed, mark_cacheable,
+                                      mask_keys_scores, mask_keys_weights, pack_tokens, packed_attention, packed_rows,
+                                      scatter_tokens, sdpa_key_mask, unpack_tokens)
 from regate_fx.passes.ops import classify
 
 __all__ = ["KeptInputs", "PackedInputs", "rewrite"]
@@ -59,8 +61,13 @@ class PackedInputs:
     cu_seqlens: fx.Node
 
 
-def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInputs) -> list[str]:
+def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInputs, *,
+            fill: bool = True) -> list[str]:
     """Rewrite every region (and the tail) of `analysis` in place.
+
+    With `fill`, every added node gets its fake value (what AOTAutograd's cache and inductor's
+    pre-grad passes read; 0.4 s at 4 layers, 1.4 s at 24 in docs/benchmarks.md): a compiler that
+    runs the graph as it is (eager, aot_eager) does not need them.
 
     Returns:
         The names of the token-indexed side inputs that were gathered.
@@ -91,6 +98,7 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInp
     # Masks replaced by is_causal=True: drop their gathers and the full (B, 1, T, T) construction.
     unused = [g for g in gathered.values() if not g.users]
     _erase_unused(graph, unused)
+    _finish(graph, kept, fill)
     gm.recompile()
     return [a.name for a, g in gathered.items() if g not in unused]
 
@@ -141,7 +149,7 @@ class _Replay:
             return 1
         with self.graph.inserting_before(before):
             new = self.graph.node_copy(a, lambda x: self.lookup(x, before, env))
-        new.meta = {}
+        new.meta = value_free_meta(a.meta)
         return new
 
     def run(self, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
@@ -150,7 +158,7 @@ class _Replay:
         for n in nodes:
             with graph.inserting_after(n):
                 new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
-            new.meta = {}
+            new.meta = value_free_meta(n.meta)  # values recorded for T, not K: refilled at the end
             env[n] = new
             if self.packed and is_sdpa(n):  # packed.py proved it causal SDPA on this graph's tokens
                 env[n] = self._packed_attention(new)
@@ -184,6 +192,21 @@ class _Replay:
         new.replace_all_uses_with(out)
         self.graph.erase_node(new)
         return out
+
+
+def _finish(graph: fx.Graph, kept: KeptInputs | PackedInputs, fill: bool) -> None:
+    """Leave a graph AOTAutograd can cache: no `kept_rows` marker, a fake value on every node
+    (with `fill`), kernel calls marked with their cache hash."""
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]:
+        if n.target is kept_rows_packed:  # tail left dense
+            n.target, n.args, n.kwargs = packed_rows, (n.args[0], kept.flat_idx), {}
+        else:
+            n.target, n.args, n.kwargs = gather_tokens, (n.args[0], kept.gather_idx, (1,)), {}
+    if fill:
+        fill_values(graph)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in KERNELS:
+            mark_cacheable(n)
 
 
 def _erase_unused(graph: fx.Graph, replaced) -> None:

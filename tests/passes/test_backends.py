@@ -11,6 +11,7 @@ import pytest
 from torch._dynamo.utils import counters
 
 import regate_fx
+from regate_fx.passes.kernels import kept_rows
 from tests.helpers import check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
 
@@ -42,3 +43,95 @@ def test_inductor_matches_oracle(name, attn):
     # return_logits=True: one inductor compile (logits with the loss) instead of two (loss-only
     # step, then a call without labels for the logits)
     _run_two_masks(name, attn, "inductor", regate_fx.SparsifyConfig(return_logits=True))
+
+
+# --- AOTAutograd's cache ------------------------------------------------------------------------
+
+def _cacheability_errors(name: str, attn: str, checkpointing: bool = False) -> list[str]:
+    """Run one sparse step with a callable inner backend that applies AOTAutograd's own cacheability
+    check to the graph the pass hands it; returns its refusals."""
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
+
+    errors, seen = [], []
+
+    def inner(gm, example_inputs):
+        seen.append(gm)
+        try:
+            check_cacheable(gm)
+        except BypassAOTAutogradCache as e:
+            errors.append(str(e))
+        return gm.forward
+
+    tm = BY_NAME[name]
+    model = tm(attn)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=inner)
+    batch = make_batch(tm, 2, 12, pad="right", seed=4)
+    smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3)).loss.backward()
+    assert seen and smodel.regate_report.graphs[-1].sparse
+    assert not [n for gm in seen for n in gm.graph.nodes if n.target is kept_rows]
+    return errors
+
+
+@pytest.mark.parametrize("name,attn,checkpointing", [("llama", "sdpa", False), ("phi", "eager", False),
+                                                      ("gpt_neox", "eager", False), ("llama", "sdpa", True)])
+def test_rewritten_graph_passes_the_aot_autograd_cache_check(name, attn, checkpointing):
+    # The kernel calls are marked as wrapped functions with a cache hash, and every node the rewrite
+    # adds carries a fake value: a warm cache can then skip AOTAutograd's trace and partitioning.
+    assert _cacheability_errors(name, attn, checkpointing) == []
+
+
+_WARM_SCRIPT = """
+import json
+from torch._dynamo.utils import counters
+import regate_fx
+from tests.helpers import make_batch, random_keep
+from tests.models import BY_NAME
+tm = BY_NAME["llama"]
+smodel = regate_fx.sparsify(tm("sdpa"), regate_fx.SparsifyConfig(progress=False), backend="inductor")
+batch = make_batch(tm, 2, 12, pad="right", seed=4)
+smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3)).loss.backward()
+print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"])}))
+"""
+
+
+def _fresh_process_counters(cache_dir) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", _WARM_SCRIPT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_a_second_process_reuses_the_compiled_sparse_graph(tmp_path):
+    cold = _fresh_process_counters(tmp_path)
+    assert cold["aot"].get("autograd_cache_miss") == 1, cold
+    warm = _fresh_process_counters(tmp_path)
+    # The sparse graph is found in AOTAutograd's cache: no joint trace, no partition, no inductor compile.
+    assert warm["aot"].get("autograd_cache_hit") == 1, warm
+    assert not warm["aot"].get("autograd_cache_miss") and not warm["aot"].get("autograd_cache_bypass"), warm
+    assert not warm["inductor"].get("fxgraph_cache_miss"), warm
+
+
+def test_filling_values_leaves_saved_tensor_hooks_alone():
+    # The values are computed with fake tensors while a user's saved-tensor hooks may be active (a
+    # memory probe around the first call): the hooks must see real tensors only.
+    import torch
+
+    tm = BY_NAME["llama"]
+    smodel = regate_fx.sparsify(tm("sdpa"), regate_fx.SparsifyConfig(progress=False),
+                                backend=lambda gm, example_inputs: gm.forward)  # a callable: values filled
+    batch = make_batch(tm, 2, 12, seed=4)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(type(t)) or t, lambda t: t):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3))
+    assert seen and all(t is torch.Tensor or t is torch.nn.Parameter for t in seen), set(seen)
