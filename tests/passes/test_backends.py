@@ -11,7 +11,7 @@ import pytest
 from torch._dynamo.utils import counters
 
 import regate_fx
-from regate_fx.passes.kernels import kept_rows
+from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from tests.helpers import check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
 
@@ -47,7 +47,7 @@ def test_inductor_matches_oracle(name, attn):
 
 # --- AOTAutograd's cache ------------------------------------------------------------------------
 
-def _cacheability_errors(name: str, attn: str, checkpointing: bool = False) -> list[str]:
+def _cacheability_errors(name: str, attn: str, checkpointing: bool = False, layout: str = "padded") -> list[str]:
     """Run one sparse step with a callable inner backend that applies AOTAutograd's own cacheability
     check to the graph the pass hands it; returns its refusals."""
     from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
@@ -66,20 +66,22 @@ def _cacheability_errors(name: str, attn: str, checkpointing: bool = False) -> l
     model = tm(attn)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend=inner)
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False, layout=layout), backend=inner)
     batch = make_batch(tm, 2, 12, pad="right", seed=4)
     smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3)).loss.backward()
     assert seen and smodel.regate_report.graphs[-1].sparse
-    assert not [n for gm in seen for n in gm.graph.nodes if n.target is kept_rows]
+    assert smodel.regate_report.graphs[-1].layout == layout
+    assert not [n for gm in seen for n in gm.graph.nodes if n.target in (kept_rows, kept_rows_packed)]
     return errors
 
 
-@pytest.mark.parametrize("name,attn,checkpointing", [("llama", "sdpa", False), ("phi", "eager", False),
-                                                      ("gpt_neox", "eager", False), ("llama", "sdpa", True)])
-def test_rewritten_graph_passes_the_aot_autograd_cache_check(name, attn, checkpointing):
+@pytest.mark.parametrize("name,attn,checkpointing,layout", [
+    ("llama", "sdpa", False, "padded"), ("phi", "eager", False, "padded"), ("gpt_neox", "eager", False, "padded"),
+    ("llama", "sdpa", True, "padded"), ("llama", "sdpa", False, "packed"), ("llava", "sdpa", True, "packed")])
+def test_rewritten_graph_passes_the_aot_autograd_cache_check(name, attn, checkpointing, layout):
     # The kernel calls are marked as wrapped functions with a cache hash, and every node the rewrite
     # adds carries a fake value: a warm cache can then skip AOTAutograd's trace and partitioning.
-    assert _cacheability_errors(name, attn, checkpointing) == []
+    assert _cacheability_errors(name, attn, checkpointing, layout) == []
 
 
 _WARM_SCRIPT = """
