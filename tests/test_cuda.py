@@ -30,6 +30,18 @@ def _batch_and_keep(tm, b: int, pad: str, dtype: torch.dtype, seed: int, keep_se
     return _to(batch, "cuda", dtype), keep.cuda()
 
 
+def _assert_bf16_close(smodel, model, batch: dict, keep: torch.Tensor) -> None:
+    """Kept logits and loss equal the bf16 oracle's up to bf16 noise; every gradient is finite."""
+    out = smodel(**batch, keep_mask=keep)
+    ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
+    for b, ref in enumerate(ref_logits):
+        assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}",
+                     atol=3e-2, rtol=3e-2)
+    assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=3e-2, rtol=3e-2)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("name,pad", [("llama", "left"), ("llama", "none"), ("llava", "right")])
 def test_cuda_fp32_matches_oracle(name, pad):
     tm = BY_NAME[name]
@@ -48,13 +60,7 @@ def test_cuda_bf16_matches_oracle(name):
     model = tm("sdpa").to("cuda", torch.bfloat16)
     smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend="eager")
     batch, keep = _batch_and_keep(tm, 2, "left", torch.bfloat16, seed=1, keep_seed=2)
-    out = smodel(**batch, keep_mask=keep)
-    ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
-    for b, ref in enumerate(ref_logits):
-        assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}", atol=3e-2, rtol=3e-2)
-    assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=3e-2, rtol=3e-2)
-    out.loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    _assert_bf16_close(smodel, model, batch, keep)
 
 
 @pytest.mark.skipif(not HAS_FLASH_ATTN, reason="needs flash-attn")
@@ -102,44 +108,20 @@ def test_cuda_packed_varlen_attention_is_per_sample_causal():
         start += c
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_packed_matches_oracle(dtype):
-    """fp32: SDPA on the per-sample padded view, exact; bf16: the varlen kernel, to bf16 noise."""
+@pytest.mark.parametrize("backend,layout,dtype", [
+    ("eager", "packed", torch.float32), ("eager", "packed", torch.bfloat16),
+    ("inductor", "padded", torch.float32), ("inductor", "packed", torch.float32),
+    ("inductor", "packed", torch.bfloat16)])
+def test_cuda_layouts_match_oracle(backend, layout, dtype):
+    """fp32: exact against the oracle (packed: SDPA on the per-sample padded view); bf16: the varlen
+    kernel, to bf16 noise. Inductor: the rewritten graph through AOTAutograd and triton code."""
     tm = BY_NAME["llama"]
     model = tm("sdpa").to("cuda", dtype)
-    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="packed", return_logits=True),
-                                backend="eager")
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout=layout, return_logits=True),
+                                backend=backend)
     batch, keep = _batch_and_keep(tm, 3, "right", dtype, seed=3, keep_seed=4)
     if dtype == torch.float32:
         check_against_oracle(smodel, model, batch, keep)
     else:
-        out = smodel(**batch, keep_mask=keep)
-        ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
-        for b, ref in enumerate(ref_logits):
-            assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}",
-                         atol=3e-2, rtol=3e-2)
-        assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=3e-2, rtol=3e-2)
-        out.loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert smodel.regate_report.sparse_graph.layout == "packed"
-
-
-@pytest.mark.parametrize("layout,dtype", [("padded", torch.float32), ("packed", torch.float32),
-                                          ("packed", torch.bfloat16)])
-def test_cuda_inductor_matches_oracle(layout, dtype):
-    """The rewritten graph through AOTAutograd and inductor's CUDA (triton) code, both layouts."""
-    tm = BY_NAME["llama"]
-    model = tm("sdpa").to("cuda", dtype)
-    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout=layout, return_logits=True),
-                                backend="inductor")
-    batch, keep = _batch_and_keep(tm, 3, "right", dtype, seed=5, keep_seed=6)
-    if dtype == torch.float32:
-        check_against_oracle(smodel, model, batch, keep)
-    else:
-        out = smodel(**batch, keep_mask=keep)
-        ref_logits, ref_loss = regate_fx.oracle(model, batch, keep)
-        for b, ref in enumerate(ref_logits):
-            assert_close(out.logits[b, keep[b]].detach().float(), ref.detach().float(), f"sample {b}",
-                         atol=3e-2, rtol=3e-2)
-        assert_close(out.loss.detach(), ref_loss.detach(), "loss", atol=3e-2, rtol=3e-2)
+        _assert_bf16_close(smodel, model, batch, keep)
     assert smodel.regate_report.sparse_graph.layout == layout
