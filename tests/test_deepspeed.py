@@ -11,11 +11,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import regate_fx
 from tests.helpers import assert_grads_close
-from tests.runtime.runtime_helpers import file_store
+from tests.runtime.runtime_helpers import file_store, spawn_ranks
 from tests.test_distributed import WORLD, TM, _rank_inputs, _want_mean_of_ranks
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -54,7 +53,7 @@ def _worker(rank: int, init: str, out: str, stage: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_1_and_2_equal_one_process(tmp_path, stage):
-    mp.spawn(_worker, args=(file_store(tmp_path), str(tmp_path), stage), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path), stage), WORLD)
     init = dict(TM("sdpa").named_parameters())
     want = {n: (init[n] - LR * g).detach() for n, g in _want_mean_of_ranks().items()}
     for r in range(WORLD):
@@ -63,5 +62,5 @@ def test_zero_1_and_2_equal_one_process(tmp_path, stage):
 
 @pytest.mark.slow
 def test_zero_3_is_a_clear_refusal(tmp_path):
-    mp.spawn(_worker, args=(file_store(tmp_path), str(tmp_path), 3), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path), 3), WORLD)
     assert "ZeRO stage 3" in torch.load(tmp_path / "rank0.pt")

@@ -7,12 +7,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import regate_fx
 from tests.helpers import assert_grads_close, grads, make_batch, random_keep
 from tests.models import BY_NAME
-from tests.runtime.runtime_helpers import file_store
+from tests.runtime.runtime_helpers import file_store, spawn_ranks
 
 WORLD = 2
 TM = BY_NAME["llama"]
@@ -37,7 +36,7 @@ def _worker(rank: int, init: str, out: str) -> None:
 
 
 def test_ddp_of_a_sparsified_model_averages_the_sparse_gradients(tmp_path):
-    mp.spawn(_worker, args=(file_store(tmp_path), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path)), WORLD)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = TM("sdpa").train()
     smodel = regate_fx.sparsify(model, backend="eager")
@@ -92,7 +91,7 @@ def _want_mean_of_ranks():
 
 
 def test_fsdp2_of_a_sparsified_model_equals_one_process(tmp_path):
-    mp.spawn(_fsdp_worker, args=(file_store(tmp_path), str(tmp_path), False), nprocs=WORLD, join=True)
+    spawn_ranks(_fsdp_worker, (file_store(tmp_path), str(tmp_path), False), WORLD)
     want = _want_mean_of_ranks()
     for r in range(WORLD):
         sharded, got = torch.load(tmp_path / f"rank{r}.pt")
@@ -101,6 +100,6 @@ def test_fsdp2_of_a_sparsified_model_equals_one_process(tmp_path):
 
 
 def test_fsdp2_per_layer_sharding_is_a_clear_refusal(tmp_path):
-    mp.spawn(_fsdp_worker, args=(file_store(tmp_path), str(tmp_path), True), nprocs=WORLD, join=True)
+    spawn_ranks(_fsdp_worker, (file_store(tmp_path), str(tmp_path), True), WORLD)
     msg = torch.load(tmp_path / "rank0.pt")
     assert "fully_shard(model) only" in msg and "model.layers.0" in msg

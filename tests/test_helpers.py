@@ -1,4 +1,5 @@
-"""The comparison helper can fail: a sparsified model that silently ran dense is caught."""
+"""The comparison helper can fail: a sparsified model that silently ran dense is caught. And the
+multi-rank helper fails a hung rank instead of hanging."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def test_the_loss_alone_catches_a_dense_run():
     dense = _SilentlyDense(model)(keep_mask=keep, **batch)
     _, ref_loss = oracle(model, batch, keep)
     assert float((dense.loss - ref_loss).abs()) > 10 * LOSS_ATOL
+
+
+def _sleepy_rank(rank: int) -> None:
+    import time
+
+    if rank == 1:
+        time.sleep(600)  # a rank left waiting (as in a collective nobody else entered)
+
+
+def test_spawn_ranks_fails_a_hung_rank_instead_of_hanging():
+    import time
+
+    from tests.runtime.runtime_helpers import spawn_ranks
+
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match=r"ranks \[1\] of 2 still running"):
+        spawn_ranks(_sleepy_rank, (), 2, timeout=3)
+    assert time.monotonic() - start < 60

@@ -55,7 +55,7 @@ def test_keep_all_reproduces_unsparsified_model(pair):
 
 
 @pytest.mark.parametrize("pad,batch_size,rho", [("left", 3, 0.5), ("right", 2, 0.3), ("none", 1, 0.6),
-                                                ("left", 4, 0.8)])
+                                                pytest.param("left", 4, 0.8, marks=pytest.mark.slow)])
 def test_random_keep_matches_oracle(pair, pad, batch_size, rho):
     tm, model, smodel = pair
     batch = make_batch(tm, batch_size, 14, pad=pad, seed=batch_size)

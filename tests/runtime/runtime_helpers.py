@@ -77,6 +77,26 @@ def file_store(directory) -> str:
     return f"file://{path}"
 
 
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout: float = 300.0) -> None:
+    """``torch.multiprocessing.spawn`` with a deadline: ranks left waiting (in a collective some rank
+    never joined) fail the test after ``timeout`` seconds, naming them, instead of hanging until
+    pytest's own timeout. A rank that raises fails it at once, as with ``mp.spawn``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise AssertionError(f"ranks {alive} of {nprocs} still running after {timeout:.0f} s: waiting in a "
+                                 f"collective the other ranks never entered?")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from regate_fx.runtime.cache import CacheError, CacheMismatchError, TeacherCache
 from regate_fx.runtime.teacher import text_only_teacher
-from tests.runtime.runtime_helpers import CountingTeacher, file_store, llama_teacher, synthetic_dataset, tiny_llava
+from tests.runtime.runtime_helpers import (CountingTeacher, file_store, llama_teacher, spawn_ranks, synthetic_dataset,
+                                           tiny_llava)
 from tests.runtime.test_cache import same_cache
 
 N, BS, WORLD = 24, 2, 2
@@ -57,7 +57,7 @@ def _worker(rank: int, init: str, path: str, fail_rank: int, out: str) -> None:
 def _run(path, tmp_path, fail_rank: int = -1) -> list[dict]:
     out = tmp_path / f"out-{fail_rank}"
     out.mkdir()
-    mp.spawn(_worker, args=(file_store(out), str(path), fail_rank, str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (file_store(out), str(path), fail_rank, str(out)), WORLD)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

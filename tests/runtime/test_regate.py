@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import regate_fx
 from regate_fx.runtime.cache import TeacherCache
@@ -18,7 +17,8 @@ from regate_fx.runtime.data import collate
 from regate_fx.runtime.regate import ReGate, parse_batch
 from regate_fx.runtime.selection import budget, hash32
 from regate_fx.runtime.teacher import text_only_teacher
-from tests.runtime.runtime_helpers import IMAGE_ID, PAD, free_port, llama_teacher, synthetic_dataset, tiny_llama, tiny_llava
+from tests.runtime.runtime_helpers import (IMAGE_ID, PAD, free_port, llama_teacher, spawn_ranks, synthetic_dataset,
+                                           tiny_llama, tiny_llava)
 
 N, B = 20, 4
 CFG = ReGateConfig(warmup_steps=2, cycle_steps=4, dense_steps=1, rho_min=0.4, beta=0.7, lam=0.5, keep_context=False)
@@ -288,7 +288,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path, dataset):
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_ddp_worker, (free_port(), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     single = ReGate(DDP_CFG, N, distributed=False)

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import torch.distributed as dist
 
-from tests.runtime.runtime_helpers import file_store, free_port
+from tests.runtime.runtime_helpers import file_store, free_port, spawn_ranks
 from tests.stacks.common import snapshot, trainer
 
 WORLD = 2
@@ -32,8 +31,7 @@ def _worker(rank: int, init: str, port: int, out: str, kind: str, extra: dict) -
 
 
 def _run(tmp_path, kind: str, **extra) -> list[dict]:
-    mp.spawn(_worker, args=(file_store(tmp_path), free_port(), str(tmp_path), kind, extra), nprocs=WORLD,
-             join=True)
+    spawn_ranks(_worker, (file_store(tmp_path), free_port(), str(tmp_path), kind, extra), WORLD)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -45,7 +43,7 @@ def _single(tmp_path, kind: str):
     return t
 
 
-@pytest.mark.parametrize("kind", ["llama", "llava"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("llava", marks=pytest.mark.slow)])
 def test_ddp_ranks_stay_in_sync_and_equal_one_process(tmp_path, kind):
     got = _run(tmp_path, kind)
     assert got[0]["wrapped"] == "DistributedDataParallel"

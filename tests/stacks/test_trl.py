@@ -58,6 +58,7 @@ def test_sft_gradient_accumulation_equals_one_double_batch(kind, tmp_path):
     assert ga.regate.tokens_processed == big.regate.tokens_processed < big.regate.tokens_dense
 
 
+@pytest.mark.slow  # resume is the Trainer's own mechanism: tests/stacks/test_trainer.py runs it by default
 @pytest.mark.parametrize("kind", KINDS)
 def test_sft_resume_equals_the_uninterrupted_run(kind, tmp_path):
     full, _ = sft(kind, tmp_path / "full", cache_dir=tmp_path / "cache", max_steps=4)
