@@ -11,7 +11,7 @@ import torch.distributed as dist
 import regate_fx
 from tests.helpers import assert_grads_close, grads, make_batch, random_keep
 from tests.models import BY_NAME
-from tests.runtime.runtime_helpers import file_store, spawn_ranks
+from tests.runtime.runtime_helpers import exit_rank, file_store, spawn_ranks
 
 WORLD = 2
 TM = BY_NAME["llama"]
@@ -33,6 +33,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         torch.save(grads(model), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_ddp_of_a_sparsified_model_averages_the_sparse_gradients(tmp_path):
@@ -70,12 +71,13 @@ def _fsdp_worker(rank: int, init: str, out: str, per_layer: bool) -> None:
         except regate_fx.RewriteError as e:
             torch.save(str(e), os.path.join(out, f"rank{rank}.pt"))
             dist.barrier()  # both ranks refused: leave together (no rank tears the group down early)
-            return
-        full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # gathers the shards
-        sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
-        torch.save((sharded, full), os.path.join(out, f"rank{rank}.pt"))
+        else:
+            full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # gathers the shards
+            sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
+            torch.save((sharded, full), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def _want_mean_of_ranks():

@@ -11,7 +11,7 @@ import torch
 
 import torch.distributed as dist
 
-from tests.runtime.runtime_helpers import file_store, free_port, spawn_ranks
+from tests.runtime.runtime_helpers import exit_rank, file_store, free_port, spawn_ranks
 from tests.stacks.common import snapshot, trainer
 
 WORLD = 2
@@ -28,6 +28,7 @@ def _worker(rank: int, init: str, port: int, out: str, kind: str, extra: dict) -
                 "store": t.regate.store.state_dict(), "wrapped": type(t.model_wrapped).__name__},
                os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+    exit_rank()
 
 
 def _run(tmp_path, kind: str, **extra) -> list[dict]:
