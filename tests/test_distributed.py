@@ -39,15 +39,7 @@ def _worker(rank: int, init: str, out: str) -> None:
 def test_ddp_of_a_sparsified_model_averages_the_sparse_gradients(tmp_path):
     spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path)), WORLD)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    model = TM("sdpa").train()
-    smodel = regate_fx.sparsify(model, backend="eager")
-    per_rank = []
-    for r in range(WORLD):
-        model.zero_grad(set_to_none=True)
-        batch, keep = _rank_inputs(r)
-        smodel(**batch, keep_mask=keep).loss.backward()
-        per_rank.append(grads(model))
-    want = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
+    want = _want_mean_of_ranks()
     for r in range(WORLD):
         assert_grads_close(got[r], want)
 
