@@ -20,7 +20,7 @@ import torch.fx as fx
 
 __all__ = ["KERNELS", "gather_tokens", "kept_rows", "kept_rows_packed", "mark_cacheable", "mask_keys_scores",
            "mask_keys_weights", "pack_tokens", "packed_attention", "packed_rows", "scatter_tokens", "sdpa_key_mask",
-           "unpack_tokens"]
+           "unpack_tokens", "varlen_sdpa_cpu"]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -95,7 +95,7 @@ def pack_tokens(x: torch.Tensor, flat_idx: torch.Tensor, dim: int = 1) -> torch.
 def unpack_tokens(base: torch.Tensor, kept: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
     """Write packed `kept` (1, N, D) back into `base` (B, T, D) at the kept tokens."""
     flat = base.flatten(0, 1)  # (B*T, D)
-    return flat.index_copy(0, flat_idx, kept[0].to(base.dtype)).view_as(base)  # (B, T, D)
+    return flat.index_copy(0, flat_idx, kept.squeeze(0).to(base.dtype)).view_as(base)  # (B, T, D)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: torch.Tensor,
@@ -104,12 +104,21 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx:
     """Causal attention of every sample's kept tokens among themselves; q, k, v (1, H, N, d).
 
     CUDA with half precision: a varlen kernel on the packed tokens (flash-attn's
-    `flash_attn_varlen_func` when installed, else torch's `varlen_attn`). Otherwise the tokens are
-    laid out padded per sample, (B, H, K, d), for SDPA's causal kernel, and packed back.
+    `flash_attn_varlen_func` when installed, else torch's `varlen_attn`). CPU: `varlen_sdpa_cpu`,
+    SDPA's CPU flash kernel on each sample's slice (cost sum_b K_b^2, as the oracle's). Otherwise
+    (CUDA fp32) the tokens are laid out padded per sample, (B, H, K, d), for SDPA's causal kernel,
+    and packed back.
     """
     varlen = _varlen_kernel(q)
     if varlen is not None:
         return varlen(q, k, v, cu_seqlens, pad_idx.size(1), scale, enable_gqa)
+    if q.device.type == "cpu":
+        return varlen_sdpa_cpu(q, k, v, cu_seqlens, scale)[0]  # (1, H, N, d)
+    return _padded_attention(q, k, v, pad_idx, pack_idx, scale, enable_gqa)
+
+
+def _padded_attention(q, k, v, pad_idx, pack_idx, scale, enable_gqa):
+    """SDPA's causal kernel on the per-sample padded view (B, H, K, d) of packed q, k, v (1, H, N, d)."""
     b, kk = pad_idx.shape
     flat = pad_idx.flatten()  # (B*K,)
 
@@ -164,6 +173,85 @@ def _torch_varlen(q, k, v, cu, max_len, scale, enable_gqa):
     nhd = [x[0].transpose(0, 1) for x in (q, k, v)]  # (N, H, d)
     o = varlen_attn(*nhd, cu, cu, max_len, max_len, **kw)  # (N, H, d)
     return o.transpose(0, 1).unsqueeze(0)  # (1, H, N, d)
+
+
+# CPU varlen attention: an opaque custom op (AOTAutograd and inductor do not trace into it; its
+# loop over samples reads cu_seqlens on the host, free on the CPU). Forward and backward call the
+# kernels SDPA itself picks for an unmasked causal call on the CPU, one sample at a time, so the
+# step pays sum_b K_b^2 attention scores like the oracle's per-sample calls, not B * K^2.
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _spans(cu_seqlens: torch.Tensor):
+    bounds = cu_seqlens.tolist()
+    return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+def _kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(1, Hkv, k, d) -> (1, H, k, d): grouped-query kv heads repeated for their query heads."""
+    return x if x.size(1) == heads else x.repeat_interleave(heads // x.size(1), dim=1)
+
+
+@torch.library.custom_op("regate_fx::varlen_sdpa_cpu", mutates_args=(), device_types="cpu")
+def varlen_sdpa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each sample of packed q (1, H, N, d), k, v (1, Hkv, N, d) on the CPU.
+
+    Returns the output (1, H, N, d) and the log-sum-exp (1, H, N) the backward reads.
+    """
+    out = q.new_empty(q.shape)  # (1, H, N, d)
+    lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))  # (1, H, N)
+    h = q.size(1)
+    for s, e in _spans(cu_seqlens):
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, s:e], _kv_heads(k[:, :, s:e], h), _kv_heads(v[:, :, s:e], h), 0.0, True, scale=scale)
+        out[:, :, s:e] = o  # (1, H, K_b, d)
+        lse[:, :, s:e] = l  # (1, H, K_b)
+    return out, lse
+
+
+@varlen_sdpa_cpu.register_fake
+def _(q, k, v, cu_seqlens, scale=None):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("regate_fx::varlen_sdpa_cpu_backward", mutates_args=(), device_types="cpu")
+def _varlen_sdpa_cpu_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                              scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the spans tile [0, N)
+    h, hkv = q.size(1), k.size(1)
+    for s, e in _spans(cu_seqlens):
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad[:, :, s:e], q[:, :, s:e], _kv_heads(k[:, :, s:e], h), _kv_heads(v[:, :, s:e], h),
+            out[:, :, s:e], lse[:, :, s:e], 0.0, True, scale=scale)  # (1, H, K_b, d) each
+        if hkv != h:  # sum the repeated heads back onto their kv head
+            gk, gv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (gk, gv))  # (1, Hkv, K_b, d)
+        dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
+    return dq, dk, dv
+
+
+@_varlen_sdpa_cpu_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+    ctx.scale = scale
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_sdpa_cpu_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+varlen_sdpa_cpu.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
 def packed_rows(x: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:

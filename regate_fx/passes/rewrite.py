@@ -260,7 +260,7 @@ def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> N
     rows = env[tail.take.args[0]]  # (B, K, V) padded, (1, N, V) packed
     if replay.packed:
         with graph.inserting_after(rows):
-            rows = graph.call_function(operator.getitem, (rows, 0))  # (N, V)
+            rows = graph.call_method("squeeze", (rows, 0))  # (N, V); a view: no zero-filled (1, N, V) grad
     tail.take.replace_all_uses_with(rows)
     graph.erase_node(tail.take)
     _erase_unused(graph, [*scattered, *tail.nodes])

@@ -91,14 +91,14 @@ import regate_fx
 from tests.helpers import make_batch, random_keep
 from tests.models import BY_NAME
 tm = BY_NAME["llama"]
-smodel = regate_fx.sparsify(tm("sdpa"), regate_fx.SparsifyConfig(progress=False), backend="inductor")
+smodel = regate_fx.sparsify(tm("sdpa"), regate_fx.SparsifyConfig(progress=False, layout=LAYOUT), backend="inductor")
 batch = make_batch(tm, 2, 12, pad="right", seed=4)
 smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=3)).loss.backward()
 print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"])}))
 """
 
 
-def _fresh_process_counters(cache_dir) -> dict:
+def _fresh_process_counters(cache_dir, layout: str) -> dict:
     import json
     import os
     import subprocess
@@ -106,18 +106,20 @@ def _fresh_process_counters(cache_dir) -> dict:
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", _WARM_SCRIPT], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=900)
+    script = f"LAYOUT = {layout!r}\n" + _WARM_SCRIPT
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.inductor
-def test_a_second_process_reuses_the_compiled_sparse_graph(tmp_path):
-    cold = _fresh_process_counters(tmp_path)
+@pytest.mark.parametrize("layout", ["padded", "packed"])  # packed: the CPU varlen custom op in the graph
+def test_a_second_process_reuses_the_compiled_sparse_graph(tmp_path, layout):
+    cold = _fresh_process_counters(tmp_path, layout)
     assert cold["aot"].get("autograd_cache_miss") == 1, cold
-    warm = _fresh_process_counters(tmp_path)
+    warm = _fresh_process_counters(tmp_path, layout)
     # The sparse graph is found in AOTAutograd's cache: no joint trace, no partition, no inductor compile.
     assert warm["aot"].get("autograd_cache_hit") == 1, warm
     assert not warm["aot"].get("autograd_cache_miss") and not warm["aot"].get("autograd_cache_bypass"), warm

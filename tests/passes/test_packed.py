@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import regate_fx
-from regate_fx.passes.kernels import pack_tokens, packed_attention, unpack_tokens
+from regate_fx.passes.kernels import _padded_attention, pack_tokens, packed_attention, unpack_tokens, varlen_sdpa_cpu
 from regate_fx.sparse import packed_layout
 from tests.helpers import IMAGE_TOKENS, check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
@@ -74,6 +74,43 @@ def test_packed_attention_is_per_sample_causal_attention(keep, gqa):
     q = torch.randn(1, 4, n, 8, generator=g)
     k, v = (torch.randn(1, 2 if gqa else 4, n, 8, generator=g) for _ in range(2))
     got = packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens, enable_gqa=gqa)
+    torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(keep=keep_masks(), gqa=st.booleans())
+def test_cpu_varlen_attention_gradients(keep, gqa):
+    """The CPU varlen op's backward (its own custom op) against autograd through per-sample loops."""
+    lay = packed_layout(keep)
+    n = int(keep.sum())
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h in (4, 2 if gqa else 4, 2 if gqa else 4))
+    grad = torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens), (q, k, v), grad)
+    want = torch.autograd.grad(_attention_per_sample(q, k, v, keep), (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_cpu_varlen_attention_op_registration():
+    """Fake kernel, autograd registration and schema of the custom op agree (torch's own checker)."""
+    keep = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    n = int(keep.sum())
+    q, k, v = (torch.randn(1, h, n, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    torch.library.opcheck(varlen_sdpa_cpu, (q, k, v, packed_layout(keep).cu_seqlens, 0.5))
+
+
+@SETTINGS
+@given(keep=keep_masks(), gqa=st.booleans())
+def test_padded_view_attention(keep, gqa):
+    """The fallback for devices without a varlen kernel (CUDA fp32): SDPA on the padded view."""
+    lay = packed_layout(keep)
+    n = int(keep.sum())
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 4, n, 8, generator=g)
+    k, v = (torch.randn(1, 2 if gqa else 4, n, 8, generator=g) for _ in range(2))
+    got = _padded_attention(q, k, v, lay.pad_idx, lay.pack_idx, None, gqa)
     torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
