@@ -37,6 +37,9 @@ compile cache (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` in a fresh dir
 down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend, with what
 AOTAutograd's cache did. ``--compile-variants dense_dynamic`` adds plain
 ``torch.compile(dynamic=True)`` (every axis symbolic from the first call, as in the sparse graph).
+``--second-seq N`` runs the second step at length N, as training on batches of varying length
+does: plain ``torch.compile`` then recompiles (with symbolic sizes), the sparse graph does not;
+the table adds the first two steps together.
 
 Output: a rich table per cell, a summary table, and one JSON line per cell (``--out`` appends them).
 
@@ -565,25 +568,25 @@ def probe(args) -> dict:
     t_build = time.perf_counter() - t_build
     b, t = args.batch or 2, seq
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(3, model.config.vocab_size, (b, t), generator=g).to(device)
-    am = torch.ones(b, t, dtype=torch.long, device=device)
-    target = F.pad(ids[:, 1:], (0, 1), value=IGNORE)
     timed = TimedBackend(backend)
     if variant in ("dense", "dense_dynamic"):  # torch.compile(dynamic=False) / (dynamic=True)
-        fn = compiled_plain(backend, dynamic=variant == "dense_dynamic", inner=timed)
-        step = lambda keep: fn(model, ids, am, None, target)  # noqa: E731
+        # dynamic=False is the default's first compile; a new length then recompiles (automatic dynamic)
+        fn = compiled_plain(backend, dynamic=None if variant == "dense" else True, inner=timed)
+        step = lambda ids, am, keep: fn(model, ids, am, None, F.pad(ids[:, 1:], (0, 1), value=IGNORE))  # noqa: E731
     else:
         # eager by name: the pass then skips the fake values only a compiler reads (a callable may read them)
         smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False),
                                     backend="eager" if backend == "eager" else timed)
-        step = lambda keep: smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss  # noqa: E731
+        step = lambda ids, am, keep: smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss  # noqa: E731
     rows = []
-    for i in range(2):
-        keep = keep_exact(b, t, math.ceil(0.4 * t), g).to(device)
+    for i, ti in enumerate((t, args.second_seq or t)):
+        ids = torch.randint(3, model.config.vocab_size, (b, ti), generator=g).to(device)
+        am = torch.ones(b, ti, dtype=torch.long, device=device)
+        keep = keep_exact(b, ti, math.ceil(0.4 * ti), g).to(device)
         model.zero_grad(set_to_none=True)
         sync(device)
         t0 = time.perf_counter()
-        loss = step(keep)
+        loss = step(ids, am, keep)
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -599,7 +602,8 @@ def probe(args) -> dict:
         "cache": args.cache_label, "model": model_config(args), "dtype": args.dtype, "machine": machine(device),
         "build_model_s": round(t_build, 3),
         "first_step_s": round(f1 + b1, 3), "first_fwd_s": round(f1, 3), "first_bwd_s": round(b1, 3),
-        "second_step_s": round(f2 + b2, 3),
+        "second_step_s": round(f2 + b2, 3), "second_seq": args.second_seq or t,
+        "graphs_compiled": counters["stats"].get("unique_graphs", 0),
         "breakdown_s": {
             "dynamo_total": ct.get("_compile.compile_inner", 0.0),
             "capture (bytecode_tracing)": ct.get("bytecode_tracing", 0.0),
@@ -642,6 +646,8 @@ def compile_time(args, console: Console) -> list[dict]:
                     for label in ("cold", "warm"):
                         cmd = base + ["--backends", backend, "--seqs", str(seq), "--probe", variant,
                                       "--cache-label", label]
+                        if args.second_seq:
+                            cmd += ["--second-seq", str(args.second_seq)]
                         with console.status(f"compile time: {backend} {variant} ({label} cache, fresh process)"):
                             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                         line = next((x for x in out.stdout.splitlines() if x.startswith("{")), None)
@@ -651,7 +657,7 @@ def compile_time(args, console: Console) -> list[dict]:
                         results.append(json.loads(line))
     table = Table(title="first step (fresh process): capture, pass, inner compile")
     for col in ("backend", "layers", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
-                "lazy bwd s", "second step s", "aot cache", "x plain compile"):
+                "lazy bwd s", "second step s", "aot cache", "x plain compile", "steps 1+2 x plain"):
         table.add_column(col, justify="left" if col in ("backend", "variant", "cache") else "right")
     by = {(r["backend"], r["variant"], r["cache"]): r for r in results}
     for r in results:
@@ -663,7 +669,9 @@ def compile_time(args, console: Console) -> list[dict]:
                       f"{bd['inner compile (backend call)']:.2f}",
                       f"{bd['first backward beyond a steady one (lazy backward compile)']:.2f}",
                       f"{r['second_step_s']:.3f}", _aot_cache_state(r),
-                      f"{r['first_step_s'] / plain['first_step_s']:.2f}" if plain else "")
+                      f"{r['first_step_s'] / plain['first_step_s']:.2f}" if plain else "",
+                      f"{(r['first_step_s'] + r['second_step_s']) / (plain['first_step_s'] + plain['second_step_s']):.2f}"
+                      if plain else "")
     console.print(table)
     return results
 
@@ -705,6 +713,9 @@ def parse(argv):
                     choices=["dense", "dense_dynamic", "sparse"],
                     help="--compile-time: dense_dynamic is plain torch.compile(dynamic=True), every axis "
                          "symbolic from the first call as in the sparse graph")
+    ap.add_argument("--second-seq", type=int, default=None,
+                    help="--compile-time: run the second step at this length (a new length recompiles plain "
+                         "torch.compile, not the sparse graph)")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed round, wait up to this many seconds for the CPUs to be >= 90%% idle")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")

@@ -61,7 +61,8 @@ class SparsifyConfig:
         layout: how a sparse step lays out the kept tokens. ``"padded"``: (B, K), K the largest
             kept count, shorter samples padded; ``"packed"``: every sample's kept tokens in one
             row (1, N), N the total kept count, attention per sample (varlen flash attention on
-            CUDA in half precision, SDPA on a per-sample padded view otherwise), so projections,
+            CUDA in half precision, SDPA's flash kernel per sample on the CPU, SDPA on a
+            per-sample padded view on CUDA in fp32), so projections,
             MLPs and the LM head compute no padding; the graph must allow it (every attention
             causal SDPA, side inputs (batch, tokens, ...)), else :class:`~regate_fx.RewriteError`
             says why. ``"auto"`` (default): packed when the padded layout of a step would waste
