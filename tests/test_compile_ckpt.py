@@ -27,11 +27,13 @@ def saved_bytes(fn) -> tuple[int, object]:
 
 # LLaVA: decoder capture (regate_fx/capture.py) runs the vision tower eagerly, so only its 2 LM layers
 # are checkpointed inside the sparse graph.
-@pytest.mark.parametrize("name,reentrant,layers", [("llama", False, 2), ("llava", False, 2), ("llama", True, 2)])
-def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers):
+# The packed case recomputes the CPU varlen attention op (a custom op) in the backward.
+@pytest.mark.parametrize("name,reentrant,layers,layout", [
+    ("llama", False, 2, "auto"), ("llava", False, 2, "auto"), ("llama", True, 2, "auto"), ("llama", False, 2, "packed")])
+def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers, layout):
     tm = BY_NAME[name]
     model = tm("sdpa").train()
-    regate_fx.sparsify(model, backend="eager")
+    regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout=layout), backend="eager")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     before = counters["checkpoints_inlined"]
     batch = make_batch(tm, 3, 16, pad="left", seed=3)
@@ -40,6 +42,8 @@ def test_gradient_checkpointing_matches_the_oracle(name, reentrant, layers):
     # without labels that check_against_oracle makes for the logits
     assert counters["checkpoints_inlined"] - before == 2 * layers
     assert model.regate_report.refused == []
+    if layout == "packed":
+        assert {g.layout for g in model.regate_report.graphs if g.sparse} == {"packed"}
 
 
 def test_gradient_checkpointing_saves_fewer_activations_with_the_same_gradients():
