@@ -65,15 +65,25 @@ def _attention_per_sample(q, k, v, keep):
     return torch.cat(outs, 1).unsqueeze(0)  # (1, H, N, d)
 
 
-@SETTINGS
-@given(keep=keep_masks(), gqa=st.booleans())
-def test_packed_attention_is_per_sample_causal_attention(keep, gqa):
-    lay = packed_layout(keep)
+def _packed_qkv(keep: torch.Tensor, gqa: bool, dtype=torch.float32, requires_grad: bool = False):
+    """Random packed q (1, 4, N, 8) and k, v (1, 2|4, N, 8) for the kept tokens of `keep`."""
     n = int(keep.sum())
     g = torch.Generator().manual_seed(n)
-    q = torch.randn(1, 4, n, 8, generator=g)
-    k, v = (torch.randn(1, 2 if gqa else 4, n, 8, generator=g) for _ in range(2))
-    got = packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens, enable_gqa=gqa)
+    return tuple(torch.randn(1, h, n, 8, generator=g, dtype=dtype, requires_grad=requires_grad)
+                 for h in (4, 2 if gqa else 4, 2 if gqa else 4))
+
+
+@SETTINGS
+@given(keep=keep_masks(), gqa=st.booleans(), path=st.sampled_from(["device", "padded_view"]))
+def test_packed_attention_is_per_sample_causal_attention(keep, gqa, path):
+    """The kernel this device picks (on the CPU the varlen op), and the padded-view fallback that
+    CUDA in fp32 uses, against a per-sample loop."""
+    lay = packed_layout(keep)
+    q, k, v = _packed_qkv(keep, gqa)
+    if path == "device":
+        got = packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens, enable_gqa=gqa)
+    else:
+        got = _padded_attention(q, k, v, lay.pad_idx, lay.pack_idx, None, gqa)
     torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
@@ -82,11 +92,8 @@ def test_packed_attention_is_per_sample_causal_attention(keep, gqa):
 def test_cpu_varlen_attention_gradients(keep, gqa):
     """The CPU varlen op's backward (its own custom op) against autograd through per-sample loops."""
     lay = packed_layout(keep)
-    n = int(keep.sum())
-    g = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for h in (4, 2 if gqa else 4, 2 if gqa else 4))
-    grad = torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64)
+    q, k, v = _packed_qkv(keep, gqa, torch.float64, requires_grad=True)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = torch.autograd.grad(packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens), (q, k, v), grad)
     want = torch.autograd.grad(_attention_per_sample(q, k, v, keep), (q, k, v), grad)
     for a, b in zip(got, want):
@@ -96,22 +103,8 @@ def test_cpu_varlen_attention_gradients(keep, gqa):
 def test_cpu_varlen_attention_op_registration():
     """Fake kernel, autograd registration and schema of the custom op agree (torch's own checker)."""
     keep = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    n = int(keep.sum())
-    q, k, v = (torch.randn(1, h, n, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    q, k, v = _packed_qkv(keep, True, torch.float64, requires_grad=True)
     torch.library.opcheck(varlen_sdpa_cpu, (q, k, v, packed_layout(keep).cu_seqlens, 0.5))
-
-
-@SETTINGS
-@given(keep=keep_masks(), gqa=st.booleans())
-def test_padded_view_attention(keep, gqa):
-    """The fallback for devices without a varlen kernel (CUDA fp32): SDPA on the padded view."""
-    lay = packed_layout(keep)
-    n = int(keep.sum())
-    g = torch.Generator().manual_seed(n)
-    q = torch.randn(1, 4, n, 8, generator=g)
-    k, v = (torch.randn(1, 2 if gqa else 4, n, 8, generator=g) for _ in range(2))
-    got = _padded_attention(q, k, v, lay.pad_idx, lay.pack_idx, None, gqa)
-    torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
 @SETTINGS
