@@ -109,10 +109,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx:
     (CUDA fp32) the tokens are laid out padded per sample, (B, H, K, d), for SDPA's causal kernel,
     and packed back.
     """
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):  # as autocast casts SDPA's inputs (the varlen kernels are custom ops it skips)
+        dtype = torch.get_autocast_dtype(dev)
+        q, k, v = (x.to(dtype) for x in (q, k, v))  # e.g. fp32 q, k after rotary, bf16 v
     varlen = _varlen_kernel(q)
     if varlen is not None:
         return varlen(q, k, v, cu_seqlens, pad_idx.size(1), scale, enable_gqa)
-    if q.device.type == "cpu":
+    if dev == "cpu":
         return varlen_sdpa_cpu(q, k, v, cu_seqlens, scale)[0]  # (1, H, N, d)
     return _padded_attention(q, k, v, pad_idx, pack_idx, scale, enable_gqa)
 

@@ -65,3 +65,37 @@ def test_half_precision_matches_oracle(name, dtype):
         dense = model32(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     wrong = [dense[b, keep[b]] for b in range(keep.size(0))]
     assert _max_diff(wrong, ref32) > tol_logits
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("name,layout,device", [("llama", "padded", "cpu"), ("llama", "packed", "cpu"),
+                                                ("llava", "packed", "cpu"),
+                                                pytest.param("llama", "packed", "cuda", marks=_CUDA)])
+def test_autocast_matches_the_autocast_oracle(name, layout, device):
+    """fp32 weights under torch.autocast(bfloat16), as mixed-precision training runs: the kept
+    layouts' kernels see the dtypes autocast gives SDPA (rotary leaves q, k in fp32 and v in bf16;
+    the packed layout's varlen kernels are custom ops autocast does not cast)."""
+    tm = BY_NAME[name]
+    model = tm("sdpa").to(device)
+    batch = {k: v.to(device) for k, v in make_batch(tm, 3, 12, pad="right", seed=1).items()}
+    keep = random_keep(batch, 0.5, seed=2).to(device)
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True, layout=layout), backend="eager")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = smodel(**batch, keep_mask=keep)
+        out.loss.backward()
+        g_sparse = grads(model)
+        ref, loss_ref, g_ref = _oracle(model, batch, keep)
+    ref32, loss32, g32 = _oracle(model, batch, keep)
+    assert {g.layout for g in smodel.regate_report.graphs if g.sparse} == {layout}
+    kept = [out.logits[b, keep[b]] for b in range(keep.size(0))]
+    tol_logits = 4 * _max_diff(ref, ref32) + 1e-3
+    assert _max_diff(kept, ref) <= tol_logits
+    assert float((out.loss.detach().float() - loss_ref).abs()) <= 4 * float((loss_ref - loss32).abs()) + 1e-3
+    for n in g_ref:
+        tol = 4 * float((g_ref[n].float() - g32[n]).abs().max()) + 1e-3
+        assert float((g_sparse[n].float() - g_ref[n].float()).abs().max()) <= tol, n
+    with torch.no_grad():  # a wrong answer (the dense model's kept logits) fails the tolerance
+        dense = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    assert _max_diff([dense[b, keep[b]] for b in range(keep.size(0))], ref32) > tol_logits
