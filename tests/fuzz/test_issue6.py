@@ -15,11 +15,12 @@ from tests.fuzz import hf_models
 from tests.fuzz.arch import VOCAB, ArchSpec, FuzzLM, Mixer
 from tests.fuzz.check import BatchSpec, check_refused_or_exact, make_batch
 
+# Left padding (shifted positions, uneven kept counts) by default; the unpadded batch under the
+# slow mark (CI time).
 BATCHES = [
-    BatchSpec(2, 10, "left", (10, 6), rho=0.5, seed=1),
-    BatchSpec(2, 8, "none", rho=0.4, seed=2),
+    pytest.param(BatchSpec(2, 10, "left", (10, 6), rho=0.5, seed=1), id="left-pad"),
+    pytest.param(BatchSpec(2, 8, "none", rho=0.4, seed=2), id="none-pad", marks=pytest.mark.slow),
 ]
-_ids = [f"{b.pad}-pad" for b in BATCHES]
 
 SHAPES = {
     # 1. a reduction over the token axis inside a branch
@@ -45,7 +46,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("bs", BATCHES, ids=_ids)
+@pytest.mark.parametrize("bs", BATCHES)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_issue6_fuzz_shape(name, bs):
     spec = SHAPES[name]

@@ -31,7 +31,8 @@ def _run_two_masks(name: str, attn: str, backend: str, config: regate_fx.Sparsif
     assert smodel.regate_report.refused == []
 
 
-@pytest.mark.parametrize("name,attn", [("llama", "sdpa"), ("phi", "eager"), ("llava", "sdpa")])
+@pytest.mark.parametrize("name,attn", [("llama", "sdpa"), pytest.param("phi", "eager", marks=pytest.mark.slow),
+                                       ("llava", "sdpa")])
 def test_aot_eager_matches_oracle(name, attn):
     _run_two_masks(name, attn, "aot_eager")
 

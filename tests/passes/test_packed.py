@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import regate_fx
 from regate_fx.passes.kernels import _padded_attention, pack_tokens, packed_attention, unpack_tokens, varlen_sdpa_cpu
-from regate_fx.sparse import packed_layout
+from regate_fx.sparse import packed_layout, sparse_forward
 from tests.helpers import IMAGE_TOKENS, check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
 
@@ -204,15 +204,18 @@ def test_auto_packs_uneven_steps_only():
 
 
 def test_min_waste_threshold():
-    tm, model, smodel = _packed("llama", layout="auto")
-    regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="auto", packed_min_waste=0.5, progress=False),
-                       backend="eager")
-    batch = make_batch(tm, 2, 16, seed=3)
+    """The step's choice (test_auto_packs_uneven_steps_only runs both layouts): packed from
+    `packed_min_waste` of the (B, K) slots on."""
+    smodel = regate_fx.sparsify(BY_NAME["llama"]("sdpa"), regate_fx.SparsifyConfig(packed_min_waste=0.25),
+                                backend="eager")
+    wants_packed = sparse_forward(smodel)._wants_packed
     keep = torch.zeros(2, 16, dtype=torch.bool)
     keep[0, :8] = True
-    keep[1, :6] = True  # 12.5% waste < 0.5: padded
-    check_against_oracle(smodel, model, batch, keep)
-    assert smodel.regate_report.sparse_graph.layout == "padded"
+    keep[1, :6] = True
+    assert not wants_packed(keep)  # 2 of 16 slots: 12.5% < 25%
+    keep[1, 4:6] = False
+    assert wants_packed(keep)  # 4 of 16 slots: 25%
+    assert not wants_packed(keep[:1])  # one sample never pads
 
 
 # --- graphs that must not be packed ---------------------------------------------------------------

@@ -16,7 +16,9 @@ from tests.stacks.common import args as training_args
 from tests.stacks.common import build, dataset, regate_config, snapshot, trainer
 
 KINDS = ["llama", "llava"]
-# LLaVA's accumulation check runs under the slow mark (CI time); its resume check stays in.
+# CI time: LLaVA's accumulation check and Llama's resume check run under the slow mark; LLaVA's
+# resume check (the MLLM, the Trainer and the ReGATE state together) and Llama's accumulation check
+# stay in.
 KINDS_FAST_LLAMA = ["llama", pytest.param("llava", marks=pytest.mark.slow)]
 
 
@@ -42,7 +44,7 @@ def test_gradient_accumulation_equals_one_double_batch(kind, tmp_path):
     assert logged == pytest.approx(want, rel=1e-5)  # the logged loss is the accumulated batch's mean
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param("llama", marks=pytest.mark.slow), "llava"])
 def test_resume_equals_the_uninterrupted_run(kind, tmp_path):
     full, _ = trainer(kind, tmp_path / "full", max_steps=6)
     full.train()
