@@ -572,12 +572,14 @@ def probe(args) -> dict:
     if variant in ("dense", "dense_dynamic"):  # torch.compile(dynamic=False) / (dynamic=True)
         # dynamic=False is the default's first compile; a new length then recompiles (automatic dynamic)
         fn = compiled_plain(backend, dynamic=None if variant == "dense" else True, inner=timed)
-        step = lambda ids, am, keep: fn(model, ids, am, None, F.pad(ids[:, 1:], (0, 1), value=IGNORE))  # noqa: E731
+        def step(ids, am, keep):
+            return fn(model, ids, am, None, F.pad(ids[:, 1:], (0, 1), value=IGNORE))
     else:
         # eager by name: the pass then skips the fake values only a compiler reads (a callable may read them)
         smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False),
                                     backend="eager" if backend == "eager" else timed)
-        step = lambda ids, am, keep: smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss  # noqa: E731
+        def step(ids, am, keep):
+            return smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss
     rows = []
     for i, ti in enumerate((t, args.second_seq or t)):
         ids = torch.randint(3, model.config.vocab_size, (b, ti), generator=g).to(device)
@@ -629,6 +631,10 @@ def _aot_cache_state(r: dict) -> str:
     return next((k for k in ("bypass", "miss", "hit") if c.get(f"autograd_cache_{k}")), "")
 
 
+def _two_steps(r: dict) -> float:
+    return r["first_step_s"] + r["second_step_s"]
+
+
 def compile_time(args, console: Console) -> list[dict]:
     """Cold then warm cache, each in a fresh process, for plain torch.compile and for sparsify."""
     results = []
@@ -670,8 +676,7 @@ def compile_time(args, console: Console) -> list[dict]:
                       f"{bd['first backward beyond a steady one (lazy backward compile)']:.2f}",
                       f"{r['second_step_s']:.3f}", _aot_cache_state(r),
                       f"{r['first_step_s'] / plain['first_step_s']:.2f}" if plain else "",
-                      f"{(r['first_step_s'] + r['second_step_s']) / (plain['first_step_s'] + plain['second_step_s']):.2f}"
-                      if plain else "")
+                      f"{_two_steps(r) / _two_steps(plain):.2f}" if plain else "")
     console.print(table)
     return results
 

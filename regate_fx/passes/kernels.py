@@ -106,13 +106,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx:
     CUDA with half precision: a varlen kernel on the packed tokens (flash-attn's
     `flash_attn_varlen_func` when installed, else torch's `varlen_attn`). CPU: `varlen_sdpa_cpu`,
     SDPA's CPU flash kernel on each sample's slice (cost sum_b K_b^2, as the oracle's). Otherwise
-    (CUDA fp32) the tokens are laid out padded per sample, (B, H, K, d), for SDPA's causal kernel,
-    and packed back.
+    (CUDA fp32, or a value head size other than the query's) the tokens are laid out padded per
+    sample, (B, H, K, d), for SDPA's causal kernel, and packed back.
     """
     dev = q.device.type
     if torch.is_autocast_enabled(dev):  # as autocast casts SDPA's inputs (the varlen kernels are custom ops it skips)
         dtype = torch.get_autocast_dtype(dev)
         q, k, v = (x.to(dtype) for x in (q, k, v))  # e.g. fp32 q, k after rotary, bf16 v
+    if v.size(-1) != q.size(-1):  # value head size != query/key head size (MLA-style): the flash kernels refuse it
+        return _padded_attention(q, k, v, pad_idx, pack_idx, scale, enable_gqa)
     varlen = _varlen_kernel(q)
     if varlen is not None:
         return varlen(q, k, v, cu_seqlens, pad_idx.size(1), scale, enable_gqa)

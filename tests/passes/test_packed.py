@@ -87,6 +87,17 @@ def test_packed_attention_is_per_sample_causal_attention(keep, gqa, path):
     torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
+def test_packed_attention_with_another_value_head_size():
+    """v's head size differs from q's and k's (MLA-style attention): the flash kernels refuse it,
+    SDPA on the padded view computes it."""
+    keep = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    lay = packed_layout(keep)
+    q, k, _ = _packed_qkv(keep, False)
+    v = torch.randn(1, 4, q.size(2), 6)  # head size 6, q and k 8
+    got = packed_attention(q, k, v, lay.pad_idx, lay.pack_idx, lay.cu_seqlens)
+    torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
+
+
 @SETTINGS
 @given(keep=keep_masks(), gqa=st.booleans())
 def test_cpu_varlen_attention_gradients(keep, gqa):
