@@ -167,8 +167,8 @@ def _torch_varlen(q, k, v, cu, max_len, scale, enable_gqa):
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    if k.size(1) != q.size(1) and "enable_gqa" not in params:  # older torch: repeat the kv heads
-        k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
+    if "enable_gqa" not in params:  # older torch: repeat the kv heads
+        k, v = (_kv_heads(x, q.size(1)) for x in (k, v))
     kw = {"scale": scale}
     if "window_size" in params:
         kw["window_size"] = (-1, 0)  # causal
