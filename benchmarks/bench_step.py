@@ -36,10 +36,11 @@ each sample's candidates). Reports the padding waste of the dense (B, T) batch a
 compile cache (``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` in a fresh directory), broken
 down by ``torch._dynamo.utils.compile_times()`` and a timer around the inner backend, with what
 AOTAutograd's cache did. ``--compile-variants dense_dynamic`` adds plain
-``torch.compile(dynamic=True)`` (every axis symbolic from the first call, as in the sparse graph).
-``--second-seq N`` runs the second step at length N, as training on batches of varying length
-does: plain ``torch.compile`` then recompiles (with symbolic sizes), the sparse graph does not;
-the table adds the first two steps together.
+``torch.compile(dynamic=True)``, ``sparse_dynamic`` adds ``SparsifyConfig(dynamic=True)`` (symbolic
+sizes from the first call; the default ``dynamic=None`` compiles the first graph for its sizes, as
+plain ``torch.compile`` does). ``--second-seq N`` runs the second step at length N, as training on
+batches of varying length does: plain ``torch.compile`` and the default sparse step then recompile
+(with symbolic sizes), ``sparse_dynamic`` does not; the table adds the first two steps together.
 
 Output: a rich table per cell, a summary table, and one JSON line per cell (``--out`` appends them).
 
@@ -576,8 +577,9 @@ def probe(args) -> dict:
             return fn(model, ids, am, None, F.pad(ids[:, 1:], (0, 1), value=IGNORE))
     else:
         # eager by name: the pass then skips the fake values only a compiler reads (a callable may read them)
-        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False),
-                                    backend="eager" if backend == "eager" else timed)
+        smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(
+            progress=False, dynamic=True if variant == "sparse_dynamic" else None),
+            backend="eager" if backend == "eager" else timed)
         def step(ids, am, keep):
             return smodel(input_ids=ids, attention_mask=am, labels=ids, keep_mask=keep).loss
     rows = []
@@ -611,7 +613,7 @@ def probe(args) -> dict:
             "capture (bytecode_tracing)": ct.get("bytecode_tracing", 0.0),
             "guards": ct.get("build_guards", 0.0),
             "backend (pass + inner)": backend_s,
-            "regate pass": round(max(backend_s - timed.seconds, 0.0), 4) if variant == "sparse" else 0.0,
+            "regate pass": round(max(backend_s - timed.seconds, 0.0), 4) if variant.startswith("sparse") else 0.0,
             # the inner compiler's forward, and its backward where AOTAutograd compiles it at once
             # (it does for the dynamic sparse graph; plain torch.compile's static one compiles the
             # backward lazily, at the first backward: the next entry)
@@ -715,16 +717,16 @@ def parse(argv):
     ap.add_argument("--compile-time", action="store_true",
                     help="only measure the first step, cold and warm cache, in fresh processes")
     ap.add_argument("--compile-variants", nargs="+", default=["dense", "sparse"],
-                    choices=["dense", "dense_dynamic", "sparse"],
+                    choices=["dense", "dense_dynamic", "sparse", "sparse_dynamic"],
                     help="--compile-time: dense_dynamic is plain torch.compile(dynamic=True), every axis "
-                         "symbolic from the first call as in the sparse graph")
+                         "symbolic from the first call; sparse_dynamic is SparsifyConfig(dynamic=True)")
     ap.add_argument("--second-seq", type=int, default=None,
                     help="--compile-time: run the second step at this length (a new length recompiles plain "
-                         "torch.compile, not the sparse graph)")
+                         "torch.compile and the default sparse step, once)")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed round, wait up to this many seconds for the CPUs to be >= 90%% idle")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
-    ap.add_argument("--probe", choices=["dense", "dense_dynamic", "sparse"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=["dense", "dense_dynamic", "sparse", "sparse_dynamic"], help=argparse.SUPPRESS)
     ap.add_argument("--cache-label", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if any(not 0.0 < r <= 1.0 for r in args.rhos):

@@ -118,6 +118,9 @@ class GraphReport:
     :class:`~regate_fx.SparsifyConfig`'s ``layout``."""
     reason: Reason | None = None
     detail: str = ""
+    static_sizes: dict[str, int] = field(default_factory=dict)
+    """Sizes this graph was compiled for (``SparsifyConfig(dynamic=None)``'s first graph): symbol
+    -> value, guarded; empty when every size is symbolic."""
 
     @property
     def refused(self) -> list[BranchRecord]:
@@ -192,6 +195,9 @@ class RewriteReport:
                                           if self.packed_refused else ""),
             "final norm / LM head / loss on kept tokens only: "
             + ("yes" if g.tail_on_kept else f"no ({g.tail_detail})"),
+            "sizes: " + (f"static ({', '.join(f'{k}={v}' for k, v in g.static_sizes.items())}; a call with other "
+                         "sizes recompiles once, symbolic)" if g.static_sizes
+                         else "symbolic (every batch size, length and kept count)"),
         ]
         return Group(table, Text("\n".join(notes)))
 

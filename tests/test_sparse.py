@@ -67,6 +67,10 @@ def test_missing_inputs_and_bad_arguments():
         regate_fx.sparsify(model, backend="nope")
     with pytest.raises(ValueError, match="SparsifyConfig.strict must be a bool, got 'yes'"):
         SparsifyConfig(strict="yes")
+    with pytest.raises(ValueError, match="dynamic=False is not supported.*kept count K changes"):
+        SparsifyConfig(dynamic=False)
+    with pytest.raises(ValueError, match="SparsifyConfig.dynamic must be None or True, got 'auto'"):
+        SparsifyConfig(dynamic="auto")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         regate_fx.sparsify("model")
     with pytest.raises(TypeError, match="keyword arguments only"):
@@ -170,3 +174,37 @@ def test_inputs_embeds_instead_of_input_ids():
     assert_close(by_embeds.logits, by_ids.logits, "logits")
     assert_close(by_embeds.loss, by_ids.loss, "loss")
     assert smodel.regate_report.sparse_graph.refused == []
+
+
+def test_a_sparse_call_leaves_the_garbage_collector_as_it_found_it(llama):
+    # The call freezes the heap it finds (full collections then skip the model and libraries)
+    # and unfreezes it afterwards, also when it raises; a caller's own freeze is left alone.
+    import gc
+
+    _, smodel = llama
+    batch = make_batch(LLAMA, 2, 10)
+    keep = random_keep(batch, 0.5)
+    assert gc.get_freeze_count() == 0
+    seen = []
+    fwd = regate_fx.sparse_forward(smodel)
+    compiled = fwd._compiled
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return compiled(*args, **kwargs)
+
+    fwd._compiled = spy
+    try:
+        smodel(**batch, keep_mask=keep)
+        assert seen[-1] > 0 and gc.get_freeze_count() == 0  # frozen during the call only
+        fwd._compiled = lambda *a, **k: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            smodel(**batch, keep_mask=keep)
+        assert gc.get_freeze_count() == 0
+        fwd._compiled = spy
+        gc.freeze()  # the caller's own freeze: still in place after the call
+        smodel(**batch, keep_mask=keep)
+        assert seen[-1] > 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        fwd._compiled = compiled

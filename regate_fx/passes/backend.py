@@ -12,7 +12,7 @@ import torch.fx as fx
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.analyse import Analysis, analyse
 from regate_fx.passes.checkpoint import CheckpointError, carry_recompute_tags, inline_activation_checkpoints
-from regate_fx.passes.graph import node_value
+from regate_fx.passes.graph import fill_values, node_value, specialize_inputs
 from regate_fx.passes.packed import packed_problem
 from regate_fx.passes.rewrite import KeptInputs, PackedInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # What fired, for tests and debugging: torch's own counters, under "regate_fx"
 # (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals,
-# checkpoints_inlined, packed_refused).
+# checkpoints_inlined, packed_refused, static_graphs).
 counters = torch._dynamo.utils.counters["regate_fx"]
 
 
@@ -79,8 +79,17 @@ def _records(analysis: Analysis) -> list[BranchRecord]:
 
 
 def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles, *, strict: bool,
-                 on_report: Callable[[GraphReport], None] | None = None) -> Callable:
-    """Build the dynamo backend for one sparsified model."""
+                 on_report: Callable[[GraphReport], None] | None = None,
+                 dynamic: bool | None = True) -> Callable:
+    """Build the dynamo backend for one sparsified model.
+
+    ``dynamic=None``: the model's first sparse graph is compiled for the sizes of its first call
+    (guards on them; see :func:`~regate_fx.passes.graph.specialize_inputs`), every later one with
+    symbolic sizes, as ``torch.compile``'s automatic dynamic shapes. Only for an inner compiler
+    that traces the graph again (not ``eager``, where the capture is all the compile and must be
+    symbolic for the analysis anyway). ``True``: symbolic from the first graph.
+    """
+    static_left = [dynamic is None and inner is not _eager]  # the first sparse graph compiles static
 
     def regate_backend(gm: fx.GraphModule, example_inputs):
         counters["graphs"] += 1
@@ -143,7 +152,13 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         kept = PackedInputs(*(found[k] for k in _PACKED_ROLES)) if packed else \
             KeptInputs(*(found[k] for k in _PADDED_ROLES))
         with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
-            g.gathered_inputs = rewrite(gm, analysis, kept, fill=_reads_values(inner))
+            g.gathered_inputs = rewrite(gm, analysis, kept, fill=False)
+        if static_left[0]:  # after the analysis and the rewrite, which read the symbols
+            static_left[0] = False
+            g.static_sizes = specialize_inputs(gm.graph)
+            counters["static_graphs"] += bool(g.static_sizes)
+        if _reads_values(inner):
+            fill_values(gm.graph)  # on static sizes when specialised: cheaper
         g.tail_on_kept, g.tail_detail = analysis.tail is not None, analysis.tail_detail
         g.causal_masks = len(analysis.causal_masks)
         counters["branches_rewritten"] += sum(b.rewritten for b in g.branches)

@@ -23,6 +23,7 @@ __all__ = [
     "tensor_inputs",
     "module_path",
     "param_path",
+    "specialize_inputs",
 ]
 
 
@@ -72,6 +73,30 @@ def fill_values(graph: fx.Graph) -> int:
     finally:
         torch.set_grad_enabled(grad)
     return len(todo)
+
+
+def specialize_inputs(graph: fx.Graph) -> dict[str, int]:
+    """Guard every symbolic size of the graph's inputs to its value in this call.
+
+    Dynamo checks these guards before each call, so a call with another batch size, length or
+    kept count recompiles (``SparsifyConfig(dynamic=None)``: the second compile keeps its sizes
+    symbolic). Until then the inner compiler traces static sizes, which AOTAutograd does several
+    times faster (keeping only the kept count symbolic saves almost nothing: most of the graph
+    runs on kept tokens). Called after the analysis and the rewrite, which read the symbols.
+    Returns ``{symbol: value}`` of what was specialised (empty outside dynamo).
+    """
+    done: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = node_value(n)
+        sizes = tuple(v.shape) if isinstance(v, torch.Tensor) else (v,) if isinstance(v, torch.SymInt) else ()
+        for s in sizes:
+            # Backed sizes only (an input's size always is): guarding an unbacked one would raise.
+            if isinstance(s, torch.SymInt) and s.node.has_hint() and not s.node.expr.is_number:
+                name = str(s.node.expr)
+                done[name] = int(s)  # int() = guard_int: dynamo guards this value
+    return done
 
 
 # Graph nodes that switch global state (grad mode, autocast) rather than compute a value.

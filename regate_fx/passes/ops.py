@@ -90,22 +90,23 @@ _ACCEPTS = {
 }
 
 
-def _binds(schema, args: tuple, kwargs: dict) -> bool:
-    """Whether a call with these arguments binds to `schema` (arity, names and argument kinds)."""
+def _binds(schema, arg_kinds: tuple[str, ...], kwarg_kinds: dict[str, str]) -> bool:
+    """Whether a call with arguments of these kinds (`_kind`) binds to `schema` (arity, names and
+    argument kinds)."""
     params = list(schema.arguments)
     positional = [p for p in params if not p.kwarg_only]
-    if len(args) > len(positional) or any(p.name == "out" for p in params):
+    if len(arg_kinds) > len(positional) or any(p.name == "out" for p in params):
         return False
     names = {p.name for p in params}
-    if any(k not in names for k in kwargs):
+    if any(k not in names for k in kwarg_kinds):
         return False
-    given = {p.name: a for p, a in zip(positional, args)} | dict(kwargs)
+    given = {p.name: a for p, a in zip(positional, arg_kinds)} | kwarg_kinds
     for p in params:
         if p.name not in given:
             if not p.has_default_value():
                 return False
             continue
-        kind, tk = _kind(given[p.name]), p.type.kind()
+        kind, tk = given[p.name], p.type.kind()
         if tk == "OptionalType":
             if kind == "none":
                 continue
@@ -117,23 +118,28 @@ def _binds(schema, args: tuple, kwargs: dict) -> bool:
     return True
 
 
+@lru_cache(maxsize=4096)
+def _overloads(name: str, arg_kinds: tuple[str, ...], kwarg_kinds: tuple[tuple[str, str], ...]) -> tuple:
+    """The overloads of aten.<name> a call with arguments of these kinds binds to (memoised: a
+    24-layer graph asks the same few questions thousands of times)."""
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return ()
+    ops = (getattr(packet, o) for o in packet.overloads())
+    return tuple(op for op in ops if _binds(op._schema, arg_kinds, dict(kwarg_kinds)))
+
+
 def called_overloads(node: fx.Node) -> list[torch._ops.OpOverload]:
     """The aten overloads a call_function / call_method node can bind to (usually one)."""
     name = op_name(node)
     name = _OPERATOR_ALIASES.get(name, name)
-    packet = getattr(torch.ops.aten, name, None) if name else None
-    if not isinstance(packet, torch._ops.OpOverloadPacket):
+    if not name:
         return []
-    args = tuple(node.args)
-    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}  # functional API only
-    if getattr(node.target, "__module__", None) == "_operator" and len(args) == 2 and _kind(args[0]) != "tensor":
-        args = args[::-1]  # `0.5 * x` is recorded as mul(0.5, x): aten's schemas take the tensor first
-    out = []
-    for o in packet.overloads():
-        op = getattr(packet, o)
-        if _binds(op._schema, args, kwargs):
-            out.append(op)
-    return out
+    kinds = tuple(_kind(a) for a in node.args)
+    if getattr(node.target, "__module__", None) == "_operator" and len(kinds) == 2 and kinds[0] != "tensor":
+        kinds = kinds[::-1]  # `0.5 * x` is recorded as mul(0.5, x): aten's schemas take the tensor first
+    kwarg_kinds = tuple((k, _kind(v)) for k, v in node.kwargs.items() if k != "inplace")  # functional API only
+    return list(_overloads(name, kinds, kwarg_kinds))
 
 
 @lru_cache(maxsize=None)

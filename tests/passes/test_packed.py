@@ -87,6 +87,58 @@ def test_packed_attention_is_per_sample_causal_attention(keep, gqa, path):
     torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
+def _flash_attn_stub(calls: list):
+    """A stand-in for flash-attn 2's `flash_attn_varlen_func`, with its signature and documented
+    contract (q (total, H, d), k and v (total, H_k, d) with H_k dividing H, int32 cu_seqlens of
+    B + 1 offsets, max_seqlen >= every length), computed by per-sample loops. flash-attn needs
+    CUDA to build, so this checks the call regate_fx makes, not the kernel."""
+    import types
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        assert q.dim() == k.dim() == v.dim() == 3 and q.size(1) % k.size(1) == 0, (q.shape, k.shape)
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+        lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        assert max_seqlen_q >= max(lengths) and max_seqlen_k >= max(lengths)
+        assert cu_seqlens_q[-1] == q.size(0) == k.size(0)
+        calls.append({"causal": causal, "scale": softmax_scale, "dropout": dropout_p})
+        scale = softmax_scale if softmax_scale is not None else q.size(-1) ** -0.5
+        kk, vv = (x.repeat_interleave(q.size(1) // x.size(1), 1) for x in (k, v))  # (total, H, d)
+        out = []
+        for s, e in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+            scores = torch.einsum("qhd,khd->hqk", q[s:e], kk[s:e]) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+            out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv[s:e]))
+        return torch.cat(out)  # (total, H, d)
+
+    mod = types.ModuleType("flash_attn")
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    return mod
+
+
+@SETTINGS
+@given(keep=keep_masks(), gqa=st.booleans())
+def test_the_flash_attn_call_is_per_sample_causal_attention(keep, gqa):
+    # The CUDA half-precision path hands flash-attn's varlen kernel the packed (N, H, d) tokens,
+    # int32 cu_seqlens, K as the maximum length and causal=True: checked against flash-attn's
+    # documented contract on a stand-in (the real kernel runs only where flash-attn is installed:
+    # tests/test_cuda.py).
+    import sys
+    from unittest import mock
+
+    from regate_fx.passes import kernels
+
+    calls = []
+    lay = packed_layout(keep)
+    q, k, v = _packed_qkv(keep, gqa)
+    with mock.patch.dict(sys.modules, {"flash_attn": _flash_attn_stub(calls)}):
+        got = kernels._flash_attn_varlen(q, k, v, lay.cu_seqlens, lay.pad_idx.size(1), None, gqa)
+    assert calls == [{"causal": True, "scale": None, "dropout": 0.0}]
+    torch.testing.assert_close(got, _attention_per_sample(q, k, v, keep), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_attention_with_another_value_head_size():
     """v's head size differs from q's and k's (MLA-style attention): the flash kernels refuse it,
     SDPA on the padded view computes it."""
