@@ -61,6 +61,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -645,24 +646,45 @@ def compile_time(args, console: Console) -> list[dict]:
     for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch"):
         if getattr(args, k) is not None:
             base += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+
+    def probe_once(backend, seq, variant, label, cache):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+        cmd = base + ["--backends", backend, "--seqs", str(seq), "--probe", variant, "--cache-label", label]
+        if args.second_seq:
+            cmd += ["--second-seq", str(args.second_seq)]
+        with console.status(f"compile time: {backend} {variant} ({label} cache, fresh process)"):
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("{")), None)
+        if out.returncode != 0 or line is None:
+            console.print(f"[red]probe failed[/red] ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+            return None
+        return json.loads(line)
+
+    # Each variant: one cold process, then --repeat warm processes on its cache, the variants'
+    # warm processes interleaved (a load change hits all of them); rows are the warm medians.
+    warm_runs: dict = {}
     for backend in args.backends:
         for seq in args.seqs[:1]:
-            for variant in args.compile_variants:
-                with tempfile.TemporaryDirectory(prefix="regate-bench-cache-") as cache:
-                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
-                               TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-                    for label in ("cold", "warm"):
-                        cmd = base + ["--backends", backend, "--seqs", str(seq), "--probe", variant,
-                                      "--cache-label", label]
-                        if args.second_seq:
-                            cmd += ["--second-seq", str(args.second_seq)]
-                        with console.status(f"compile time: {backend} {variant} ({label} cache, fresh process)"):
-                            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                        line = next((x for x in out.stdout.splitlines() if x.startswith("{")), None)
-                        if out.returncode != 0 or line is None:
-                            console.print(f"[red]probe failed[/red] ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-                            continue
-                        results.append(json.loads(line))
+            caches = {v: tempfile.mkdtemp(prefix="regate-bench-cache-") for v in args.compile_variants}
+            try:
+                for variant in args.compile_variants:
+                    r = probe_once(backend, seq, variant, "cold", caches[variant])
+                    if r is not None:
+                        results.append(r)
+                for _ in range(args.repeat):
+                    for variant in args.compile_variants:
+                        r = probe_once(backend, seq, variant, "warm", caches[variant])
+                        if r is not None:
+                            warm_runs.setdefault((backend, variant), []).append(r)
+            finally:
+                for c in caches.values():
+                    shutil.rmtree(c, ignore_errors=True)
+    for (backend, variant), runs in warm_runs.items():
+        runs.sort(key=lambda r: r["first_step_s"])
+        med = dict(runs[len(runs) // 2])
+        med["warm_first_steps_s"] = [r["first_step_s"] for r in runs]  # every warm process, sorted
+        results.append(med)
     table = Table(title="first step (fresh process): capture, pass, inner compile")
     for col in ("backend", "layers", "variant", "cache", "first step s", "capture s", "pass s", "inner s",
                 "lazy bwd s", "second step s", "aot cache", "x plain compile", "steps 1+2 x plain"):
@@ -720,6 +742,8 @@ def parse(argv):
                     choices=["dense", "dense_dynamic", "sparse", "sparse_dynamic"],
                     help="--compile-time: dense_dynamic is plain torch.compile(dynamic=True), every axis "
                          "symbolic from the first call; sparse_dynamic is SparsifyConfig(dynamic=True)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="--compile-time: warm-cache processes per variant, interleaved; the row is their median")
     ap.add_argument("--second-seq", type=int, default=None,
                     help="--compile-time: run the second step at this length (a new length recompiles plain "
                          "torch.compile and the default sparse step, once)")

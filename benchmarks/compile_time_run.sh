@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())" | tee "$OUT/env.txt"
 nproc >> "$OUT/env.txt"
 STAGES=${STAGES:-"eager eager24 cpu4 cpu24 two4 two24 cuda4"}
-V="--compile-variants dense sparse sparse_dynamic"
+V="--compile-variants dense sparse sparse_dynamic --repeat ${REPEAT:-1}"  # REPEAT=5: warm medians
 stage() {  # name, limit (s), bench arguments...
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac

@@ -78,7 +78,7 @@ class SparsifyConfig:
             as plain ``torch.compile``; the first call with other sizes (in training, the second
             step: the kept count changes every step) recompiles once with symbolic sizes, and
             that graph serves every later step. ``True``: symbolic from the first call, one
-            compile in all (less compile time over a run, a slower first step: 1.4-1.6x plain
+            compile in all (less compile time over a run, a slower first step: 1.37-1.45x plain
             torch.compile's on the CPU, docs/benchmarks.md). The capture and the pass always use
             symbolic sizes; with ``backend="eager"`` there is no inner compile, so both behave as
             ``True``. ``False`` (a compile per shape) is refused: the kept count changes every step.
