@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes
+from regate_fx.capture import (CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes,
+                               needs_output_hooks)
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
@@ -276,6 +277,10 @@ class _PackedRefused(Exception):
     """This graph cannot run on the packed layout (the backend's PackedRefused, unwrapped)."""
 
 
+class _NeedsOutputHooks(Exception):
+    """The capture stopped where transformers installs its output hooks (``needs_output_hooks``)."""
+
+
 _INSTANCES = itertools.count()
 
 
@@ -321,6 +326,7 @@ class SparseForward:
         self._printed = False
         self._compiled_kinds: set[str] = set()  # "sparse" once the first sparse call compiled
         self._first_sizes: tuple | None = None  # sizes of the first sparse call (seq and layout)
+        self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
         model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
         regate_backend = make_backend(resolve_backend(backend), self.report, self._roles,
@@ -442,6 +448,8 @@ class SparseForward:
         except (KeepMaskError, RewriteError):
             raise
         except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
+            if not self._output_hooks and needs_output_hooks(e):
+                raise _NeedsOutputHooks() from e
             err = capture_error(e, self._capture.model, self._capture.mode)
             if err is None:
                 raise
@@ -480,7 +488,12 @@ class SparseForward:
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
         packed = self._wants_packed(keep_mask)
         try:
-            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
+            try:
+                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
+            except _NeedsOutputHooks:  # the forward asks for hidden states / attentions: hooks, then again
+                install_output_hooks(model if model is not None else self._capture.model)
+                self._output_hooks = True
+                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
         except _PackedRefused as e:
             self.report.packed_refused = str(e)
             if self.config.layout == "packed":
@@ -672,7 +685,6 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
             or backend in torch._dynamo.list_backends()):
         raise ValueError(f"unknown backend {backend!r}; use 'eager', 'aot_eager', 'inductor' or a callable")
     target = _unwrap(model)
-    install_output_hooks(target)
     fwd = sparse_forward(target)
     if fwd is not None:  # again: a new configuration, a fresh capture; wrappers of fwd see it too
         fwd.__init__(fwd.original, config, backend)

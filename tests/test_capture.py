@@ -143,3 +143,15 @@ def test_image_layout_does_not_recompile_the_decoder():
     layouts = [g.layout for g in smodel.regate_report.graphs if g.sparse]
     assert len(layouts) == len(set(layouts)), layouts  # "auto": each layout compiled once, at its first use
     assert counters["stats"]["unique_graphs"] - graphs == len(layouts) - 1
+
+
+def test_output_hooks_are_installed_only_for_a_forward_that_asks_for_outputs():
+    # transformers' output-capturing hooks make dynamo trace every hooked module's hook path (a
+    # slower capture): a plain sparse step leaves them out. A forward that asks for attentions or
+    # hidden states gets them, and is captured again (test_negative's WithAttn model).
+    tm = BY_NAME["llama"]
+    model = tm("sdpa")
+    smodel = regate_fx.sparsify(model, backend="eager")
+    batch = make_batch(tm, 2, 8)
+    smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    assert [name for name, m in model.named_modules() if m._forward_hooks] == []
