@@ -386,9 +386,13 @@ class SparseForward:
                                   "first call)")
         return console.status(f"regate_fx: capturing and compiling the {kind} graph (first {kind} call)")
 
-    def _compile_kind(self, sizes: tuple) -> str:
+    def _compile_kind(self, tensors: tuple[torch.Tensor, ...]) -> str:
         """'symbolic' for a call whose sizes differ from the first sparse call's, once that call
-        compiled a graph for static sizes (``dynamic=None``): this call recompiles."""
+        compiled a graph for static sizes (``dynamic=None``): this call recompiles. Nothing to
+        compute once that spinner was shown, or without spinners."""
+        if not self.config.progress or "symbolic" in self._compiled_kinds:
+            return "sparse"
+        sizes = tuple(tuple(t.shape) for t in tensors)
         if self._first_sizes is None:
             self._first_sizes = sizes
         elif sizes != self._first_sizes and any(g.static_sizes for g in self.report.graphs):
@@ -433,7 +437,7 @@ class SparseForward:
                         **roles)
         try:
             with torch.fx.experimental._config.patch(use_duck_shape=False), _gc_frozen(), self._first_call_status(
-                    self._compile_kind(tuple(tuple(t.shape) for t in (seq, *roles.values())))), \
+                    self._compile_kind((seq, *roles.values()))), \
                     _without_input_require_grads(getattr(self.original, "__self__", None)):
                 return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
                                       self.config.wants_logits(labels is not None),

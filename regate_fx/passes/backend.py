@@ -89,9 +89,10 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
     that traces the graph again (not ``eager``, where the capture is all the compile and must be
     symbolic for the analysis anyway). ``True``: symbolic from the first graph.
     """
-    static_left = [dynamic is None and inner is not _eager]  # the first sparse graph compiles static
+    static_left = dynamic is None and inner is not _eager  # the first sparse graph compiles static
 
     def regate_backend(gm: fx.GraphModule, example_inputs):
+        nonlocal static_left
         counters["graphs"] += 1
         found = _find_roles(gm, example_inputs, roles)
         name = f"graph_{len(report.graphs)}"
@@ -153,8 +154,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             KeptInputs(*(found[k] for k in _PADDED_ROLES))
         with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
             g.gathered_inputs = rewrite(gm, analysis, kept, fill=False)
-        if static_left[0]:  # after the analysis and the rewrite, which read the symbols
-            static_left[0] = False
+        if static_left:  # after the analysis and the rewrite, which read the symbols
+            static_left = False
             g.static_sizes = specialize_inputs(gm.graph)
             counters["static_graphs"] += bool(g.static_sizes)
         if _reads_values(inner):
