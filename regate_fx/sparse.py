@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from regate_fx.capture import (CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes,
-                               needs_output_hooks)
+from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, mark_token_axes
+from regate_fx.compat import capture_settings, check_environment, install_output_hooks, needs_output_hooks
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
@@ -436,7 +436,7 @@ class SparseForward:
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
                         **roles)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False), _gc_frozen(), self._first_call_status(
+            with capture_settings(), _gc_frozen(), self._first_call_status(
                     self._compile_kind((seq, *roles.values()))), \
                     _without_input_require_grads(getattr(self.original, "__self__", None)):
                 return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
@@ -673,12 +673,17 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
         ``model`` itself. Call it with the model's keyword arguments plus ``keep_mask``; read
         ``model.regate_report`` for what was rewritten. :func:`unsparsify` undoes it.
 
+    Raises:
+        UnsupportedEnvironment: torch or transformers outside the tested range, or a torch build
+            without torch.compile (:func:`regate_fx.compat.check_environment`).
+
     Example:
         >>> model = regate_fx.sparsify(model, backend="eager")
         >>> out = model(input_ids=ids, attention_mask=am, labels=labels, keep_mask=keep)
         >>> out.loss.backward()
         >>> print(model.regate_report)
     """
+    check_environment()
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
     if config is None:
