@@ -151,8 +151,12 @@ class NoStreamLM(nn.Module):
 # backward recomputation that saw other state than the forward would give other gradients. The state
 # holds a module (not a constant), which is what dynamo refuses inside a checkpoint by default.
 
-class SelectedState:
-    act = None  # the activation module a wrapper selected; None outside every wrapper
+class _Selection:
+    def __init__(self):
+        self.act = None  # the activation module a wrapper selected; None outside every wrapper
+
+
+SelectedState = _Selection()  # one global object, like the kernels package's context variable
 
 
 class Tripled(nn.Module):
