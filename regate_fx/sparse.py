@@ -446,8 +446,8 @@ class SparseForward:
                     f"saw it), which ran unchanged")
         else:
             what = ("no rewritten graph ran: dynamo ran the step's Python code itself (e.g. under "
-                    "torch.compiler.set_stance('force_eager') or torch._dynamo.config.disable), or a cached "
-                    "graph that is not the rewritten one")
+                    "torch.compiler.set_stance('force_eager'), torch._dynamo.config.disable, or past dynamo's "
+                    "recompile limit), or a cached graph that is not the rewritten one")
         raise RewriteError(
             f"regate_fx: a call with keep_mask ran without its sparse graph, so it computed every token "
             f"dense; its result is discarded. {what[0].upper()}{what[1:]}. Call the sparsified model "
