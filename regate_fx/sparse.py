@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, mark_token_axes
 from regate_fx.compat import capture_settings, check_environment, install_output_hooks, needs_output_hooks
 from regate_fx.errors import KeepMaskError, RewriteError
-from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, make_backend, resolve_backend
+from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.report import RewriteReport
 
@@ -329,10 +329,13 @@ class SparseForward:
         self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
         model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
+        self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
         regate_backend = make_backend(resolve_backend(backend), self.report, self._roles,
                                       strict=config.strict, on_report=self._maybe_print,
-                                      dynamic=config.dynamic)
-        self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
+                                      dynamic=config.dynamic, runs=self._runs)
+        step = _own_step_function()
+        self._step_code = step.__code__  # the key of this model's dynamo cache
+        self._compiled = torch.compile(step, backend=regate_backend, fullgraph=config.fullgraph)
         functools.update_wrapper(self, original, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
                                  updated=())
 
@@ -417,6 +420,41 @@ class SparseForward:
         waste = 1.0 - float(counts.sum()) / (keep.size(0) * max(int(counts.max()), 2))  # of the (B, K) slots
         return waste >= self.config.packed_min_waste
 
+    @contextlib.contextmanager
+    def _sparse_graph_must_run(self):
+        """Around the compiled step: capture it as one graph under DDP, and raise a
+        :class:`RewriteError` if the call returns without having run a rewritten graph.
+
+        Whatever wraps the model (DDP, FSDP, DeepSpeed, a user's ``torch.compile``, Accelerate),
+        a call with ``keep_mask`` either runs the rewritten computation or raises: it never
+        computes every token dense in silence. The backend counts the calls of the graphs it
+        rewrote (``passes.backend.SparseRuns``, one Python increment per step); an unchanged
+        count after a call that returned means dynamo ran something else: pieces of a split
+        graph, or the step's Python code eagerly. The compiled graphs of the step are then
+        discarded, so a later call (outside whatever caused it) captures afresh.
+        """
+        before, graphs = self._runs.count, len(self.report.graphs)
+        with _one_graph_under_ddp():
+            yield
+        if self._runs.count != before:
+            return
+        torch._dynamo.eval_frame.reset_code(self._step_code)
+        new = self.report.graphs[graphs:]
+        if new:
+            what = (f"dynamo handed the ReGATE backend {len(new)} graph(s) without the kept layout among their "
+                    f"inputs ({', '.join(g.name for g in new)}: pieces of a graph split before the backend "
+                    f"saw it), which ran unchanged")
+        else:
+            what = ("no rewritten graph ran: dynamo ran the step's Python code itself (e.g. under "
+                    "torch.compiler.set_stance('force_eager'), torch._dynamo.config.disable, or past dynamo's "
+                    "recompile limit), or a cached graph that is not the rewritten one")
+        raise RewriteError(
+            f"regate_fx: a call with keep_mask ran without its sparse graph, so it computed every token "
+            f"dense; its result is discarded. {what[0].upper()}{what[1:]}. Call the sparsified model "
+            f"outside what changed how dynamo compiles or runs it (a wrapper's compile hook, a compiler "
+            f"stance, a dynamo config), or without keep_mask for a dense step. The step's compiled graphs "
+            f"were dropped: the next call captures it again.", report=self.report)
+
     def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, packed: bool):
         """One call of the compiled step on the padded or the packed kept layout."""
         if packed:
@@ -438,7 +476,8 @@ class SparseForward:
         try:
             with capture_settings(), _gc_frozen(), self._first_call_status(
                     self._compile_kind((seq, *roles.values()))), \
-                    _without_input_require_grads(getattr(self.original, "__self__", None)):
+                    _without_input_require_grads(getattr(self.original, "__self__", None)), \
+                    self._sparse_graph_must_run():
                 return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
                                       self.config.wants_logits(labels is not None),
                                       layout.tensors() if packed else None)
@@ -626,6 +665,39 @@ def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch
     if bool(empty.any()):
         raise KeepMaskError(f"keep_mask keeps no position in sample(s) {empty.nonzero().flatten().tolist()}; "
                             "every sample needs at least one kept position")
+
+
+def _one_graph_under_ddp():
+    """Inside a DDP forward: ``torch._dynamo.config.optimize_ddp`` off for the sparse step's compile.
+
+    Dynamo reads the setting when it converts a frame (``convert_frame``, on a cache miss): in
+    its default mode (``"ddp_optimizer"``) and inside a DDP forward, it splits the captured graph
+    at DDP's gradient bucket boundaries (the first at 1 MiB of parameters) and compiles each piece
+    with the backend. No piece holds the whole residual stream and the kept layout, so none
+    could be rewritten: the step would run dense. Off, the step is one graph. DDP itself is
+    unchanged: its reducer's hooks on every parameter's gradient accumulation still fire and
+    all-reduce each bucket as it fills. What the split bought is overlap under an AOTAutograd
+    backend (aot_eager, inductor), whose backward is one node that yields every weight gradient
+    at its end: the buckets are then all-reduced after the step's backward instead of during it
+    (the eager backend's backward is op by op and overlaps as before). The other modes
+    (``"python_reducer"``, off) never split. Outside a DDP forward nothing is changed.
+    """
+    cfg = torch._dynamo.config
+    if getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", True) is None \
+            or cfg.optimize_ddp not in (True, "ddp_optimizer"):
+        return contextlib.nullcontext()
+    return _dynamo_optimize_ddp_off()
+
+
+@contextlib.contextmanager
+def _dynamo_optimize_ddp_off():
+    cfg = torch._dynamo.config
+    old = cfg.optimize_ddp
+    cfg.optimize_ddp = False
+    try:
+        yield
+    finally:
+        cfg.optimize_ddp = old
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
