@@ -9,7 +9,8 @@ internals.
 
 Shims:
 
-- :func:`capture_settings`: dynamo settings scoped to the sparse step's own compile (torch 2.13).
+- :func:`capture_settings`: dynamo settings scoped to the sparse step's own compile (torch 2.13), DDP's
+  graph split off inside a DDP forward (:func:`one_graph_under_ddp`).
 - :func:`needs_output_hooks` / :func:`install_output_hooks`: transformers' lazily installed
   output-capturing hooks (transformers 5.23-5.25).
 - :func:`reload_renamed_weights`: Trainer's resume of checkpoints whose keys ``save_pretrained``
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["UnsupportedEnvironment", "capture_settings", "check_environment", "install_output_hooks",
-           "needs_output_hooks", "reload_renamed_weights"]
+           "needs_output_hooks", "one_graph_under_ddp", "reload_renamed_weights"]
 
 
 # --- environment ----------------------------------------------------------------------------
@@ -131,10 +132,47 @@ def capture_settings() -> Iterator[None]:
     (``tests/test_compile_ckpt.py`` proves it with a wrapper whose Python state changes the
     output). The state change itself happens once per step, as dynamo replays side effects after
     the graph runs, as it would without checkpointing.
+
+    Inside a DDP forward, ``optimize_ddp`` is off too (:func:`one_graph_under_ddp`).
+
+    The settings are set and restored directly: ``config.patch`` costs about 0.1 ms per call, and
+    this runs on every step.
     """
-    with torch.fx.experimental._config.patch(use_duck_shape=False), \
-            torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+    settings = [(torch.fx.experimental._config, "use_duck_shape", False),
+                (torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)]
+    if one_graph_under_ddp():
+        settings.append((torch._dynamo.config, "optimize_ddp", False))
+    old = [getattr(mod, name) for mod, name, _ in settings]
+    for mod, name, value in settings:
+        setattr(mod, name, value)
+    try:
         yield
+    finally:
+        for (mod, name, _), value in zip(settings, old):
+            setattr(mod, name, value)
+
+
+def _inside_ddp_forward() -> bool:
+    return getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None
+
+
+def one_graph_under_ddp() -> bool:
+    """Whether :func:`capture_settings` turns ``optimize_ddp`` off now (for tests and the guard's message).
+
+    Dynamo reads ``torch._dynamo.config.optimize_ddp`` when it converts a frame (``convert_frame``,
+    on a cache miss): in its default mode (``"ddp_optimizer"``) and inside a DDP forward
+    (``DistributedDataParallel._active_ddp_module``, torch 2.13), it splits the captured graph
+    at DDP's gradient bucket boundaries (the first at 1 MiB of parameters) and compiles each piece
+    with the backend. No piece holds the whole residual stream and the kept layout, so none
+    could be rewritten: the step would run dense. Off, the step is one graph. DDP itself is
+    unchanged: its reducer's hooks on every parameter's gradient accumulation still fire and
+    all-reduce each bucket as it fills. What the split bought is overlap under an AOTAutograd
+    backend (aot_eager, inductor), whose backward is one node that yields every weight gradient
+    at its end: the buckets are then all-reduced after the step's backward instead of during it
+    (the eager backend's backward is op by op and overlaps as before). The other modes
+    (``"python_reducer"``, off) never split. Outside a DDP forward nothing is changed.
+    """
+    return _inside_ddp_forward() and torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
 
 
 # --- transformers' output-capturing hooks (transformers 5.23-5.25) ---------------------------

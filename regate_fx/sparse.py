@@ -422,8 +422,8 @@ class SparseForward:
 
     @contextlib.contextmanager
     def _sparse_graph_must_run(self):
-        """Around the compiled step: capture it as one graph under DDP, and raise a
-        :class:`RewriteError` if the call returns without having run a rewritten graph.
+        """Around the compiled step: raise a :class:`RewriteError` if the call returns without
+        having run a rewritten graph (under DDP ``compat.capture_settings`` keeps the step one graph).
 
         Whatever wraps the model (DDP, FSDP, DeepSpeed, a user's ``torch.compile``, Accelerate),
         a call with ``keep_mask`` either runs the rewritten computation or raises: it never
@@ -434,8 +434,7 @@ class SparseForward:
         discarded, so a later call (outside whatever caused it) captures afresh.
         """
         before, graphs = self._runs.count, len(self.report.graphs)
-        with _one_graph_under_ddp():
-            yield
+        yield
         if self._runs.count != before:
             return
         torch._dynamo.eval_frame.reset_code(self._step_code)
@@ -665,39 +664,6 @@ def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch
     if bool(empty.any()):
         raise KeepMaskError(f"keep_mask keeps no position in sample(s) {empty.nonzero().flatten().tolist()}; "
                             "every sample needs at least one kept position")
-
-
-def _one_graph_under_ddp():
-    """Inside a DDP forward: ``torch._dynamo.config.optimize_ddp`` off for the sparse step's compile.
-
-    Dynamo reads the setting when it converts a frame (``convert_frame``, on a cache miss): in
-    its default mode (``"ddp_optimizer"``) and inside a DDP forward, it splits the captured graph
-    at DDP's gradient bucket boundaries (the first at 1 MiB of parameters) and compiles each piece
-    with the backend. No piece holds the whole residual stream and the kept layout, so none
-    could be rewritten: the step would run dense. Off, the step is one graph. DDP itself is
-    unchanged: its reducer's hooks on every parameter's gradient accumulation still fire and
-    all-reduce each bucket as it fills. What the split bought is overlap under an AOTAutograd
-    backend (aot_eager, inductor), whose backward is one node that yields every weight gradient
-    at its end: the buckets are then all-reduced after the step's backward instead of during it
-    (the eager backend's backward is op by op and overlaps as before). The other modes
-    (``"python_reducer"``, off) never split. Outside a DDP forward nothing is changed.
-    """
-    cfg = torch._dynamo.config
-    if getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", True) is None \
-            or cfg.optimize_ddp not in (True, "ddp_optimizer"):
-        return contextlib.nullcontext()
-    return _dynamo_optimize_ddp_off()
-
-
-@contextlib.contextmanager
-def _dynamo_optimize_ddp_off():
-    cfg = torch._dynamo.config
-    old = cfg.optimize_ddp
-    cfg.optimize_ddp = False
-    try:
-        yield
-    finally:
-        cfg.optimize_ddp = old
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
