@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from regate_fx.runtime import _dist
-from regate_fx.runtime.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir
+from regate_fx.runtime.atomic import TMP_SUFFIX, atomic_write, fsync_dir
 from regate_fx.runtime.data import collate, read_sample
 from regate_fx.runtime.selection import hash32
 from regate_fx.runtime.store import gather_ragged
