@@ -122,7 +122,8 @@ def _carries_hub_kernel_wrappers(model) -> bool:
     return any("_kernel_funcs" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+# Llama with the wrappers is also test_gradient_checkpointing_matches_the_oracle (against the oracle): slow here.
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "qwen2_vl"])
 def test_checkpointing_of_layers_with_hub_kernel_wrappers(name):
     """transformers >= 5.25 wraps attention modules with the `kernels` package (forward wrappers that
     set a context variable): every checkpointed decoder layer carries them."""

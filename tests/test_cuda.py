@@ -137,3 +137,34 @@ def test_cuda_gradient_checkpointing_with_hub_kernel_wrappers_matches_the_oracle
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, keep = _batch_and_keep(tm, 3, "left", torch.float32, seed=5, keep_seed=6)
     check_against_oracle(smodel, model, batch, keep)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_cuda_ddp_over_nccl_runs_the_sparse_graph_above_the_first_bucket(backend, tmp_path):
+    """DDP over NCCL, world size 1 (DDP's reducer hooks and dynamo's DDP optimizer still run), a model
+    above DDP's first 1 MiB bucket: the step is one rewritten graph (never split and dense), exact
+    against the oracle on loss and every gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from regate_fx.verify import oracle
+    from tests.helpers import LOSS_ATOL, assert_grads_close, grads
+    from tests.models import LLAMA_ABOVE_FIRST_BUCKET as BIG
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = BIG("sdpa").cuda().train()
+        regate_fx.sparsify(model, backend=backend)
+        ddp = DDP(model, device_ids=[0])
+        batch, keep = _batch_and_keep(BIG, 2, "left", torch.float32, seed=7, keep_seed=8)
+        loss = ddp(**batch, keep_mask=keep).loss
+        loss.backward()
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        assert [g.sparse for g in model.regate_report.graphs] == [True]
+        _, ref = oracle(model, batch, keep)
+        ref.backward()
+        assert_close(loss.detach(), ref.detach(), "loss", atol=LOSS_ATOL, rtol=0)
+        assert_grads_close(got, grads(model))
+    finally:
+        dist.destroy_process_group()

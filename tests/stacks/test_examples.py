@@ -40,11 +40,13 @@ def test_trl_sft_with_lora(tmp_path):
     assert "kept" in run("trl_sft", "--steps", "3", "--lora", tmp_path=tmp_path)
 
 
+@pytest.mark.slow  # CI time: LoRA is tests/test_peft.py, and LoRA through TRL is test_trl_sft_with_lora
 def test_peft_lora(tmp_path):
     pytest.importorskip("peft")
     assert "adapter reloaded: True" in run("peft_lora", "--steps", "3", tmp_path=tmp_path)
 
 
+@pytest.mark.slow  # CI time: root FSDP2 on 2 ranks is tests/test_distributed.py::test_fsdp2_of_a_sparsified_model_equals_one_process
 def test_accelerate_fsdp2_on_two_processes(tmp_path):
     out = run("accelerate_fsdp", "--steps", "3", "--fsdp2", tmp_path=tmp_path)
     assert "2 ranks" in out and "step   2" in out
