@@ -73,7 +73,7 @@ def kept_rows(x: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
 
 
 # --- the packed layout ------------------------------------------------------------------------
-# Kept tokens of every sample in one row, sample after sample (see `regate_fx.sparse.PackedLayout`):
+# Kept tokens of every sample in one row, sample after sample (see `regate_fx.layouts.packed`):
 #
 #     flat_idx   (N,)    flat position b * T + t of every kept token, ascending
 #     pad_idx    (B, K)  for attention: sample b's kept tokens as indices into N, then padding

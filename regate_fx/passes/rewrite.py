@@ -1,6 +1,6 @@
 """Rewrite accepted regions into gather -> compute on kept tokens -> scatter form.
 
-Layout of the kept tokens (built outside the graph, see `regate_fx.sparse.kept_layout`):
+Layout of the kept tokens (built outside the graph, see `regate_fx.layouts.padded`):
 
     gather_idx  (B, K)  kept positions of each sample in ascending order, then padding slots that
                         repeat the sample's last kept position (so every row of every mask is a
