@@ -20,9 +20,8 @@ from regate_fx.capture import Capture, capture_error, mark_token_axes
 from regate_fx.compat import capture_settings, install_output_hooks, needs_output_hooks
 from regate_fx.config import SparsifyConfig
 from regate_fx.errors import KeepMaskError, RewriteError
-from regate_fx.layouts.packed import packed_layout
-from regate_fx.layouts.padded import kept_layout
-from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, SparseRuns, make_backend, resolve_backend
+from regate_fx.layouts import Layout, LayoutRefused, choose_layout
+from regate_fx.passes.backend import PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.report import RewriteReport
 from regate_fx.stacks import accepts, check_no_inner_fsdp, gc_frozen, with_keep_mask, without_input_require_grads
 from regate_fx.step import own_step_function
@@ -50,10 +49,6 @@ class ReGateOutput(ModelOutput):
     token_loss: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
 
-
-
-class _PackedRefused(Exception):
-    """This graph cannot run on the packed layout (the backend's PackedRefused, unwrapped)."""
 
 
 class _NeedsOutputHooks(Exception):
@@ -179,16 +174,9 @@ class SparseForward:
             Console().print(self.report)
             self._printed = True
 
-    def _wants_packed(self, keep: torch.Tensor) -> bool:
-        """Whether this step runs on the packed layout (see ``SparsifyConfig.layout``)."""
-        layout = self.config.layout
-        if layout == "padded" or keep.size(0) < 2 or (layout == "auto" and self.report.packed_refused):
-            return False
-        if layout == "packed":
-            return True
-        counts = keep.sum(1)
-        waste = 1.0 - float(counts.sum()) / (keep.size(0) * max(int(counts.max()), 2))  # of the (B, K) slots
-        return waste >= self.config.packed_min_waste
+    def _layout(self, keep: torch.Tensor) -> Layout:
+        """The kept layout this step runs on (see ``SparsifyConfig.layout``)."""
+        return choose_layout(self.config.layout, keep, self.config.packed_min_waste, self.report)
 
     @contextlib.contextmanager
     def _sparse_graph_must_run(self):
@@ -224,21 +212,13 @@ class SparseForward:
             f"stance, a dynamo config), or without keep_mask for a dense step. The step's compiled graphs "
             f"were dropped: the next call captures it again.", report=self.report)
 
-    def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, packed: bool):
-        """One call of the compiled step on the padded or the packed kept layout."""
-        if packed:
-            layout = packed_layout(keep_mask)
-            args = (None, None, None)
-            dims = {layout.flat_idx: (0,), layout.pad_idx: (0, 1), layout.pack_idx: (0,), layout.cu_seqlens: (0,)}
-            roles = dict(zip(("flat_idx", "pad_idx", "pack_idx", "cu_seqlens"), layout.tensors()))
-        else:
-            layout = kept_layout(keep_mask)
-            args = (layout.gather_idx, layout.scatter_idx, layout.valid)
-            dims = {t: (0, 1) for t in args}
-            roles = dict(zip(("gather_idx", "scatter_idx", "valid"), args))
-        for t, ds in dims.items():
+    def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, layout: Layout):
+        """One call of the compiled step on the kept `layout`."""
+        tensors = layout.build(keep_mask)
+        for t, ds in zip(tensors, layout.dynamic_dims):
             for d in ds:
                 torch._dynamo.maybe_mark_dynamic(t, d)
+        roles = dict(zip(layout.roles, tensors))
         am = inputs.get("attention_mask")
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
                         **roles)
@@ -247,14 +227,11 @@ class SparseForward:
                     self._compile_kind((seq, *roles.values()))), \
                     without_input_require_grads(getattr(self.original, "__self__", None)), \
                     self._sparse_graph_must_run():
-                return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
-                                      self.config.wants_logits(labels is not None),
-                                      layout.tensors() if packed else None)
+                return self._compiled(target, inputs, self._use_cache_kw, layout, tensors, labels,
+                                      self.config.wants_logits(labels is not None))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
-            if isinstance(inner, PackedRefused):
-                raise _PackedRefused(str(inner)) from None
-            if isinstance(inner, (KeepMaskError, RewriteError)):
+            if isinstance(inner, (LayoutRefused, KeepMaskError, RewriteError)):  # refused: the layout's, or the pass's
                 raise inner.with_traceback(None) from None
             raise capture_error(e, self._capture.model, self._capture.mode) from e
         except (KeepMaskError, RewriteError):
@@ -298,21 +275,22 @@ class SparseForward:
             target = self.original  # the model's own forward, not this one (no recursion)
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
-        packed = self._wants_packed(keep_mask)
+        layout = self._layout(keep_mask)
         try:
             try:
-                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
+                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, layout)
             except _NeedsOutputHooks:  # the forward asks for hidden states / attentions: hooks, then again
                 install_output_hooks(model if model is not None else self._capture.model)
                 self._output_hooks = True
-                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, packed)
-        except _PackedRefused as e:
-            self.report.packed_refused = str(e)
-            if self.config.layout == "packed":
-                raise RewriteError(f"regate_fx: SparsifyConfig(layout='packed') cannot be used with this model: "
-                                   f"{e}. Use layout='padded' (or 'auto', which falls back to it).",
-                                   report=self.report) from None
-            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, False)
+                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, layout)
+        except LayoutRefused as e:  # this graph cannot run on it: the layout's fallback, or why not
+            e.layout.note_refusal(self.report, e.why)
+            fallback = e.layout.fallback
+            if self.config.layout == e.layout.name or fallback is None:
+                raise RewriteError(f"regate_fx: SparsifyConfig(layout={e.layout.name!r}) cannot be used with this "
+                                   f"model: {e.why}. Use layout={getattr(fallback, 'name', 'auto')!r} (or 'auto', "
+                                   f"which falls back to it).", report=self.report) from None
+            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, fallback)
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
 
 
