@@ -10,14 +10,14 @@ import torch
 import torch.fx as fx
 
 from regate_fx.errors import KeepMaskError, RewriteError
+from regate_fx.layouts import LAYOUT_KINDS, LayoutRefused
 from regate_fx.passes.analyse import Analysis, analyse
 from regate_fx.passes.checkpoint import CheckpointError, carry_recompute_tags, inline_activation_checkpoints
 from regate_fx.passes.graph import fill_values, node_value, specialize_inputs
-from regate_fx.passes.packed import packed_problem
-from regate_fx.passes.rewrite import KeptInputs, PackedInputs, rewrite
+from regate_fx.passes.rewrite import rewrite
 from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
 
-__all__ = ["PackedRefused", "PlaceholderRoles", "SparseRuns", "counters", "make_backend", "resolve_backend"]
+__all__ = ["LayoutRefused", "PlaceholderRoles", "SparseRuns", "counters", "make_backend", "resolve_backend"]
 
 # The rewritten graph, through torch's logging: TORCH_LOGS="+regate_fx" (or
 # torch._logging.set_logs(modules={"regate_fx": logging.DEBUG})) prints it with the report.
@@ -27,15 +27,6 @@ log = logging.getLogger(__name__)
 # (graphs, sparse_graphs, branches_rewritten, branches_refused, outside_refusals,
 # checkpoints_inlined, packed_refused, static_graphs).
 counters = torch._dynamo.utils.counters["regate_fx"]
-
-
-class PackedRefused(Exception):
-    """The graph cannot run on the packed layout (the message says why); `sparsify` falls back
-    to the padded layout, or raises for ``SparsifyConfig(layout="packed")``."""
-
-
-_PADDED_ROLES = ("gather_idx", "scatter_idx", "valid")
-_PACKED_ROLES = ("flat_idx", "pad_idx", "pack_idx", "cu_seqlens")
 
 
 class PlaceholderRoles:
@@ -134,8 +125,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         counters["graphs"] += 1
         found = _find_roles(gm, example_inputs, roles)
         name = f"graph_{len(report.graphs)}"
-        packed = "flat_idx" in found
-        if "gather_idx" not in found and not packed:  # a dense call (keep_mask=None): nothing to rewrite
+        kind = next((k for k in LAYOUT_KINDS if k.roles[0] in found), None)  # the kept layout among the inputs
+        if kind is None:  # a dense call (keep_mask=None): nothing to rewrite
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
         counters["sparse_graphs"] += 1
@@ -147,14 +138,14 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
         seq = found.get("seq")
         if seq is None or not isinstance(node_value(seq), torch.Tensor):
             raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
-        layout = [found[k] for k in (*_PADDED_ROLES, *_PACKED_ROLES) if k in found]
+        layout = [found[k] for k in kind.roles]
         analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)
-        why = packed_problem(analysis) if packed and analysis.regions else None
-        if why:  # nothing reported or counted: the padded layout's capture reports this graph
+        why = kind.problem(analysis)
+        if why:  # nothing reported or counted: the fallback layout's capture reports this graph
             counters["graphs"] -= 1
             counters["sparse_graphs"] -= 1
-            counters["packed_refused"] += 1
-            raise PackedRefused(why)
+            counters[f"{kind.name}_refused"] += 1
+            raise LayoutRefused(kind, why)
         g = GraphReport(name, sparse=True, branches=_records(analysis), reason=analysis.reason,
                         detail=analysis.detail,
                         regions=[(r.first, r.last) for r in analysis.regions],
@@ -186,10 +177,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
                 raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.",
                                    report=report)
             warnings.warn(msg, stacklevel=2)
-        if packed:
-            g.layout = "packed"
-        kept = PackedInputs(*(found[k] for k in _PACKED_ROLES)) if packed else \
-            KeptInputs(*(found[k] for k in _PADDED_ROLES))
+        g.layout = kind.name
+        kept = kind.graph(found)
         with carry_recompute_tags(gm.graph):  # replayed checkpointed ops stay recomputed in the backward
             g.gathered_inputs = rewrite(gm, analysis, kept, fill=False)
         if static_left:  # after the analysis and the rewrite, which read the symbols

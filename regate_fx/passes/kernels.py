@@ -18,7 +18,7 @@ import hashlib
 import torch
 import torch.fx as fx
 
-__all__ = ["KERNELS", "gather_tokens", "kept_rows", "kept_rows_packed", "mark_cacheable", "mask_keys_scores",
+__all__ = ["KERNELS", "MARKERS", "gather_tokens", "kept_rows", "kept_rows_packed", "mark_cacheable", "mask_keys_scores",
            "mask_keys_weights", "pack_tokens", "packed_attention", "packed_rows", "scatter_tokens", "sdpa_key_mask",
            "unpack_tokens", "varlen_sdpa_cpu"]
 
@@ -73,7 +73,7 @@ def kept_rows(x: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
 
 
 # --- the packed layout ------------------------------------------------------------------------
-# Kept tokens of every sample in one row, sample after sample (see `regate_fx.sparse.PackedLayout`):
+# Kept tokens of every sample in one row, sample after sample (see `regate_fx.layouts.packed`):
 #
 #     flat_idx   (N,)    flat position b * T + t of every kept token, ascending
 #     pad_idx    (B, K)  for attention: sample b's kept tokens as indices into N, then padding
@@ -274,6 +274,9 @@ def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Ten
     """
     return packed_rows(x, flat_idx)
 
+
+# Every layout's marker (`regate_fx/layouts/`: each step calls its own on the model's output).
+MARKERS = (kept_rows, kept_rows_packed)
 
 KERNELS = frozenset({gather_tokens, scatter_tokens, sdpa_key_mask, mask_keys_scores, mask_keys_weights, pack_tokens,
                      unpack_tokens, packed_attention, packed_rows})

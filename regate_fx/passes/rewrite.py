@@ -1,67 +1,32 @@
 """Rewrite accepted regions into gather -> compute on kept tokens -> scatter form.
 
-Layout of the kept tokens (built outside the graph, see `regate_fx.sparse.kept_layout`):
-
-    gather_idx  (B, K)  kept positions of each sample in ascending order, then padding slots that
-                        repeat the sample's last kept position (so every row of every mask is a
-                        real row and no softmax row is empty)
-    scatter_idx (B, K)  the same kept positions, then distinct *pruned* positions for the padding
-                        slots: the scatter is a permutation, deterministic and duplicate-free
-    valid       (B, K)  True for real kept slots
-
-A region's stream is gathered once on entry, every node of the region is replayed on (B, K, ...)
+A region's stream is gathered once on entry, every node of the region is replayed on kept-token
 tensors, every token-indexed side input (rotary tables, 4-D masks, position ids, earlier stream
-values) is gathered along each of its token axes, sizes equal to T become K, and attention masks
-out the padding slots as keys. The stream value leaving the region is scattered back into the
+values) is gathered along its token axes, sizes the layout changes are rebuilt, and attention is
+adapted to the kept tokens. The stream value leaving the region is scattered back into the
 stream value that entered it: pruned positions are carried unchanged, as the method requires.
 
-The packed layout (`PackedInputs`, see `regate_fx.passes.kernels`) puts every sample's kept
-tokens in one row instead: (B, T, ...) values become (1, N, ...), sizes equal to T become N and
-sizes equal to B become 1, and every causal SDPA call becomes `packed_attention` (each sample's
-tokens attend among themselves). `regate_fx.passes.packed` says when a graph allows it.
+How each of those steps reads on the kept layout, (B, K) padded or (1, N) packed, is the
+layout's: this module asks the `GraphLayout` (`regate_fx/layouts/`) and never which one it is.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
+from regate_fx.layouts.base import GraphLayout
 from regate_fx.passes.analyse import Analysis, Region, Tail
-from regate_fx.passes.graph import (TokenSymbols, fill_values, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg,
-                                    value_free_meta)
-from regate_fx.passes.kernels import (KERNELS, gather_tokens, kept_rows, kept_rows_packed, mark_cacheable,
-                                      mask_keys_scores, mask_keys_weights, pack_tokens, packed_attention, packed_rows,
-                                      scatter_tokens, sdpa_key_mask, unpack_tokens)
-from regate_fx.passes.ops import classify
+from regate_fx.passes.graph import TokenSymbols, fill_values, node_value, value_free_meta
+from regate_fx.passes.kernels import KERNELS, MARKERS, mark_cacheable
 
-__all__ = ["KeptInputs", "PackedInputs", "rewrite"]
+__all__ = ["rewrite"]
 
 
 # --- the rewrite --------------------------------------------------------------------------------
 
-@dataclass
-class KeptInputs:
-    """Placeholders carrying the kept layout into the graph."""
-
-    gather_idx: fx.Node
-    scatter_idx: fx.Node
-    valid: fx.Node
-
-
-@dataclass
-class PackedInputs:
-    """Placeholders carrying the packed layout into the graph."""
-
-    flat_idx: fx.Node
-    pad_idx: fx.Node
-    pack_idx: fx.Node
-    cu_seqlens: fx.Node
-
-
-def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInputs, *,
+def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *,
             fill: bool = True) -> list[str]:
     """Rewrite every region (and the tail) of `analysis` in place.
 
@@ -74,19 +39,16 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInp
     """
     graph = gm.graph
     sym = analysis.sym
-    packed = isinstance(kept, PackedInputs)
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_placeholder):
-        k_node = (graph.call_method("size", (kept.flat_idx, 0)) if packed  # N, the packed length
-                  else graph.call_method("size", (kept.gather_idx, 1)))  # K, the kept length
+        k_node = kept.length(graph)  # K padded, N packed
     gathered: dict[fx.Node, fx.Node] = {}
 
     def gathered_side(a: fx.Node) -> fx.Node:
         if a not in gathered:
             dims = sym.token_dims(node_value(a))
             with graph.inserting_after(a if a.op != "placeholder" else k_node):
-                gathered[a] = (graph.call_function(pack_tokens, (a, kept.flat_idx, dims[0])) if packed  # T -> N
-                               else graph.call_function(gather_tokens, (a, kept.gather_idx, dims)))  # T -> K
+                gathered[a] = kept.gather_side(graph, a, dims)  # T -> K (N)
         return gathered[a]
 
     replay = _Replay(graph, sym, kept, k_node, gathered_side, analysis.causal_masks)
@@ -106,28 +68,16 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: KeptInputs | PackedInp
 class _Replay:
     """Copies nodes so that they compute on kept tokens: (B, T, ...) values become (B, K, ...)."""
 
-    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: KeptInputs | PackedInputs, k_node: fx.Node,
+    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: GraphLayout, k_node: fx.Node,
                  gathered_side, causal_masks: set[fx.Node]):
         self.graph, self.sym, self.kept, self.k_node = graph, sym, kept, k_node
         self.gathered_side, self.causal_masks = gathered_side, causal_masks
-        self.packed = isinstance(kept, PackedInputs)
-        # Packed: the batch axis is gone too (B -> 1); sizes are read with the roles swapped.
-        self.sym_b = TokenSymbols(sym.shape_env, sym.seq, sym.batch) if self.packed else None
-
-    def has_size(self, v) -> bool:
-        """Whether a non-tensor value involves a size the layout changes (T; B too when packed)."""
-        return self.sym.size_has_seq(v) or (self.packed and self.sym_b.size_has_seq(v))
 
     def gather_stream(self, start: fx.Node) -> fx.Node:
-        if self.packed:
-            return self.graph.call_function(pack_tokens, (start, self.kept.flat_idx))  # (1, N, D)
-        return self.graph.call_function(gather_tokens, (start, self.kept.gather_idx, (1,)))  # (B, K, D)
+        return self.kept.gather_stream(self.graph, start)
 
     def scatter_stream(self, start: fx.Node, kept_value: fx.Node) -> fx.Node:
-        if self.packed:
-            return self.graph.call_function(unpack_tokens, (start, kept_value, self.kept.flat_idx))  # (B, T, D)
-        kept = self.kept
-        return self.graph.call_function(scatter_tokens, (start, kept_value, kept.scatter_idx, kept.valid))  # (B, T, D)
+        return self.kept.scatter_stream(self.graph, start, kept_value)
 
     def lookup(self, a: fx.Node, at: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
         """The kept-token version of input `a` of a node replayed just before `at`."""
@@ -136,17 +86,16 @@ class _Replay:
         v = node_value(a)
         if isinstance(v, torch.Tensor) and self.sym.token_dims(v):
             return self.gathered_side(a)
-        if not isinstance(v, torch.Tensor) and self.has_size(v):
+        if not isinstance(v, torch.Tensor) and self.kept.changes_size(self.sym, v):
             return self.sym_k(a, at, env)
         return a
 
     def sym_k(self, a: fx.Node, before: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node | int:
-        """Rebuild a size expression (analyse._sym_derivable said it can be) with T replaced by K
-        (packed: by N, and B by 1)."""
-        if self.sym.is_seq(node_value(a)):
-            return self.k_node
-        if self.packed and self.sym.is_batch(node_value(a)):
-            return 1
+        """Rebuild a size expression (analyse._sym_derivable said it can be) with the sizes the
+        layout changes replaced (`GraphLayout.new_size`: T by K; packed, T by N and B by 1)."""
+        size = self.kept.new_size(self.sym, node_value(a), self.k_node)
+        if size is not None:
+            return size
         with self.graph.inserting_before(before):
             new = self.graph.node_copy(a, lambda x: self.lookup(x, before, env))
         new.meta = value_free_meta(a.meta)
@@ -154,54 +103,19 @@ class _Replay:
 
     def run(self, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
         """Replay `nodes` (in graph order) on kept tokens, each right after its original."""
-        graph, sym, valid = self.graph, self.sym, getattr(self.kept, "valid", None)
+        graph = self.graph
         for n in nodes:
             with graph.inserting_after(n):
                 new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
             new.meta = value_free_meta(n.meta)  # values recorded for T, not K: refilled at the end
-            env[n] = new
-            if self.packed and is_sdpa(n):  # packed.py proved it causal SDPA on this graph's tokens
-                env[n] = self._packed_attention(new)
-            elif is_sdpa(n) and sdpa_arg(n, "attn_mask") in self.causal_masks:
-                set_sdpa_arg(new, "attn_mask", None)  # proven "causal AND key is real": masks.py
-                set_sdpa_arg(new, "is_causal", True)
-            elif is_sdpa(n) and sym.token_dims(node_value(sdpa_arg(n, "key"))):  # not cross-attention
-                _mask_sdpa_keys(graph, new, valid)
-            else:
-                form = classify(n, sym).attention if n.op in ("call_function", "call_method") else None
-                if form == "softmax":  # -inf on padding-slot keys before the normalisation
-                    with graph.inserting_before(new):
-                        masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
-                    new.update_arg(0, masked)
-                elif form == "pv" and not _from_softmax(n.args[0], sym):
-                    # Weights formed without a softmax (sigmoid attention, ...): zero the padding-slot
-                    # keys where the weights meet the values.
-                    with graph.inserting_before(new):
-                        masked = graph.call_function(mask_keys_weights, (new.args[0], valid))  # (B, ..., K, K)
-                    new.update_arg(0, masked)
+            env[n] = self.kept.attention(graph, n, new, self.sym, self.causal_masks)
 
 
-    def _packed_attention(self, new: fx.Node) -> fx.Node:
-        """Replace a replayed causal SDPA call by attention of each sample's packed tokens."""
-        kept = self.kept
-        q, k, v = (sdpa_arg(new, r) for r in ("query", "key", "value"))
-        with self.graph.inserting_after(new):
-            out = self.graph.call_function(
-                packed_attention, (q, k, v, kept.pad_idx, kept.pack_idx, kept.cu_seqlens),
-                {"scale": sdpa_arg(new, "scale"), "enable_gqa": sdpa_arg(new, "enable_gqa", False)})  # (1, H, N, d)
-        new.replace_all_uses_with(out)
-        self.graph.erase_node(new)
-        return out
-
-
-def _finish(graph: fx.Graph, kept: KeptInputs | PackedInputs, fill: bool) -> None:
+def _finish(graph: fx.Graph, kept: GraphLayout, fill: bool) -> None:
     """Leave a graph AOTAutograd can cache: no `kept_rows` marker, a fake value on every node
     (with `fill`), kernel calls marked with their cache hash."""
-    for n in [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]:
-        if n.target is kept_rows_packed:  # tail left dense
-            n.target, n.args, n.kwargs = packed_rows, (n.args[0], kept.flat_idx), {}
-        else:
-            n.target, n.args, n.kwargs = gather_tokens, (n.args[0], kept.gather_idx, (1,)), {}
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target in MARKERS]:
+        kept.take_rows(n)  # tail left dense
     if fill:
         fill_values(graph)
     for n in graph.nodes:
@@ -249,39 +163,16 @@ def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
 def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> None:
     """Run the final norm / LM head on the last region's gathered stream, not on all T rows.
 
-    The marker `kept_rows(x)` asked for x's kept rows (B, K, V); the replayed x is exactly that.
-    (`kept_rows_packed(x, ...)` asked for (N, V); the replayed x is (1, N, V).)
+    The marker `kept_rows(x)` asked for x's kept rows (B, K, V); the replayed x is exactly that
+    (in the layout's form: `GraphLayout.tail_rows`).
     """
     graph = replay.graph
     end_k = env[tail.end]  # (B, K, D): the stream before it was scattered back
-    scattered = [u for u in end_k.users if u.target in (scatter_tokens, unpack_tokens)]
+    scattered = [u for u in end_k.users if u.target in replay.kept.scatters]
     env = {s: end_k for s in scattered}  # the tail reads the scattered stream; read the gathered one
     replay.run(tail.nodes, env)
     rows = env[tail.take.args[0]]  # (B, K, V) padded, (1, N, V) packed
-    if replay.packed:
-        with graph.inserting_after(rows):
-            rows = graph.call_method("squeeze", (rows, 0))  # (N, V); a view: no zero-filled (1, N, V) grad
+    rows = replay.kept.tail_rows(graph, rows)
     tail.take.replace_all_uses_with(rows)
     graph.erase_node(tail.take)
     _erase_unused(graph, [*scattered, *tail.nodes])
-
-
-_VALUE_KEEPING = {"dropout", "to", "type_as", "contiguous", "float", "half", "bfloat16", "clone", "detach"}
-
-
-def _from_softmax(w: fx.Node, sym: TokenSymbols) -> bool:
-    """Whether attention weights are a (key-masked) softmax, through dropout and casts only."""
-    while isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and op_name(w) in _VALUE_KEEPING:
-        w = w.args[0]
-    return isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and \
-        classify(w, sym).attention == "softmax"
-
-
-def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node) -> None:
-    """Padding slots sit after every real slot, so causal attention never sees them as keys."""
-    mask = sdpa_arg(new, "attn_mask")
-    if mask is None and sdpa_arg(new, "is_causal", False):
-        return
-    with graph.inserting_before(new):
-        set_sdpa_arg(new, "attn_mask", graph.call_function(sdpa_key_mask, (mask, valid)))
-

@@ -271,7 +271,11 @@ def test_min_waste_threshold():
     `packed_min_waste` of the (B, K) slots on."""
     smodel = regate_fx.sparsify(BY_NAME["llama"]("sdpa"), regate_fx.SparsifyConfig(packed_min_waste=0.25),
                                 backend="eager")
-    wants_packed = sparse_forward(smodel)._wants_packed
+    fwd = sparse_forward(smodel)
+
+    def wants_packed(keep):
+        return fwd._layout(keep).name == "packed"
+
     keep = torch.zeros(2, 16, dtype=torch.bool)
     keep[0, :8] = True
     keep[1, :6] = True

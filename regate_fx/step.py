@@ -1,0 +1,49 @@
+"""The step function dynamo captures: the model's forward, then logits and loss at kept positions.
+
+Also what the loss counts (`counted_predictions`) and the per-model copy of the step
+(`own_step_function`, so each sparsified model has its own dynamo cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regate_fx.constants import IGNORE_INDEX
+from regate_fx.layouts.base import Layout
+
+__all__ = ["counted_predictions", "own_step_function"]
+
+
+def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The predictions a sparse step counts in its loss: kept positions whose next label is supervised.
+
+    Bool ``[B, T]``. Its sum over the micro-batches of an optimizer step is the normaliser of
+    gradient accumulation: ``(out.token_loss.sum() / n).backward()`` per micro-batch, with ``n`` the
+    sum over all of them, equals one step on the whole batch.
+    """
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): the label of p + 1
+    return keep & (target != IGNORE_INDEX)
+
+
+def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, layout: Layout, tensors: tuple, labels,
+          return_logits: bool = True):
+    """The function dynamo captures: the model's forward, then logits / loss at kept positions, as
+    the kept `layout` computes them from its `tensors` (its marker there brings them into the graph)."""
+    logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
+    return layout.outputs(logits, tensors, labels, inputs, return_logits)
+
+
+_INSTANCES = itertools.count()
+
+
+def own_step_function() -> Callable:
+    """A copy of `_step` with its own code object: dynamo caches (and counts recompiles) per code
+    object, so each sparsified model gets its own cache instead of sharing one across models."""
+    code = _step.__code__.replace(co_name=f"regate_step_{next(_INSTANCES)}")
+    return types.FunctionType(code, _step.__globals__, code.co_name, _step.__defaults__, _step.__closure__)
