@@ -15,7 +15,12 @@ For one target, :func:`inspect_model`:
    ``AutoModelForCausalLM``), in float32, eval mode, dropout off;
 3. sparsifies it (``backend="eager"``, strict) and runs one sparse step on a random text batch
    with a random keep mask: a :class:`~regate_fx.RewriteError` is a **refused** verdict with the
-   report's reasons;
+   report's reasons (:class:`~regate_fx.Reason` names; ``CAPTURE`` when the refusal came before the
+   analysis: dynamo could not capture the model as one graph, or the capture mode does not fit it);
+   Before that, one dense forward must run (it also counts the FLOPs): a tiny model that does not
+   run dense is an error of the generic shrinking, not a refusal (retried once with the original
+   head dims). A model whose forward takes no ``position_ids`` (BART-style learned positions) is
+   checked with a prefix keep mask, since the oracle cannot give it original positions;
 4. runs :func:`regate_fx.oracle` on the same batch and says **exact-sparse** only when the sparse
    loss and the logits at kept positions equal the oracle's. Anything else (the model cannot be
    built tiny, a forward fails, the sparse result differs from the oracle) is verdict **error**
@@ -78,6 +83,8 @@ _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_key_value_groups")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k")
+_HEAD_DIM_KEYS = ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "rope_dim",
+                  "kv_lora_rank", "q_lora_rank", "attention_head_dim")
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
                   "max_seq_len")
 
@@ -123,6 +130,7 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     d = vars(cfg)
     old_layers = next((d[k] for k in _LAYER_KEYS if _is_int(d.get(k))), None)
     old_hd = _head_dim(d)
+    old_heads = next((d[k] for k in _HEAD_KEYS if _is_int(d.get(k))), None)
     hidden_cap = max(HIDDEN, HEADS * old_hd) if keep_head_dim and old_hd else HIDDEN
     for k in _HIDDEN_KEYS:
         if _is_int(d.get(k)) and d[k] > hidden_cap:
@@ -140,13 +148,22 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     for k in _KV_KEYS:
         if _is_int(d.get(k)) and d[k] > 1:
             kv = min(d[k], KV_HEADS)
-            if heads and heads % kv:
+            if heads and d[k] == old_heads:  # multi-head (one kv head per head) stays so
+                kv = heads
+            elif heads and heads % kv:
                 kv = 1
             d[k] = kv
     hidden = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k))), None)
     if heads and hidden and _is_int(d.get("head_dim")) and not keep_head_dim:
         d["head_dim"] = max(hidden // heads, 2)
     _rescale_sections(d, old_hd, _head_dim(d))
+    new_hd = _head_dim(d)
+    if new_hd and not keep_head_dim:  # sub-head sizes (MLA's rope/nope/value dims, partial rotary)
+        for k in _HEAD_DIM_KEYS:
+            if _is_int(d.get(k)) and d[k] > new_hd:
+                d[k] = new_hd
+        if _is_int(d.get("qk_head_dim")) and _is_int(d.get("qk_nope_head_dim")) and _is_int(d.get("qk_rope_head_dim")):
+            d["qk_head_dim"] = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]  # derived: MLA's q/k head dim
     for k in _EXPERT_KEYS:
         if _is_int(d.get(k)) and d[k] > EXPERTS:
             d[k] = EXPERTS
@@ -472,6 +489,15 @@ def _kept_flop_fraction(res: InspectResult, flops: dict[str, int] | None) -> flo
     return min(kept / total, 1.0)
 
 
+def _takes_position_ids(model) -> bool:
+    import inspect as pyinspect
+
+    try:
+        return "position_ids" in pyinspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+
+
 def _model_flop_fraction(res: InspectResult, model, flops: dict[str, int] | None) -> float | None:
     if not flops or res.kept_flop_fraction is None or not flops.get(""):
         return None
@@ -521,7 +547,8 @@ def inspect_model(target, *, seq: int = 16, batch: int = 2, rho: float = 0.5, se
     """
     kw = dict(seq=seq, batch=batch, rho=rho, seed=seed, shrink=shrink, time_limit=time_limit, atol=atol, rtol=rtol)
     res = _inspect_once(target, keep_head_dim=False, **kw)
-    if res.verdict == "error" and shrink and res.model_class is not None and not res.error.startswith("the sparse"):
+    if (res.verdict == "error" and shrink and res.model_class is not None and not res.error.startswith("the sparse")
+            and "timed out" not in res.error):
         again = _inspect_once(target, keep_head_dim=True, **kw)
         if again.verdict != "error":
             again.notes.append(f"built with the original head dims (the first tiny build failed: {res.error[:200]})")
@@ -561,21 +588,30 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 res.notes.append("multimodal model: checked on a text-only batch (no pixel inputs), which "
                                  "exercises its decoder; the vision tower and projector run dense before it")
             b, keep = _random_batch(model, config, seq, batch, seed, rho)
-            flops = None
+            if not _takes_position_ids(model):
+                # the model derives positions from the input length (learned positions of BART-style
+                # decoders): the oracle cannot pass original positions, so the kept tokens are a prefix
+                keep = torch.zeros_like(keep)
+                keep[:, : max(1, int(seq * rho))] = True
+                del b["position_ids"]
+                res.notes.append("the model's forward takes no position_ids: checked with a prefix keep mask "
+                                 "(the oracle cannot give kept tokens their original positions)")
             try:
                 flops = _module_flops(model, b)
-            except Exception as e:  # noqa: BLE001 - FLOP counting is best effort
-                res.notes.append(f"FLOPs not counted: {_short(e, 160)}")
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"the tiny model does not run dense: {_short(e, 300)}") from e
             regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend="eager")
             try:
                 out = model(**b, keep_mask=keep)
             except (RewriteError, KeepMaskError) as e:
                 # KeepMaskError here: the graph could not be rewritten at all (the batch and mask are valid)
+                if "_Timeout" in str(e):
+                    raise _Timeout(f"timed out after {time_limit:.0f} s (while capturing)") from e
                 report = e.report if e.report is not None else getattr(model, "regate_report", None)
                 res.verdict = "refused"
                 res.reasons = _reasons(report)
-                if not res.reasons:
-                    res.reasons = [ReasonInfo("UNKNOWN", _short(e, 600))]
+                if not res.reasons:  # refused before the analysis: dynamo capture, capture mode
+                    res.reasons = [ReasonInfo("CAPTURE", _short(e, 600))]
                 _fill_branches(res, report, flops)
                 return res
             report = model.regate_report
