@@ -600,7 +600,8 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 flops = _module_flops(model, b)
             except Exception as e:  # noqa: BLE001
                 raise RuntimeError(f"the tiny model does not run dense: {_short(e, 300)}") from e
-            regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False), backend="eager")
+            # return_logits: one sparse call (one capture) gives the loss and the logits
+            regate_fx.sparsify(model, regate_fx.SparsifyConfig(progress=False, return_logits=True), backend="eager")
             try:
                 out = model(**b, keep_mask=keep)
             except (RewriteError, KeepMaskError) as e:
@@ -616,7 +617,7 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 return res
             report = model.regate_report
             _fill_branches(res, report, flops)
-            logits = model(**{k: v for k, v in b.items() if k != "labels"}, keep_mask=keep).logits
+            logits = out.logits
             with torch.no_grad():
                 ref_logits, ref_loss = regate_fx.oracle(model, b, keep)
             diff = 0.0
@@ -660,6 +661,8 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
 def _summary_row(r: InspectResult) -> tuple[str, str, str, str]:
     if r.verdict == "exact-sparse":
         frac = "-" if r.kept_flop_fraction is None else f"{r.kept_flop_fraction:.0%}"
+        if r.kept_flop_fraction_model is not None:
+            frac += f" / {r.kept_flop_fraction_model:.0%}"
         why = f"{r.branches_rewritten}/{len(r.branches)} branches; tail {'kept' if r.tail_on_kept else 'dense'}"
     elif r.verdict == "refused":
         frac = "-"
@@ -692,19 +695,27 @@ def write_markdown(results: list[InspectResult], path: str, command: str, skippe
         "on a random text batch; **exact-sparse** means that step equals `regate_fx.oracle` (loss and "
         "logits at kept positions). Multimodal families are checked on a text-only batch (their decoder). "
         "*Kept FLOPs*: the share of the decoder layers' FLOPs (counted per module by torch's "
-        "FlopCounterMode on the tiny dense model) in branches that run on kept tokens. *error* means the "
+        "FlopCounterMode on the tiny dense model) in branches that run on kept tokens, then the share of the "
+        "whole forward's FLOPs that runs on kept tokens (branches, plus the LM head when the tail runs on "
+        "kept tokens; at these tiny sizes the embedding-sized LM head weighs more than in a real model). "
+        "*refused* lists the report's reasons (`regate_fx.Reason` names; CAPTURE: refused before the "
+        "analysis, at capture). *error* means the "
         "tiny model could not be built or run generically (usually a config that needs real values), not "
         "that ReGATE refuses it.",
         "",
         f"**{len(results)} families: {counts['exact-sparse']} exact-sparse, {counts['refused']} refused, "
-        f"{counts['error']} error.**" + (f" Skipped for time: {len(skipped)} ({', '.join(skipped)})." if skipped else ""),
+        f"{counts['error']} error.**" + (f" {len(skipped)} more not run in the time this sweep had "
+                                         "(listed at the end)." if skipped else ""),
         "",
-        "| family | model class | verdict | kept FLOPs | details |",
+        "| family | model class | verdict | kept FLOPs (layers / whole) | details |",
         "|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: r.family or r.target):
         verdict, frac, why, cls = _summary_row(r)
         lines.append(f"| {r.family or r.target} | {cls} | {verdict} | {frac} | {_md_escape(why)[:300]} |")
+    if skipped:
+        lines += ["", f"Not run in this sweep (time): {', '.join(skipped)}. `--jsonl PATH` makes a sweep "
+                      "resumable: run the command again with the same file to add them."]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 
