@@ -20,7 +20,8 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 # The fast subset (a few minutes per end on a 2-core CPU): the sparse core, capture, gradient
-# checkpointing and torch.compile, PEFT, the Trainer and TRL stacks, one multimodal family.
+# checkpointing and torch.compile, PEFT, the Trainer and TRL stacks, the multimodal image cases, and
+# the quick study (the study extra: pillow, matplotlib, tokenizers).
 SUBSET=(
     tests/test_sparse.py
     tests/test_capture.py
@@ -29,6 +30,7 @@ SUBSET=(
     tests/stacks/test_trainer.py
     tests/stacks/test_trl.py
     "tests/test_mm_matrix.py::test_images_match_oracle"
+    "tests/examples/test_study.py::test_study_quick"
 )
 # failures: short tracebacks without the captured output (torch logs pages of DEBUG lines)
 PYTEST_COMMON=(-q -m "not slow" --timeout=600 -p no:cacheprovider --tb=short --show-capture=no --durations=8)
