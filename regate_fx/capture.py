@@ -43,7 +43,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from regate_fx.errors import RewriteError
 
-__all__ = ["CAPTURE_MODES", "Capture", "capture_error", "install_output_hooks", "mark_token_axes", "needs_output_hooks"]
+__all__ = ["CAPTURE_MODES", "Capture", "capture_error", "mark_token_axes"]
 
 CAPTURE_MODES = ("auto", "model", "decoder")
 
@@ -104,53 +104,6 @@ def mark_token_axes(values: Iterable[Any], batch: int, seq: int) -> None:
             for d in bat + toks:
                 if t.shape[d] >= 2:  # sizes 0/1 are always specialised
                     torch._dynamo.maybe_mark_dynamic(t, d)
-
-
-# --- transformers' output-capturing hooks ---------------------------------------------------
-
-def needs_output_hooks(e: BaseException) -> bool:
-    """Whether a capture stopped where transformers installs its output-capturing hooks.
-
-    A model (or a vision tower, or a wrapper) that asks for ``output_hidden_states`` /
-    ``output_attentions`` inside its forward makes transformers install the hooks on first use,
-    under a threading.Lock dynamo cannot enter. ``SparseForward`` then installs them eagerly
-    (:func:`install_output_hooks`) and captures again. They are not installed up front: every
-    hooked module (each decoder layer and attention) makes dynamo trace ``Module.__call__``'s
-    hook path, 0.45 s of a 24-layer capture for nothing when no output is requested.
-    """
-    return "output_capturing.py" in str(e) and "lock" in str(e)
-
-
-def install_output_hooks(model: nn.Module) -> None:
-    """Install transformers' output-capturing hooks, exactly once (see :func:`needs_output_hooks`).
-
-    transformers installs them lazily, under a threading.Lock that dynamo cannot trace (a graph
-    break in LLaVA-style models). Its installer recurses into sub-models without checking whether
-    they already carry hooks: after an eager call of a LLaVA model (which hooks its vision tower),
-    installing on the outer model would hook every vision layer twice, and the duplicated hidden
-    states select None as the image features (``linear(): argument 'input' must be Tensor, not
-    NoneType`` in the projector, in eager calls too). Sub-models already hooked are skipped here.
-    """
-    try:
-        from transformers import PreTrainedModel
-        from transformers.utils import output_capturing as oc
-    except ImportError:  # a transformers without lazy hooks
-        return
-    if not hasattr(oc, "install_all_output_capturing_hooks"):
-        return
-    original = oc.install_all_output_capturing_hooks
-
-    def once(module, prefix=None):
-        if not getattr(module, "_output_capturing_hooks_installed", False):
-            original(module, prefix=prefix)
-
-    oc.install_all_output_capturing_hooks = once  # recursively_install_hooks looks it up here
-    try:
-        for module in model.modules():
-            if isinstance(module, PreTrainedModel):
-                oc.maybe_install_capturing_hooks(module)
-    finally:
-        oc.install_all_output_capturing_hooks = original
 
 
 # --- decoder capture ------------------------------------------------------------------------

@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from regate_fx.capture import (CAPTURE_MODES, Capture, capture_error, install_output_hooks, mark_token_axes,
-                               needs_output_hooks)
+from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, mark_token_axes
+from regate_fx.compat import capture_settings, check_environment, install_output_hooks, needs_output_hooks
 from regate_fx.errors import KeepMaskError, RewriteError
-from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, make_backend, resolve_backend
+from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.report import RewriteReport
 
@@ -329,10 +329,13 @@ class SparseForward:
         self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
         model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
+        self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
         regate_backend = make_backend(resolve_backend(backend), self.report, self._roles,
                                       strict=config.strict, on_report=self._maybe_print,
-                                      dynamic=config.dynamic)
-        self._compiled = torch.compile(_own_step_function(), backend=regate_backend, fullgraph=config.fullgraph)
+                                      dynamic=config.dynamic, runs=self._runs)
+        step = _own_step_function()
+        self._step_code = step.__code__  # the key of this model's dynamo cache
+        self._compiled = torch.compile(step, backend=regate_backend, fullgraph=config.fullgraph)
         functools.update_wrapper(self, original, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
                                  updated=())
 
@@ -417,6 +420,40 @@ class SparseForward:
         waste = 1.0 - float(counts.sum()) / (keep.size(0) * max(int(counts.max()), 2))  # of the (B, K) slots
         return waste >= self.config.packed_min_waste
 
+    @contextlib.contextmanager
+    def _sparse_graph_must_run(self):
+        """Around the compiled step: raise a :class:`RewriteError` if the call returns without
+        having run a rewritten graph (under DDP ``compat.capture_settings`` keeps the step one graph).
+
+        Whatever wraps the model (DDP, FSDP, DeepSpeed, a user's ``torch.compile``, Accelerate),
+        a call with ``keep_mask`` either runs the rewritten computation or raises: it never
+        computes every token dense in silence. The backend counts the calls of the graphs it
+        rewrote (``passes.backend.SparseRuns``, one Python increment per step); an unchanged
+        count after a call that returned means dynamo ran something else: pieces of a split
+        graph, or the step's Python code eagerly. The compiled graphs of the step are then
+        discarded, so a later call (outside whatever caused it) captures afresh.
+        """
+        before, graphs = self._runs.count, len(self.report.graphs)
+        yield
+        if self._runs.count != before:
+            return
+        torch._dynamo.eval_frame.reset_code(self._step_code)
+        new = self.report.graphs[graphs:]
+        if new:
+            what = (f"dynamo handed the ReGATE backend {len(new)} graph(s) without the kept layout among their "
+                    f"inputs ({', '.join(g.name for g in new)}: pieces of a graph split before the backend "
+                    f"saw it), which ran unchanged")
+        else:
+            what = ("no rewritten graph ran: dynamo ran the step's Python code itself (e.g. under "
+                    "torch.compiler.set_stance('force_eager'), torch._dynamo.config.disable, or past dynamo's "
+                    "recompile limit), or a cached graph that is not the rewritten one")
+        raise RewriteError(
+            f"regate_fx: a call with keep_mask ran without its sparse graph, so it computed every token "
+            f"dense; its result is discarded. {what[0].upper()}{what[1:]}. Call the sparsified model "
+            f"outside what changed how dynamo compiles or runs it (a wrapper's compile hook, a compiler "
+            f"stance, a dynamo config), or without keep_mask for a dense step. The step's compiled graphs "
+            f"were dropped: the next call captures it again.", report=self.report)
+
     def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, packed: bool):
         """One call of the compiled step on the padded or the packed kept layout."""
         if packed:
@@ -436,9 +473,10 @@ class SparseForward:
         self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
                         **roles)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False), _gc_frozen(), self._first_call_status(
+            with capture_settings(), _gc_frozen(), self._first_call_status(
                     self._compile_kind((seq, *roles.values()))), \
-                    _without_input_require_grads(getattr(self.original, "__self__", None)):
+                    _without_input_require_grads(getattr(self.original, "__self__", None)), \
+                    self._sparse_graph_must_run():
                 return self._compiled(target, inputs, self._use_cache_kw, *args, labels,
                                       self.config.wants_logits(labels is not None),
                                       layout.tensors() if packed else None)
@@ -673,12 +711,17 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
         ``model`` itself. Call it with the model's keyword arguments plus ``keep_mask``; read
         ``model.regate_report`` for what was rewritten. :func:`unsparsify` undoes it.
 
+    Raises:
+        UnsupportedEnvironment: torch or transformers outside the tested range, or a torch build
+            without torch.compile (:func:`regate_fx.compat.check_environment`).
+
     Example:
         >>> model = regate_fx.sparsify(model, backend="eager")
         >>> out = model(input_ids=ids, attention_mask=am, labels=labels, keep_mask=keep)
         >>> out.loss.backward()
         >>> print(model.regate_report)
     """
+    check_environment()
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
     if config is None:

@@ -96,3 +96,9 @@ EXTRA_MODELS = [
                                     num_kv_heads=2, alibi=False, hidden_dropout=0.0, attention_dropout=0.0)),
 ]
 BY_NAME = {m.name: m for m in MODELS + EXTRA_MODELS}
+
+# A tiny Llama above DDP's first gradient bucket (1 MiB): 2.3 MiB of fp32 parameters, most of them in
+# the (4096, 64) embedding and LM head. Under DDP, dynamo's DDP optimizer would split a captured graph
+# of it at the bucket boundary (see regate_fx.sparse._run); the models above are all under 1 MiB.
+LLAMA_ABOVE_FIRST_BUCKET = TinyModel("llama_2mib", _causal(tf.LlamaConfig, tf.LlamaForCausalLM, num_key_value_heads=2,
+                                                           vocab_size=4096, hidden_size=64, intermediate_size=128))

@@ -8,8 +8,11 @@ import torch
 
 import regate_fx
 from regate_fx.passes.backend import counters
-from tests.helpers import assert_close, assert_grads_close, check_against_oracle, grads, make_batch, random_keep
+from tests.helpers import (LOSS_ATOL, assert_close, assert_grads_close, check_against_oracle, grads, make_batch,
+                           random_keep)
+from tests.mm_models import MM_FAMILIES, keep_visual, make_mm_batch, model_inputs
 from tests.models import BY_NAME
+from tests.toy import Selected, SelectedState, Tripled, selecting
 
 
 def saved_bytes(fn) -> tuple[int, object]:
@@ -61,6 +64,86 @@ def test_gradient_checkpointing_saves_fewer_activations_with_the_same_gradients(
     out.loss.backward()
     assert_grads_close(grads(model), g_plain)
     assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def _step(model, batch, keep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, keep_mask=keep)
+    out.loss.backward()
+    g = grads(model)
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), g
+
+
+def _enable_checkpointing(model, reentrant: bool = False) -> None:
+    """transformers 5.25's name for it, or the older one (deprecated there, removed in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+def _same_steps_with_and_without_checkpointing(model, batch, keep) -> None:
+    """The same sparse step with checkpointing on equals it with checkpointing off: loss (1e-5) and
+    every gradient; and the checkpointed layers were really captured as checkpoints (then inlined)."""
+    model.gradient_checkpointing_disable()
+    want_loss, want = _step(model, batch, keep)
+    _enable_checkpointing(model)
+    before = counters["checkpoints_inlined"]
+    got_loss, got = _step(model, batch, keep)
+    assert counters["checkpoints_inlined"] > before, "no checkpointed layer reached the pass"
+    assert_close(got_loss, want_loss, "loss", atol=LOSS_ATOL, rtol=0)
+    assert_grads_close(got, want)
+
+
+def test_checkpointing_of_forward_wrappers_that_set_python_state():
+    """A checkpointed layer whose forward wrapper selects what runs through Python state (the `kernels`
+    pattern, made to change the output): equal to the same step without checkpointing, and to the
+    oracle, which runs the wrappers eagerly (and checkpointed: eager recomputation re-runs them)."""
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").train()
+    batch = make_batch(tm, 3, 16, pad="left", seed=3)
+    keep = random_keep(batch, 0.5, seed=4)
+    regate_fx.sparsify(model, regate_fx.SparsifyConfig(layout="padded", return_logits=False), backend="eager")
+    plain_loss, _ = _step(model, batch, keep)
+    for layer in model.model.layers:  # each MLP selects a tripled SiLU for its act_fn (tests/toy.py)
+        layer.mlp.__class__ = selecting(type(layer.mlp))
+        layer.mlp.choice = Tripled()
+        layer.mlp.act_fn = Selected()
+    _same_steps_with_and_without_checkpointing(model, batch, keep)
+    assert SelectedState.act is None  # the wrapper's change was undone after the step, as in eager
+    loss, _ = _step(model, batch, keep)
+    assert abs(float(loss) - float(plain_loss)) > 1e-3, "the state does not change the output: the test proves nothing"
+    check_against_oracle(model, model, batch, keep)  # the oracle runs the wrappers eagerly, checkpointed too
+
+
+def _carries_hub_kernel_wrappers(model) -> bool:
+    return any("_kernel_funcs" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+def test_checkpointing_of_layers_with_hub_kernel_wrappers(name):
+    """transformers >= 5.25 wraps attention modules with the `kernels` package (forward wrappers that
+    set a context variable): every checkpointed decoder layer carries them."""
+    import transformers
+    from packaging.version import Version
+
+    if name == "llama":
+        tm = BY_NAME["llama"]
+        model = tm("sdpa").train()
+        batch = make_batch(tm, 3, 16, pad="left", seed=3)
+        keep = random_keep(batch, 0.5, seed=4)
+    else:
+        fam = next(f for f in MM_FAMILIES if f.name == name)
+        model = fam("sdpa").train()
+        full = make_mm_batch(fam, model, [["image"], ["image"]], seed=5)
+        keep = keep_visual(full, 0.5, seed=6)
+        batch = model_inputs(full)
+    if Version(transformers.__version__) >= Version("5.25"):
+        assert _carries_hub_kernel_wrappers(model), "expected the kernels package's wrappers on this model"
+    regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=False), backend="eager")
+    _same_steps_with_and_without_checkpointing(model, batch, keep)
 
 
 def test_selective_checkpointing_policies_are_refused():

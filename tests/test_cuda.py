@@ -125,3 +125,15 @@ def test_cuda_layouts_match_oracle(backend, layout, dtype):
     else:
         _assert_bf16_close(smodel, model, batch, keep)
     assert smodel.regate_report.sparse_graph.layout == layout
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_cuda_gradient_checkpointing_with_hub_kernel_wrappers_matches_the_oracle(backend):
+    """transformers >= 5.25 puts the `kernels` package's forward wrappers on every attention module
+    (regate_fx/compat.py::capture_settings): checkpointed layers recomputed on CUDA, fp32, exact."""
+    tm = BY_NAME["llama"]
+    model = tm("sdpa").cuda().train()
+    smodel = regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=True), backend=backend)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch, keep = _batch_and_keep(tm, 3, "left", torch.float32, seed=5, keep_seed=6)
+    check_against_oracle(smodel, model, batch, keep)

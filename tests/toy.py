@@ -142,3 +142,59 @@ class NoStreamLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         return CausalLMOutput(logits=self.proj(torch.tanh(self.embed(input_ids))))
+
+
+# --- a forward wrapper that selects what runs through Python state --------------------------------
+# The pattern of the `kernels` package (transformers >= 5.25 hub kernels): a wrapper around a module's
+# forward sets state outside the module (a context variable holding the selected kernel functions) for
+# the length of the call, and code deeper down reads it. Here the selection changes the output, so a
+# backward recomputation that saw other state than the forward would give other gradients. The state
+# holds a module (not a constant), which is what dynamo refuses inside a checkpoint by default.
+
+class _Selection:
+    def __init__(self):
+        self.act = None  # the activation module a wrapper selected; None outside every wrapper
+
+
+SelectedState = _Selection()  # one global object, like the kernels package's context variable
+
+
+class Tripled(nn.Module):
+    def forward(self, x):
+        return F.silu(x) * 3.0
+
+
+class Selected(nn.Module):
+    """An activation that runs what the enclosing wrapper selected, plain SiLU outside it."""
+
+    def forward(self, x):
+        return F.silu(x) if SelectedState.act is None else SelectedState.act(x)
+
+
+def selecting(cls: type) -> type:
+    """A subclass of ``cls`` whose forward selects ``self.choice`` for its length (``SelectedState``)."""
+    inner = cls.forward
+
+    def forward(self, *args, **kwargs):
+        before = SelectedState.act
+        SelectedState.act = self.choice
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            SelectedState.act = before
+    return type(f"Selecting{cls.__name__}", (cls,), {"forward": forward})
+
+
+class SelectingBlock(nn.Module):
+    """``Selected()(x)`` inside a selecting forward: the smallest module with the pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.choice = Tripled()
+        self.act = Selected()
+
+    def forward(self, x):
+        return self.act(x)
+
+
+SelectingBlock = selecting(SelectingBlock)

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
+from regate_fx.compat import reload_renamed_weights
 from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from regate_fx.runtime.data import ReGateCollator, model_inputs
 from regate_fx.runtime.regate import ReGate
@@ -272,7 +273,7 @@ class ReGateTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _reload_renamed_weights(self.model if model is None else model, resume_from_checkpoint)
+        reload_renamed_weights(self.model if model is None else model, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -292,55 +293,6 @@ class ReGateTrainerMixin:
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{path} is not a ReGate trainer state")
         self.regate.load_state_dict(state["regate"])
-
-
-def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
-    """Finish loading a checkpoint that ``save_pretrained`` wrote with renamed keys.
-
-    ``Trainer._load_from_checkpoint`` (transformers 5.24) reads ``model.safetensors`` with
-    ``load_state_dict(strict=False)`` and does not undo the key renames ``save_pretrained`` applies
-    to models with a conversion mapping (LLaVA and other MLLMs): their weights are skipped without
-    an error and a resumed run silently continues from its initial weights. Here the renames are
-    applied as ``from_pretrained`` applies them, and a checkpoint that still does not cover the
-    model is an error.
-    """
-    import glob
-
-    from safetensors.torch import load_file
-
-    target = model
-    while hasattr(target, "module") and isinstance(target.module, nn.Module):  # DDP
-        target = target.module
-    files = sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors")))
-    if not files or not hasattr(target, "base_model_prefix") or type(target).__name__.startswith("Peft"):
-        return  # adapters, FSDP and .bin checkpoints: the parent's loading path
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # another transformers: nothing renamed
-        return
-    conv = get_model_conversion_mapping(target)
-    renamings = [c for c in conv if isinstance(c, WeightRenaming)]
-    converters = [c for c in conv if isinstance(c, WeightConverter)]
-    own = target.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    for f in files:
-        for k, v in load_file(f, device="cpu").items():
-            loaded[rename_source_key(k, renamings, converters, target.base_model_prefix, own)[0]] = v
-    missing = sorted(k for k in own if k not in loaded and not _tied(target, k))
-    unknown = sorted(set(loaded) - set(own))
-    if missing or unknown:
-        raise RuntimeError(
-            f"cannot restore the model weights from {checkpoint}: after the checkpoint's key renames, "
-            f"{len(missing)} weights are missing (e.g. {missing[:3]}) and {len(unknown)} are unknown "
-            f"(e.g. {unknown[:3]})")
-    target.load_state_dict(loaded, strict=False)
-
-
-def _tied(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` is a weight tied to another one (not saved by save_pretrained)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
-    return key in tied
 
 
 class ReGateTrainer(ReGateTrainerMixin, Trainer):

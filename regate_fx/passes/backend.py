@@ -17,7 +17,7 @@ from regate_fx.passes.packed import packed_problem
 from regate_fx.passes.rewrite import KeptInputs, PackedInputs, rewrite
 from regate_fx.report import BranchRecord, GraphReport, OutsideRecord, RewriteReport, group_outside
 
-__all__ = ["PackedRefused", "PlaceholderRoles", "counters", "make_backend", "resolve_backend"]
+__all__ = ["PackedRefused", "PlaceholderRoles", "SparseRuns", "counters", "make_backend", "resolve_backend"]
 
 # The rewritten graph, through torch's logging: TORCH_LOGS="+regate_fx" (or
 # torch._logging.set_logs(modules={"regate_fx": logging.DEBUG})) prints it with the report.
@@ -46,6 +46,41 @@ class PlaceholderRoles:
 
     def set(self, **tensors: torch.Tensor | None) -> None:
         self.by_id = {id(t): role for role, t in tensors.items() if t is not None}
+
+
+class SparseRuns:
+    """Counts the executions of the graphs the backend rewrote (``count``).
+
+    :func:`make_backend` wraps the callable it returns for every rewritten graph so that each
+    call adds one; graphs it passes through unchanged (no kept layout among their inputs: a dense
+    call, or a piece of a graph that something split before the backend saw it) do not count.
+    A sparse step reads the count before and after its compiled call: unchanged means the step
+    ran without its rewritten graph (``SparseForward._sparse_graph_must_run``).
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def _counted(compiled: Callable, runs: SparseRuns) -> Callable:
+    """``compiled`` (a rewritten graph's compiled callable), adding one to ``runs.count`` per call."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    # As dynamo does with a backend's result, which it can no longer see through the wrapper:
+    # generate a lazy graph module's code now and call its real forward.
+    if isinstance(compiled, _LazyGraphModule):
+        _LazyGraphModule.force_recompile(compiled)
+    elif isinstance(getattr(compiled, "__self__", None), _LazyGraphModule) and compiled.__name__ == "_lazy_forward":
+        _LazyGraphModule.force_recompile(compiled.__self__)
+        compiled = compiled.__self__.forward
+
+    def rewritten_graph(*args, **kwargs):
+        runs.count += 1
+        return compiled(*args, **kwargs)
+
+    return rewritten_graph
 
 
 def resolve_backend(backend: str | Callable) -> Callable:
@@ -80,8 +115,11 @@ def _records(analysis: Analysis) -> list[BranchRecord]:
 
 def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles, *, strict: bool,
                  on_report: Callable[[GraphReport], None] | None = None,
-                 dynamic: bool | None = True) -> Callable:
+                 dynamic: bool | None = True, runs: SparseRuns | None = None) -> Callable:
     """Build the dynamo backend for one sparsified model.
+
+    ``runs``: every call of a graph this backend rewrote adds one to ``runs.count`` (see
+    :class:`SparseRuns`); pass-through graphs do not.
 
     ``dynamic=None``: the model's first sparse graph is compiled for the sizes of its first call
     (guards on them; see :func:`~regate_fx.passes.graph.specialize_inputs`), every later one with
@@ -169,7 +207,8 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             on_report(g)
         # Plain eager has no backward partitioner to act on the recompute tags: use aot_eager's.
         compiler = torch._dynamo.lookup_backend("aot_eager") if checkpointed and inner is _eager else inner
-        return compiler(gm, example_inputs)
+        compiled = compiler(gm, example_inputs)
+        return compiled if runs is None else _counted(compiled, runs)
 
     return regate_backend
 

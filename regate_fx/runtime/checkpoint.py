@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, IO
 
 import torch
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "fsync_dir", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TMP_SUFFIX", "UnsafeCheckpointError", "atomic_write", "fsync_dir", "load_checkpoint", "save_checkpoint"]
 
 TMP_SUFFIX = ".regate-tmp"  # ignored by .gitignore; a leftover means a writer was killed
 
@@ -61,18 +62,34 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds objects other than tensors and plain Python data: loading it would run code."""
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a :func:`save_checkpoint` file; a missing or unreadable file is a clear error.
 
+    Loading never runs code from the file: it is unpickled with ``torch.load(weights_only=True)``,
+    which admits tensors, dicts, lists, tuples, strings, numbers, ``None`` and the few torch types
+    a state dict holds (what the model, the optimizer and :meth:`ReGate.state_dict` save). Anything
+    else (a class, a function, an object with a ``__reduce__``) is refused before it is built.
+
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
+        UnsafeCheckpointError: the file holds other objects (a ``ValueError``).
         ValueError: the file is not a readable checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: nothing was built or run
+        raise UnsafeCheckpointError(
+            f"{path} holds objects other than tensors and plain Python data, and regate_fx does not load "
+            f"such files (unpickling them can run arbitrary code). Save plain state (state_dict()s, numbers, "
+            f"strings, lists, dicts). If you trust the file and must read it, use torch.load(path, "
+            f"weights_only=False) yourself. ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except Exception as e:  # truncated zip, pickle errors: all mean the file is unusable
         raise ValueError(f"{path} is not a readable regate_fx checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):

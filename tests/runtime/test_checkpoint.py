@@ -42,3 +42,46 @@ def test_missing_truncated_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="state must be a dict"):
         save_checkpoint(path, [1, 2])
+
+
+class _Payload:
+    """Unpickling this would run code: ``__reduce__`` names a callable and its arguments."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creates the marker file if ever called
+
+
+def test_loading_a_crafted_pickle_runs_nothing_and_says_why(tmp_path):
+    from regate_fx.runtime.checkpoint import UnsafeCheckpointError
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 1, "x": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="does not load such files"):
+        load_checkpoint(path)
+    assert not marker.exists(), "loading ran code from the file"
+
+
+def test_a_training_checkpoint_loads_with_plain_types_only(tmp_path):
+    """What users save (examples/stacks/torch_loop.py, ReGateTrainer): model, optimizer with state,
+    ReGate state, RNG states; all of it loads without admitting any other type."""
+    import regate_fx
+    from tests.runtime.runtime_helpers import tiny_llama
+
+    model = tiny_llama(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.randint(3, 100, (2, 6))).loss.backward()
+    opt.step()
+    rg = regate_fx.ReGate(regate_fx.ReGateConfig(warmup_steps=0, lam=0.0), num_samples=4)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "regate": rg.state_dict(), "step": 3,
+             "rng": torch.get_rng_state()}
+    save_checkpoint(tmp_path / "c.pt", state)
+    back = load_checkpoint(tmp_path / "c.pt")
+    model.load_state_dict(back["model"])
+    opt.load_state_dict(back["optimizer"])
+    rg.load_state_dict(back["regate"])
+    assert back["step"] == 3 and torch.equal(back["rng"], state["rng"])

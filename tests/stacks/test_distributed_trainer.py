@@ -1,6 +1,9 @@
 """ReGateTrainer on 2 gloo ranks: DDP stays in sync and equals one process with the ranks' batches
 accumulated. (Trainer's fsdp=... needs GPUs: Accelerate enables FSDP only for multi-GPU process
-groups and runs a CPU group as DDP; FSDP2 itself is tested on CPU in tests/test_distributed.py.)"""
+groups and runs a CPU group as DDP; FSDP2 itself is tested on CPU in tests/test_distributed.py.)
+
+The Llama has a vocabulary of 8192: 2.1 MiB of parameters, above DDP's first gradient bucket (1 MiB),
+where dynamo's DDP optimizer would split the captured step and the model would run dense (issue 19)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,15 @@ import torch
 
 import torch.distributed as dist
 
-from tests.runtime.runtime_helpers import exit_rank, file_store, free_port, spawn_ranks
-from tests.stacks.common import snapshot, trainer
+from tests.runtime.runtime_helpers import exit_rank, file_store, free_port, spawn_ranks, tiny_llama
+from tests.stacks.common import build, snapshot, trainer
 
 WORLD = 2
+BIG_VOCAB = 8192
+
+
+def _model(kind: str) -> torch.nn.Module:
+    return tiny_llama(0, vocab_size=BIG_VOCAB).train() if kind == "llama" else build(kind)
 
 
 def _worker(rank: int, init: str, port: int, out: str, kind: str, extra: dict) -> None:
@@ -22,7 +30,7 @@ def _worker(rank: int, init: str, port: int, out: str, kind: str, extra: dict) -
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)  # Accelerate adopts it
-    t, cap = trainer(kind, os.path.join(out, "run"), max_steps=2, ddp_backend="gloo", **extra)
+    t, cap = trainer(kind, os.path.join(out, "run"), model=_model(kind), max_steps=2, ddp_backend="gloo", **extra)
     t.train()
     torch.save({"params": snapshot(t.accelerator.unwrap_model(t.model)), "stats": t.regate.token_stats(),
                 "store": t.regate.store.state_dict(), "wrapped": type(t.model_wrapped).__name__},
@@ -39,13 +47,15 @@ def _run(tmp_path, kind: str, **extra) -> list[dict]:
 def _single(tmp_path, kind: str):
     """One process, the ranks' batches as accumulation steps (accelerate hands rank r the r-th batch
     of each group of WORLD batches, so step s covers the same samples)."""
-    t, _ = trainer(kind, tmp_path / "single", max_steps=2, gradient_accumulation_steps=WORLD)
+    t, _ = trainer(kind, tmp_path / "single", model=_model(kind), max_steps=2, gradient_accumulation_steps=WORLD)
     t.train()
     return t
 
 
 @pytest.mark.parametrize("kind", ["llama", pytest.param("llava", marks=pytest.mark.slow)])
 def test_ddp_ranks_stay_in_sync_and_equal_one_process(tmp_path, kind):
+    if kind == "llama":
+        assert sum(p.numel() * p.element_size() for p in _model(kind).parameters()) > 2 * 2**20
     got = _run(tmp_path, kind)
     assert got[0]["wrapped"] == "DistributedDataParallel"
     single = _single(tmp_path, kind)
