@@ -19,11 +19,12 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
-# The fast subset, in one place (about 4 minutes per end on this project's shared 2-core CPU): the
-# sparse core and capture, gradient checkpointing and torch.compile, the version shims
-# (test_compat.py), the runtime's selection and schedule (hypothesis), PEFT, the Trainer and TRL,
-# checkpointing through the Trainer on a multimodal model, three multimodal families against the
-# oracle, and the quick study (the study extra: pillow, matplotlib, tokenizers).
+# The fast subset, in one place (92 tests, about 4 CPU-minutes per end; 9-10 min of wall time when
+# others load this project's 2-core CPU, docs/versions.md): the sparse core and capture, gradient
+# checkpointing and torch.compile, the version shims (test_compat.py), the runtime's selection and
+# schedule (hypothesis), PEFT, the Trainer and TRL, checkpointing through the Trainer on a
+# multimodal model, three multimodal families against the oracle, and the quick study (the study
+# extra: pillow, matplotlib, tokenizers).
 SUBSET=(
     tests/test_sparse.py
     --deselect "tests/test_sparse.py::test_no_recompilation_storm_with_varying_masks[llava-auto]"
