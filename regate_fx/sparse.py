@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from regate_fx.capture import CAPTURE_MODES, Capture, capture_error, mark_token_axes
 from regate_fx.compat import capture_settings, check_environment, install_output_hooks, needs_output_hooks
+from regate_fx.constants import IGNORE_INDEX
 from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.passes.backend import PackedRefused, PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
@@ -27,7 +28,6 @@ from regate_fx.report import RewriteReport
 __all__ = ["KeptLayout", "LAYOUTS", "PackedLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
            "kept_layout", "packed_layout", "sparse_forward", "sparsify", "unsparsify"]
 
-IGNORE_INDEX = -100
 LAYOUTS = ("auto", "padded", "packed")
 
 

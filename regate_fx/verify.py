@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from regate_fx.constants import IGNORE_INDEX
+
 __all__ = ["oracle"]
 
-IGNORE_INDEX = -100
 _TEXT_KEYS = {"input_ids", "attention_mask", "labels", "position_ids"}
 
 

@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
     rg = regate_fx.ReGate(cfg, num_samples=len(data), teacher_cache=cache)
     regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=False, progress=False), backend=args.backend)
     if args.gradient_checkpointing:  # recomputed inside the sparse graph (docs/stacks/torch.md)
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.25 names it activation_checkpointing_enable (the old name warns, and goes in v6)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

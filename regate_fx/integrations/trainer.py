@@ -39,7 +39,7 @@ import torch.nn as nn
 from transformers import Trainer
 
 from regate_fx.compat import reload_renamed_weights
-from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
+from regate_fx.runtime.atomic import load_checkpoint, save_checkpoint
 from regate_fx.runtime.data import ReGateCollator, model_inputs
 from regate_fx.runtime.regate import ReGate
 from regate_fx.sparse import ReGateOutput, counted_predictions, is_sparsified

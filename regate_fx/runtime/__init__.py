@@ -1,5 +1,6 @@
 """ReGATE runtime: scoring, the dual-cycle schedule, selection and the teacher cache."""
 
+from regate_fx.runtime.atomic import load_checkpoint, save_checkpoint
 from regate_fx.runtime.cache import (
     CacheCorruptError,
     CacheError,
@@ -9,12 +10,21 @@ from regate_fx.runtime.cache import (
     dataset_fingerprint,
     token_checksums,
 )
-from regate_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from regate_fx.runtime.config import ReGateConfig
 from regate_fx.runtime.data import ReGateCollator, collate, model_inputs
 from regate_fx.runtime.regate import ReGate, ReGateStateError, parse_batch
-from regate_fx.runtime.schedule import constant_rho, dual_cycle_rho, mean_rho, schedule_rho
-from regate_fx.runtime.selection import budget, keep_from_scores, random_scores, select_topk
+from regate_fx.runtime.schedule import (
+    constant_rho,
+    dual_cycle_rho,
+    mean_rho,
+    schedule_rho,
+)
+from regate_fx.runtime.selection import (
+    budget,
+    keep_from_scores,
+    random_scores,
+    select_topk,
+)
 from regate_fx.runtime.store import DifficultyStore
 from regate_fx.runtime.teacher import (
     TextTeacher,

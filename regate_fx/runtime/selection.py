@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from regate_fx.constants import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "budget",
@@ -30,7 +32,6 @@ __all__ = [
     "supervised_mask",
 ]
 
-IGNORE_INDEX = -100
 _M32 = 0xFFFFFFFF
 
 

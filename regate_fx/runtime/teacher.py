@@ -9,19 +9,27 @@ silently drop. ``mode="decoder"`` runs ``get_decoder()`` then ``get_output_embed
 the vision tower and projector are not touched at all, and the LM head is applied only at
 supervised positions (less memory for large vocabularies), but any logit post-processing in the
 model's forward is skipped.
+
+Which weights the teacher runs is decided here (``TextTeacher._modules_for_hash``); hashing them
+is the teacher cache's job (``cache/fingerprint.py``: :func:`weights_fingerprint`,
+:func:`weights_probe`, re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from regate_fx.runtime.selection import protected_mask, real_mask, supervised_mask
+from regate_fx.runtime.cache.fingerprint import weights_fingerprint, weights_probe
+from regate_fx.runtime.selection import (
+    default_labels,
+    protected_mask,
+    real_mask,
+    supervised_mask,
+)
 
 __all__ = [
     "TextTeacher",
@@ -37,7 +45,6 @@ __all__ = [
 MODES = ("model", "decoder")
 _VISUAL_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 _CE_CHUNK = 4096  # supervised positions per cross-entropy chunk
-_PROBE_SAMPLES = 64  # values read per tensor by weights_probe
 
 
 def visual_token_ids_from_config(config: Any) -> tuple[int, ...]:
@@ -154,69 +161,6 @@ def check_same_vocab(
                 f"{name} has token ids up to {_max_id(tok) - 1} but the teacher's output layer "
                 f"has only {t_rows} rows {why}"
             )
-
-
-def _named_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """``prefix.name`` -> parameter or buffer, each tensor once (tied weights under their first name)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for prefix in sorted(modules):
-        mod = modules[prefix]
-        tensors = dict(mod.named_parameters(recurse=not prefix.startswith("direct:")))
-        tensors.update({f"buffer:{k}": v for k, v in mod.named_buffers(recurse=not prefix.startswith("direct:"))})
-        for name in sorted(tensors):
-            t = tensors[name]
-            if id(t) not in seen:
-                seen.add(id(t))
-                out[f"{prefix}.{name}"] = t
-    return out
-
-
-def weights_fingerprint(modules: Mapping[str, torch.nn.Module], extra: Any = None) -> str:
-    """SHA-256 of named parameters and buffers (names, dtypes, shapes and bytes), plus ``extra``.
-
-    Args:
-        modules: name -> module; every parameter and buffer of each is hashed, in sorted order, each
-            tensor once. A name starting with ``"direct:"`` hashes the module's own tensors only
-            (not its submodules').
-        extra: JSON-serialisable data that also determines the teacher's outputs.
-
-    Returns:
-        A hex digest.
-    """
-    h = hashlib.sha256()
-    h.update(json.dumps(extra, sort_keys=True).encode())
-    for name, t in _named_tensors(modules).items():
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def weights_probe(modules: Mapping[str, torch.nn.Module], extra: Any = None, samples: int = _PROBE_SAMPLES) -> str:
-    """A cheap fingerprint: every tensor's name, dtype and shape, and ``samples`` of its values.
-
-    The values are read at fixed pseudo-random positions (a function of the name and size), on the
-    tensor's own device, so the cost is a few small gathers per tensor whatever the model's size
-    (no pass over every weight byte, no copy of the weights to the host). Any other checkpoint,
-    fine-tune or merged adapter changes the sampled values; an edit of a few weights can escape it,
-    which :func:`weights_fingerprint` (every byte) does not.
-    """
-    h = hashlib.sha256()
-    h.update(json.dumps({"probe": samples, "extra": extra}, sort_keys=True).encode())
-    for name, t in _named_tensors(modules).items():
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        n = flat.numel()
-        if n == 0:
-            continue
-        k = min(n, samples)
-        seed = int.from_bytes(hashlib.sha256(f"{name}|{n}".encode()).digest()[:8], "little")
-        step = (seed | 1) % n or 1
-        idx = (torch.arange(k, dtype=torch.long) * step + seed) % n  # (k,) fixed positions
-        vals = flat.index_select(0, idx.to(flat.device)).cpu()  # (k,) the only device -> host copy
-        h.update(vals.contiguous().view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -375,7 +319,7 @@ class TextTeacher:
         ids = input_ids.to(dev)
         real = real_mask(ids, None if attention_mask is None else attention_mask.to(dev))
         if labels is None:
-            labels = torch.where(real, ids, torch.full_like(ids, -100))
+            labels = default_labels(ids, real)
         labels = labels.to(dev)
         vmask = None if visual_mask is None else visual_mask.to(dev)
         x = self.text_only_ids(ids, real, vmask)  # (B, T)

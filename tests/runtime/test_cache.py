@@ -22,10 +22,10 @@ from regate_fx.runtime.cache import (
     CacheIncompleteError,
     CacheMismatchError,
     TeacherCache,
-    _Computation,
     dataset_fingerprint,
     token_checksums,
 )
+from regate_fx.runtime.cache.writer import _Computation
 from regate_fx.runtime.data import collate
 from tests.runtime.runtime_helpers import CountingTeacher, llama_teacher, synthetic_dataset
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regate_fx.runtime.checkpoint import TMP_SUFFIX, atomic_write, load_checkpoint, save_checkpoint
+from regate_fx.runtime.atomic import (
+    TMP_SUFFIX,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_round_trip(tmp_path):
@@ -55,7 +60,7 @@ class _Payload:
 
 
 def test_loading_a_crafted_pickle_runs_nothing_and_says_why(tmp_path):
-    from regate_fx.runtime.checkpoint import UnsafeCheckpointError
+    from regate_fx.runtime.atomic import UnsafeCheckpointError
 
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"

@@ -11,7 +11,7 @@ import contextlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable
 
 import torch
 
