@@ -50,7 +50,7 @@ SUBSET=(
 PYTEST_COMMON=(-q -m "not slow" --timeout=600 -p no:cacheprovider --tb=short --show-capture=no --durations=8)
 EXTRAS="test,stacks,study"
 # the packages whose resolved versions are printed and recorded
-KEY="torch transformers trl peft accelerate datasets huggingface_hub tokenizers kernels numpy rich pytest hypothesis pytest-timeout pillow matplotlib"
+KEY="torch transformers trl peft accelerate datasets huggingface_hub tokenizers kernels numpy rich pytest hypothesis pytest-timeout pytest-xdist pillow matplotlib"
 
 ENDS=both
 case "${1:-}" in
