@@ -12,9 +12,9 @@ Shims:
 - :func:`capture_settings`: dynamo settings scoped to the sparse step's own compile (torch 2.13), DDP's
   graph split off inside a DDP forward (:func:`one_graph_under_ddp`).
 - :func:`needs_output_hooks` / :func:`install_output_hooks`: transformers' lazily installed
-  output-capturing hooks (transformers 5.23-5.25).
+  output-capturing hooks (transformers 5.24-5.25).
 - :func:`reload_renamed_weights`: Trainer's resume of checkpoints whose keys ``save_pretrained``
-  renamed (transformers 5.23-5.25).
+  renamed (transformers 5.24-5.25).
 
 And one check that runs before any capture: :func:`check_environment`.
 """
@@ -175,7 +175,7 @@ def one_graph_under_ddp() -> bool:
     return _inside_ddp_forward() and torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
 
 
-# --- transformers' output-capturing hooks (transformers 5.23-5.25) ---------------------------
+# --- transformers' output-capturing hooks (transformers 5.24-5.25) ---------------------------
 
 def needs_output_hooks(e: BaseException) -> bool:
     """Whether a capture stopped where transformers installs its output-capturing hooks.
@@ -225,12 +225,12 @@ def install_output_hooks(model: nn.Module) -> None:
         oc.install_all_output_capturing_hooks = original
 
 
-# --- Trainer resume of renamed checkpoints (transformers 5.23-5.25) ---------------------------
+# --- Trainer resume of renamed checkpoints (transformers 5.24-5.25) ---------------------------
 
 def reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
     """Finish loading a checkpoint that ``save_pretrained`` wrote with renamed keys.
 
-    ``Trainer._load_from_checkpoint`` (transformers 5.23-5.25) reads ``model.safetensors`` with
+    ``Trainer._load_from_checkpoint`` (transformers 5.24-5.25) reads ``model.safetensors`` with
     ``load_state_dict(strict=False)`` and does not undo the key renames ``save_pretrained`` applies
     to models with a conversion mapping (LLaVA and other MLLMs): their weights are skipped without
     an error and a resumed run silently continues from its initial weights. Here the renames are
