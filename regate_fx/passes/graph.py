@@ -12,6 +12,8 @@ import torch.fx as fx
 
 __all__ = [
     "Ancestry",
+    "VIEW_OPS",
+    "mutates",
     "fill_values",
     "is_sdpa",
     "value_free_meta",
@@ -240,18 +242,72 @@ class TokenSymbols:
         return tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
 
 
-class Ancestry:
-    """Ancestor sets of every node of a graph as bitsets, for O(1) 'does a depend on b' queries."""
+# Ops whose result is a view of their first argument: writing into it writes into that argument.
+VIEW_OPS = frozenset({
+    "getitem", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "movedim",
+    "swapaxes", "t", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "narrow", "select", "diagonal",
+    "as_strided", "unfold", "split", "chunk", "tensor_split", "unbind", "view_as_real", "view_as_complex", "real",
+    "imag", "detach", "contiguous", "T", "mT", "alias"})
 
-    def __init__(self, graph: fx.Graph):
+
+def mutates(node: fx.Node) -> bool:
+    """Whether `node` writes into its first argument (`x.clamp_(...)`, `x[idx] = v`, `x.copy_(y)`)."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    name = op_name(node)
+    if name in _AUGMENTED:  # `buf[:, 1:] += x`: in place on a tensor
+        return isinstance(node_value(node.args[0]), torch.Tensor)
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__") and name != "requires_grad_")
+
+
+_AUGMENTED = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                        "ilshift", "irshift", "imatmul"})
+
+
+_SHAPE_OF_SECOND = frozenset({"expand_as", "view_as", "reshape_as", "type_as", "broadcast_to"})
+_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "size", "dim",
+                         "numel", "sym_size_int", "sym_numel"})
+
+
+def _data_inputs(n: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not just shapes, dtypes or devices) flow into `n`."""
+    name = op_name(n)
+    if name in _SHAPE_ONLY:
+        return []
+    if name in _SHAPE_OF_SECOND:
+        return [n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else []
+    return n.all_input_nodes
+
+
+class Ancestry:
+    """Ancestor sets of every node of a graph as bitsets, for O(1) 'does a depend on b' queries.
+
+    An in-place write is a new value of the tensor it writes into: every later read of that tensor,
+    or of any view of it, depends on the write (and so on everything the write read). Without this,
+    `buf = zeros_like(h); buf[:, 1:] = h[:, :-1]` would shift tokens with no op in the ancestry of
+    `buf`'s readers."""
+
+    def __init__(self, graph: fx.Graph, data_only: bool = False):
+        """`data_only`: follow only the inputs whose values flow into the result (not the tensor
+        `expand_as(x)` or `zeros_like(x)` reads the shape of)."""
         self.nodes: list[fx.Node] = list(graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self._anc: dict[fx.Node, int] = {}
+        base: dict[fx.Node, fx.Node] = {}  # a view -> the tensor whose memory it is
+        written: dict[fx.Node, int] = {}  # a base -> the ancestry of the writes into it so far
         for n in self.nodes:
             bits = 0
-            for a in n.all_input_nodes:
+            for a in (_data_inputs(n) if data_only else n.all_input_nodes):
                 bits |= self._anc[a] | (1 << self.index[a])
+                w = written.get(base.get(a, a))
+                if w:
+                    bits |= w
             self._anc[n] = bits
+            if op_name(n) in VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
+                base[n] = base.get(n.args[0], n.args[0])
+            if mutates(n):
+                root = base.get(n.args[0], n.args[0])
+                written[root] = written.get(root, 0) | bits | (1 << self.index[n])
 
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
         """True when `b` depends (transitively) on `a`."""
