@@ -133,6 +133,7 @@ class Analysis:
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "to", "view_as", "reshape_as"}
 _VIEW_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_PLACEMENTS = {"getitem", "unsqueeze", "expand", "view", "reshape", "to", "long", "int"}
 
 
 class Judge:
@@ -165,6 +166,42 @@ class Judge:
         self.not_ids = sum(data.bit(n) for n in sources if n is not seq)  # positions, masks, arange(T), ...
         self.not_padding = sum(data.bit(n) for n in sources if n is not padding)
         self._memo: dict[fx.Node, Verdict] = {}
+        self.documents = self._document_ids(graph)
+
+    def _document_ids(self, graph: fx.Graph) -> set[fx.Node]:
+        """Document ids from position restarts, compared only for equality (transformers'
+        `find_packed_sequence_indices`: `(diff(position_ids, prepend=...) != 1).cumsum(-1)`, then
+        `docs[b, q] == docs[b, kv]`). Computed at full length from the position ids alone, the ids
+        are every token's true document; gathered, a kept pair compares equal exactly when its
+        tokens share a document. The nodes of such a construct, or an empty set."""
+        sym, data = self.sym, self.data
+        forbidden = self.content | data.bit(self.seq) | (data.bit(self.padding) if self.padding is not None else 0)
+        out: set[fx.Node] = set()
+        for c in graph.nodes:
+            if op_name(c) != "cumsum" or (data.ancestors(c) | data.bit(c)) & forbidden:
+                continue
+            placed, stack, ok = {c}, [c], True
+            while stack and ok:  # every use: placements of c ending in an equality of two of them
+                for u in stack.pop().users:
+                    name = op_name(u)
+                    if name in _PLACEMENTS and u.args[0] in placed:
+                        if u not in placed:
+                            placed.add(u)
+                            stack.append(u)
+                    elif name in ("eq", "ne") and len(u.args) == 2 and all(a in placed for a in u.args):
+                        continue
+                    else:
+                        ok = False
+                        break
+            if not ok:
+                continue
+            members = set(placed)
+            for n in reversed(self.anc.members(data.ancestors(c))):
+                if (n.op in ("call_function", "call_method") and n.users and all(u in members for u in n.users)
+                        and not (data.ancestors(n) | data.bit(n)) & forbidden):
+                    members.add(n)
+            out |= (members - placed) | {c}  # placements of the ids are judged as any getitem
+        return out
 
     def _from_only(self, n: fx.Node, source: fx.Node | None, others: int) -> bool:
         if source is None or not isinstance(n, fx.Node):
@@ -190,6 +227,8 @@ class Judge:
         return v
 
     def _verdict(self, n: fx.Node) -> Verdict:
+        if n in self.documents:
+            return OK
         v = classify(n, self.sym)
         if not v.ok and v.reason is Reason.TOKEN_MIXING and self._construct(n):
             v = OK
@@ -461,6 +500,7 @@ def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: 
         if not b.ok:
             covered.update(b.nodes)  # already refused with its own reason
     ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
+    ours |= _feeds_only_ours(graph, anc, ours)
     out = []
     for n in graph.nodes:
         if n.op not in ("call_function", "call_method") or n in covered or (ours >> anc.index[n]) & 1:
@@ -473,6 +513,26 @@ def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: 
         else:
             reason, detail = v.reason, v.detail
         out.append(Outside(n, module_path(n) or "<model>", reason, f"{detail} (node '{n.name}')"))
+    return out
+
+
+def _feeds_only_ours(graph: fx.Graph, anc: Ancestry, ours: int) -> int:
+    """Nodes used only by the step's own kept-layout code and not by the model's output: the step's
+    `labels[:, 1:]` shift (the prediction at p is scored on the label of p + 1 by definition). The
+    model reaches the step only through its logits, whose ancestors are never exempt."""
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]
+    model = 0
+    for t in takes:
+        x = t.args[0]
+        if isinstance(x, fx.Node):
+            model |= anc.ancestors(x) | anc.bit(x)
+    out = 0
+    for n in reversed(anc.nodes):
+        bit = anc.bit(n)
+        if n.op not in ("call_function", "call_method") or not n.users or model & bit:
+            continue
+        if all((ours | out) & anc.bit(u) for u in n.users):
+            out |= bit
     return out
 
 
