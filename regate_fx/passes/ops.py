@@ -616,7 +616,7 @@ RULES: dict[str, Rule] = {
 
 
 # Tensor factories whose fill value is a number: (position, keyword) of that value.
-_FILL_ARG = {"full": (1, "fill_value"), "new_full": (1, "fill_value"), "full_like": (1, "fill_value"),
+_FILL_ARG = {"full": (1, "fill_value"), "new_full": (2, "fill_value"), "full_like": (1, "fill_value"),
              "scalar_tensor": (0, "s"), "tensor": (0, "data"), "as_tensor": (0, "data"), "fill_": (1, "value")}
 
 
