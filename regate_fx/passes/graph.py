@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -191,6 +191,9 @@ class TokenSymbols:
     shape_env: Any
     batch: Any
     seq: Any
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    """canon() by the size's own expression: the analysis asks about the same few sizes thousands
+    of times (the ShapeEnv's replacements do not change during it)."""
 
     @classmethod
     def from_value(cls, seq_value: torch.Tensor) -> "TokenSymbols | None":
@@ -205,7 +208,11 @@ class TokenSymbols:
         import sympy
 
         if isinstance(size, torch.SymInt):
-            return self.shape_env.replace(size.node.expr)
+            expr = size.node.expr
+            out = self._memo.get(expr)
+            if out is None:
+                out = self._memo[expr] = self.shape_env.replace(expr)
+            return out
         if isinstance(size, int):
             return sympy.Integer(size)
         return size
@@ -216,10 +223,17 @@ class TokenSymbols:
 
     def has_seq(self, size: Any) -> bool:
         """Whether a dimension's size depends on the sequence length (a token axis)."""
-        expr = self.canon(size)
-        if not self.seq_is_symbolic:
-            return False
-        return bool(self.seq.free_symbols & getattr(expr, "free_symbols", set()))
+        if isinstance(size, int):
+            return False  # a plain int never involves T
+        if not isinstance(size, torch.SymInt):  # a sympy expression
+            return bool(self.seq_is_symbolic and self.seq.free_symbols & getattr(size, "free_symbols", set()))
+        key = ("has_seq", size.node.expr)
+        out = self._memo.get(key)
+        if out is None:
+            expr = self.canon(size)
+            out = self._memo[key] = bool(self.seq_is_symbolic and self.seq.free_symbols
+                                         & getattr(expr, "free_symbols", set()))
+        return out
 
     def size_has_seq(self, value: Any) -> bool:
         """Whether a non-tensor value (a SymInt, or a tuple/torch.Size of sizes) involves T."""
@@ -239,7 +253,13 @@ class TokenSymbols:
         """Dims of a tensor value whose size involves the sequence length."""
         if not isinstance(value, torch.Tensor):
             return ()
-        return tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
+        key = ("token_dims", id(value))
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        dims = tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
+        self._memo[key] = (value, dims)  # the value keeps its id alive and unique
+        return dims
 
 
 # Ops whose result is a view of their first argument: writing into it writes into that argument.

@@ -14,6 +14,7 @@ Unknown ops refuse. Every rule has a unit test (tests/passes/test_ops.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -216,37 +217,49 @@ def _reshape(c: _Call) -> Verdict:
     return OK
 
 
-def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[tuple[str, ...]] | None:
+def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset] | None:
     """Where the token axis (`role` "seq") or the batch axis ("batch") of a contiguous tensor lies in
     memory: the sorted strides of its dims of that axis, one entry per way of reading a merged B*T
     dim (batch outer or token outer). None when a dim merges the axis in another way.
 
     The batch axis may be merged with hidden dims, outermost ((B, H, T, d) -> (B*H, T, d): each
     sample's rows stay together); the token axis only with the batch axis (OPT's (B*T, D))."""
-    import sympy
-
     if not isinstance(v, torch.Tensor):
         return None
+    key = ("role_strides", id(v), role)
+    hit = sym._memo.get(key)
+    if hit is not None and hit[0] is v:
+        return hit[1]
+    out = _role_strides(v, sym, role)
+    sym._memo[key] = (v, out)
+    return out
+
+
+def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozenset] | None:
+    import sympy
+
     seq, batch = sym.seq, sym.batch
+    sizes = [sym.canon(s) for s in v.shape]
+    if not any(getattr(s, "free_symbols", None) for s in sizes):
+        return [()]  # static shape: neither axis
     role_syms = getattr(seq if role == "seq" else batch, "free_symbols", set())
     other_syms = getattr(batch if role == "seq" else seq, "free_symbols", set())
     options: list[list] = [[]]
     stride = sympy.Integer(1)
-    for s in reversed(v.shape):
-        size = sym.canon(s)
+    for size in reversed(sizes):
         free = getattr(size, "free_symbols", set())
         if size == batch * seq and role_syms:
             options = [o + [stride] for o in options] + [o + [stride * (seq if role == "batch" else batch)]
                                                            for o in options]
         elif role_syms and free & role_syms:
-            rest = sympy.simplify(size / (seq if role == "seq" else batch))
+            rest = size / (seq if role == "seq" else batch)  # a product: sympy cancels the factor
             if role == "seq" and rest != 1:
                 return None
             if role == "batch" and (getattr(rest, "free_symbols", set()) & (role_syms | other_syms)):
                 return None
             options = [o + [stride * rest] for o in options]
         stride = stride * size
-    return [tuple(sorted(str(sympy.expand(x)) for x in o)) for o in options]
+    return [frozenset(Counter(o).items()) for o in options]  # products of symbols: canonical in sympy
 
 
 def _same_strides(a, b) -> bool:
