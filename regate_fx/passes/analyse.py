@@ -138,7 +138,7 @@ _PLACEMENTS = {"getitem", "unsqueeze", "expand", "view", "reshape", "to", "long"
 
 class Judge:
     """Every node's verdict along the token axis *and* the batch axis, from the op table (ops.py)
-    plus the two constructs that are exact only because of where their values come from.
+    plus the constructs that are exact only because of where their values come from.
 
     - The token axis: `ops.classify`, for floating-point and integer/boolean tensors alike (a hash
       of neighbouring ids or a position delta mixes tokens as much as a convolution does).
@@ -146,8 +146,9 @@ class Judge:
       (`h.mean(0)`, a batch norm, a reshape that moves samples, a number derived from B) has no
       per-sample result: `BATCH_MIXING`, in either layout.
     - Recognised constructs, proven from the graph: the cumsum of the padding mask along the
-      tokens (position ids; kept positions keep their original ids), and a masked_scatter whose
-      mask is computed from the input ids alone (image placeholders, which the runtime protects).
+      tokens (position ids; kept positions keep their original ids), a masked_scatter whose mask
+      is computed from the input ids alone (image placeholders, which the runtime protects), and
+      document ids from position restarts compared only for equality (`_document_ids`).
     """
 
     def __init__(self, graph: fx.Graph, sym: TokenSymbols, anc: Ancestry, seq: fx.Node, padding: fx.Node | None):
@@ -501,9 +502,17 @@ def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: 
             covered.update(b.nodes)  # already refused with its own reason
     ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
     ours |= _feeds_only_ours(graph, anc, ours)
+    # Values no output depends on (LLaVA's placeholder count, read only by a size check) cannot
+    # change a result; in-place writes stay checked (they are new values of what they write into).
+    live = 0
+    for n in graph.nodes:
+        if n.op == "output":
+            live |= anc.ancestors(n)
     out = []
     for n in graph.nodes:
         if n.op not in ("call_function", "call_method") or n in covered or (ours >> anc.index[n]) & 1:
+            continue
+        if not (live >> anc.index[n]) & 1 and not mutates(n):
             continue
         v = analysis.verdict(n)
         if v.token_wise:
