@@ -33,7 +33,7 @@ DEFAULT = settings(max_examples=24, deadline=None, suppress_health_check=_HEALTH
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=_HEALTH)
 # The weakened pass: stop at the first failure, do not shrink (each step compiles a model).
 HUNT = settings(max_examples=20, deadline=None, suppress_health_check=_HEALTH, phases=[Phase.generate],
-                database=None, report_multiple_bugs=False)
+                database=None, report_multiple_bugs=False, derandomize=True)
 
 LOOPHOLE_CATEGORIES = tuple(c for c in KINDS if c != "control")
 
@@ -149,8 +149,8 @@ def _hunt(kind: str) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=[] if k in ("structural", "table") else [pytest.mark.slow])
-                                  for k in LOOPHOLE_CATEGORIES])
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=[pytest.mark.slow] if k in ("table", "inplace", "reshape") else [])
+                                  for k in LOOPHOLE_CATEGORIES])  # the default run keeps the quickest hunts
 def test_weakened_pass_is_caught(kind, monkeypatch):
     """Re-open one loophole kind: the fuzzer (restricted to that kind's probes) must fail."""
     with weakened(kind, monkeypatch), pytest.raises(Exception):  # noqa: B017 - a wrong result or a crash
