@@ -38,7 +38,7 @@ from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path
                                     param_path, sdpa_arg)
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.passes.masks import is_causal_key_padding_mask
-from regate_fx.passes.ops import OK, Verdict, classify, higher_order_detail, role_strides
+from regate_fx.passes.ops import OK, Verdict, classify, higher_order_detail, same_place
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -243,9 +243,7 @@ class Judge:
             return v
         if op_name(n) in _VIEW_RESHAPES:
             x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            before = role_strides(node_value(x), self.sym, "batch") if x is not None else None
-            after = role_strides(node_value(n), self.sym, "batch")
-            if before is not None and after is not None and set(before) & set(after):
+            if x is not None and same_place(node_value(x), node_value(n), self.sym, "batch"):
                 return v
             vb = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
         elif self._construct(n):

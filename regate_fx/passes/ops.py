@@ -211,7 +211,7 @@ def _reshape(c: _Call) -> Verdict:
             size = sym.canon(v.shape[d])
             if size != sym.seq and size != sym.batch * sym.seq:
                 return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
-    if not _same_strides(role_strides(c.x, sym, "seq"), role_strides(out, sym, "seq")):
+    if not same_place(c.x, out, sym, "seq"):
         return _mix(f"{c.name} {tuple(c.x.shape)} -> {tuple(out.shape)} keeps the sizes but moves tokens "
                     "(the token axis changes place in memory)")
     return OK
@@ -264,6 +264,20 @@ def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozens
 
 def _same_strides(a, b) -> bool:
     return a is not None and b is not None and bool(set(a) & set(b))
+
+
+def same_place(x: Any, out: Any, sym: TokenSymbols, role: str) -> bool:
+    """Whether a reshape from `x` to `out` keeps the token axis (`role` "seq") or the batch axis
+    ("batch") in place in memory. Fast path: the dims up to the last one of that axis are the same
+    sizes in both (so the elements after it are as many too: same strides)."""
+    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        dims = sym.token_dims(x) if role == "seq" else [i for i, s in enumerate(x.shape) if sym.is_batch(s)]
+        if dims and len(out.shape) > dims[-1] and all(
+                sym.canon(a) == sym.canon(b) for a, b in zip(x.shape[: dims[-1] + 1], out.shape)):
+            if role == "seq" or len(dims) == sum(1 for s in x.shape if getattr(sym.canon(s), "free_symbols", None)
+                                                 and sym.batch.free_symbols & sym.canon(s).free_symbols):
+                return True
+    return _same_strides(role_strides(x, sym, role), role_strides(out, sym, role))
 
 
 def _permute(c: _Call) -> Verdict:
