@@ -38,7 +38,8 @@ from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path
                                     param_path, sdpa_arg)
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.passes.masks import is_causal_key_padding_mask
-from regate_fx.passes.ops import OK, Verdict, classify, higher_order_detail, same_place
+from regate_fx.passes.ops import (OK, Verdict, classify, higher_order_detail, length_scalar_problem, role_free,
+                                  same_place)
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -248,6 +249,10 @@ class Judge:
             vb = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
         elif self._construct(n):
             return v
+        elif role_free(n):  # same rule on either axis; only a number derived from B differs
+            vb = length_scalar_problem(n, self.sym_b)
+            if vb is None:
+                return v
         else:
             vb = classify(n, self.sym_b)
             if vb.token_wise:

@@ -26,7 +26,7 @@ from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 from regate_fx.report import Reason
 
 __all__ = ["RULES", "Verdict", "classify", "called_overloads", "higher_order_detail", "identity_index",
-           "length_scalar_problem", "role_strides"]
+           "length_scalar_problem", "role_free", "role_strides", "same_place"]
 
 
 @dataclass(frozen=True)
@@ -680,6 +680,15 @@ def length_scalar_problem(node: fx.Node, sym: TokenSymbols) -> Verdict | None:
 _ARITHMETIC = frozenset({"mul", "add", "sub", "div", "truediv", "floordiv", "pow", "rsub", "true_divide",
                          "mul_", "add_", "sub_", "div_", "clamp", "clip", "masked_fill", "masked_fill_",
                          "where", "lerp", "addcmul", "addcdiv", "remainder", "fmod", "mod"})
+
+
+def role_free(node: fx.Node) -> bool:
+    """Whether the node's rule reads no axis in particular (pointwise ops, casts, transposes): its
+    verdict along the batch axis is its verdict along the token axis."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    rule = RULES.get(op_name(node))
+    return rule is _token_wise or rule is _permute or (rule is None and _is_pointwise(node))
 
 
 def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
