@@ -29,7 +29,7 @@ from tests.fuzz.check import BatchSpec, check_refused_or_exact, make_batch
 from tests.fuzz.probes import CATEGORY, KINDS
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-DEFAULT = settings(max_examples=24, deadline=None, suppress_health_check=_HEALTH)
+DEFAULT = settings(max_examples=12, deadline=None, suppress_health_check=_HEALTH)
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=_HEALTH)
 # The weakened pass: stop at the first failure, do not shrink (each step compiles a model).
 HUNT = settings(max_examples=20, deadline=None, suppress_health_check=_HEALTH, phases=[Phase.generate],
