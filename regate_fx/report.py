@@ -13,6 +13,9 @@ class Reason(str, enum.Enum):
 
     TOKEN_MIXING = "token_mixing"
     """An op other than attention mixes positions along the token axis (conv, cumsum, ...)."""
+    BATCH_MIXING = "batch_mixing"
+    """An op mixes samples along the batch axis (a reduction over the batch, a scatter numbered
+    across it): no per-sample result exists, even dense."""
     UNSUPPORTED_OP = "unsupported_op"
     """An op the pass does not know how to classify touches a token-indexed tensor."""
     ATTENTION_FORM = "attention_form"

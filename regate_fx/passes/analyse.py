@@ -20,9 +20,10 @@ inside a region replayed on kept tokens, in the tail, in our own kept-layout cod
 token-wise by ops.py. Anything else that mixes tokens (a convolution stem before the first add,
 attention or an SSM scan the stream search did not reach, a reshape that moves tokens) is recorded
 in `Analysis.outside` with the node, its module and the reason, and the backend refuses the graph.
-Integer and boolean token-indexed values (attention masks, position ids, placeholder masks) are the
-sequence's structure, not its content: computing them at full length and gathering the kept
-positions is exact (positions keep their original ids; visual and special tokens are protected).
+Integer and boolean token-indexed values (attention masks, position ids, placeholder masks) get no
+exemption: `Judge` gives every node a verdict along the token axis and the batch axis from the op
+table, plus the few constructs it proves exact from the graph (the padding mask's cumsum as
+position ids, an image-placeholder masked_scatter). In-place writes are new values (`Ancestry`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, node_value, op_name, param_path,
-                                    sdpa_arg)
+from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, mutates, node_value, op_name,
+                                    param_path, sdpa_arg)
 from regate_fx.passes.kernels import kept_rows, kept_rows_packed
 from regate_fx.passes.masks import is_causal_key_padding_mask
-from regate_fx.passes.ops import classify, higher_order_detail
+from regate_fx.passes.ops import (OK, Verdict, classify, higher_order_detail, length_scalar_problem, role_free,
+                                  same_place)
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -123,9 +125,141 @@ class Analysis:
     """Token-mixing nodes that no branch, region or tail accounts for (see `_check_coverage`)."""
     reason: Reason | None = None
     detail: str = ""
+    judge: "Judge | None" = None
+    """Verdicts along the token and batch axes (see `Judge`)."""
+
+    def verdict(self, n: fx.Node) -> Verdict:
+        return self.judge.verdict(n) if self.judge is not None else classify(n, self.sym)
 
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "to", "view_as", "reshape_as"}
+_VIEW_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_PLACEMENTS = {"getitem", "unsqueeze", "expand", "view", "reshape", "to", "long", "int"}
+
+
+class Judge:
+    """Every node's verdict along the token axis *and* the batch axis, from the op table (ops.py)
+    plus the constructs that are exact only because of where their values come from.
+
+    - The token axis: `ops.classify`, for floating-point and integer/boolean tensors alike (a hash
+      of neighbouring ids or a position delta mixes tokens as much as a convolution does).
+    - The batch axis: the oracle runs each sample alone, so an op that reads other samples
+      (`h.mean(0)`, a batch norm, a reshape that moves samples, a number derived from B) has no
+      per-sample result: `BATCH_MIXING`, in either layout.
+    - Recognised constructs, proven from the graph: the cumsum of the padding mask along the
+      tokens (position ids; kept positions keep their original ids), a masked_scatter whose mask
+      is computed from the input ids alone (image placeholders, which the runtime protects), and
+      document ids from position restarts compared only for equality (`_document_ids`).
+    """
+
+    def __init__(self, graph: fx.Graph, sym: TokenSymbols, anc: Ancestry, seq: fx.Node, padding: fx.Node | None):
+        self.sym, self.anc = sym, anc
+        b_syms = getattr(sym.batch, "free_symbols", set())
+        self.sym_b = (TokenSymbols(sym.shape_env, sym.seq, sym.batch)
+                      if b_syms and not (b_syms & sym.seq.free_symbols) else None)
+        tokened = [n for n in graph.nodes if isinstance(node_value(n), torch.Tensor) and sym.token_dims(node_value(n))]
+        content = [n for n in tokened if node_value(n).is_floating_point() or node_value(n).is_complex()]
+        # provenance follows values, not shapes: `image_mask.expand_as(embeds)` is still the ids' mask
+        self.data = data = Ancestry(graph, data_only=True)
+        self.content = data.descendants_of_any(content) | sum(data.bit(n) for n in content)
+        sources = [n for n in tokened if n.op == "placeholder" or not any(
+            isinstance(node_value(a), torch.Tensor) and sym.token_dims(node_value(a)) for a in n.all_input_nodes)]
+        self.seq, self.padding = seq, padding
+        self.not_ids = sum(data.bit(n) for n in sources if n is not seq)  # positions, masks, arange(T), ...
+        self.not_padding = sum(data.bit(n) for n in sources if n is not padding)
+        self._memo: dict[fx.Node, Verdict] = {}
+        self.documents = self._document_ids(graph)
+
+    def _document_ids(self, graph: fx.Graph) -> set[fx.Node]:
+        """Document ids from position restarts, compared only for equality (transformers'
+        `find_packed_sequence_indices`: `(diff(position_ids, prepend=...) != 1).cumsum(-1)`, then
+        `docs[b, q] == docs[b, kv]`). Computed at full length from the position ids alone, the ids
+        are every token's true document; gathered, a kept pair compares equal exactly when its
+        tokens share a document. The nodes of such a construct, or an empty set."""
+        sym, data = self.sym, self.data
+        forbidden = self.content | data.bit(self.seq) | (data.bit(self.padding) if self.padding is not None else 0)
+        out: set[fx.Node] = set()
+        for c in graph.nodes:
+            if op_name(c) != "cumsum" or (data.ancestors(c) | data.bit(c)) & forbidden:
+                continue
+            placed, stack, ok = {c}, [c], True
+            while stack and ok:  # every use: placements of c ending in an equality of two of them
+                for u in stack.pop().users:
+                    name = op_name(u)
+                    if name in _PLACEMENTS and u.args[0] in placed:
+                        if u not in placed:
+                            placed.add(u)
+                            stack.append(u)
+                    elif name in ("eq", "ne") and len(u.args) == 2 and all(a in placed for a in u.args):
+                        continue
+                    else:
+                        ok = False
+                        break
+            if not ok:
+                continue
+            members = set(placed)
+            for n in reversed(self.anc.members(data.ancestors(c))):
+                if (n.op in ("call_function", "call_method") and n.users and all(u in members for u in n.users)
+                        and not (data.ancestors(n) | data.bit(n)) & forbidden):
+                    members.add(n)
+            out |= (members - placed) | {c}  # placements of the ids are judged as any getitem
+        return out
+
+    def _from_only(self, n: fx.Node, source: fx.Node | None, others: int) -> bool:
+        if source is None or not isinstance(n, fx.Node):
+            return False
+        bits = self.data.ancestors(n) | self.data.bit(n)
+        return bool(bits & self.data.bit(source)) and not bits & (others | self.content)
+
+    def _construct(self, n: fx.Node) -> bool:
+        name = op_name(n)
+        if name in ("masked_scatter", "masked_scatter_"):
+            src = node_value(n.args[2]) if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else None
+            mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
+            return not (isinstance(src, torch.Tensor) and self.sym.token_dims(src)) and \
+                self._from_only(mask, self.seq, self.not_ids)
+        if name == "cumsum":  # position ids from the padding mask: cumsum(attention_mask) - 1
+            return self._from_only(n.args[0] if n.args else None, self.padding, self.not_padding)
+        return False
+
+    def verdict(self, n: fx.Node) -> Verdict:
+        v = self._memo.get(n)
+        if v is None:
+            v = self._memo[n] = self._verdict(n)
+        return v
+
+    def _verdict(self, n: fx.Node) -> Verdict:
+        if n in self.documents:
+            return OK
+        v = classify(n, self.sym)
+        if not v.ok and v.reason is Reason.TOKEN_MIXING and self._construct(n):
+            v = OK
+        elif not v.ok and op_name(n) in ("masked_scatter", "masked_scatter_"):
+            mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
+            if isinstance(mask, fx.Node) and not (self.data.ancestors(mask) | self.data.bit(mask)) & self.content:
+                return Verdict(False, reason=Reason.BATCH_MIXING, detail=(
+                    "masked_scatter numbers the positions its mask selects across the whole batch, with a mask "
+                    "that is not computed from the input ids alone"))
+        if not v.ok or v.attention is not None or self.sym_b is None or n.op not in ("call_function", "call_method"):
+            return v
+        if op_name(n) in _VIEW_RESHAPES:
+            x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if x is not None and same_place(node_value(x), node_value(n), self.sym, "batch"):
+                return v
+            vb = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
+        elif self._construct(n):
+            return v
+        elif role_free(n):  # same rule on either axis; only a number derived from B differs
+            vb = length_scalar_problem(n, self.sym_b)
+            if vb is None:
+                return v
+        else:
+            vb = classify(n, self.sym_b)
+            if vb.token_wise:
+                return v
+        return Verdict(False, reason=Reason.BATCH_MIXING,
+                       detail=f"{vb.detail or 'attention'} along the batch axis: it couples samples (the oracle, "
+                       "and any per-sample result, runs each sample alone)")
 
 
 # A stream value: floating point (B, T, D), or (B*T, D) when a layer flattens the tokens (OPT).
@@ -317,13 +451,14 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     stream_set = set(stream_nodes)
     stream_dep = anc.descendants_of_any([stream_nodes[0]])
 
+    judge = Judge(graph, sym, anc, seq_input, padding)
     branches: list[Branch] = []
     for i, (add, carry, out) in enumerate(chain):
         bits = (anc.ancestors(out) | anc.bit(out)) & stream_dep & ~anc.ancestors(carry) & ~anc.bit(carry)
         nodes = _with_inplace([n for n in anc.members(bits) if n not in stream_set], anc)
         br = Branch(i, add, carry, out, nodes)
         for n in nodes:
-            v = classify(n, sym)
+            v = judge.verdict(n)
             if v.attention:
                 br.attention.append((n, v.attention))
             if not v.ok:
@@ -332,7 +467,7 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
         br.kind = _kind(br, anc)
         branches.append(br)
 
-    analysis = Analysis(sym, branches)
+    analysis = Analysis(sym, branches, judge=judge)
     # Regions, refining until no region has a problem that only shows at region level.
     for _ in range(2 * len(branches) + 2):
         before = sum(b.ok for b in branches)
@@ -352,18 +487,14 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     return analysis
 
 
-def _structural(n: fx.Node, sym: TokenSymbols) -> bool:
-    """Whether every token-indexed tensor in and out of `n` is integer or boolean (masks, positions)."""
-    values = [node_value(a) for a in n.all_input_nodes] + [node_value(n)]
-    values = [v for v in values if isinstance(v, torch.Tensor) and sym.token_dims(v)]
-    return all(not (v.is_floating_point() or v.is_complex()) for v in values)
-
-
 def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: set[fx.Node],
                     layout: list[fx.Node], seq: fx.Node) -> list[Outside]:
     """The invariant: every token-indexed node is on the stream, replayed on kept tokens, in the
-    tail, in our kept-layout code, refused already, or token-wise. Returns the nodes that are not."""
-    sym = analysis.sym
+    tail, in our kept-layout code, refused already, or token-wise (along the batch axis too).
+    Returns the nodes that are not.
+
+    Integer and boolean values (masks, position ids, hashes of ids) get no exemption: they are
+    judged by the same op table as the hidden states, plus the constructs `Judge` proves exact."""
     covered = set(stream)
     for region in analysis.regions:
         covered.update(region.nodes)
@@ -373,24 +504,47 @@ def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: 
         if not b.ok:
             covered.update(b.nodes)  # already refused with its own reason
     ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
-    # Integer/boolean values computed from the hidden states (h > 0 then a cumsum, ...) are content,
-    # not structure: only those that no floating-point token-indexed value of the model feeds are.
-    content = [n for n in anc.members(anc.descendants_of_any([seq]))
-               if isinstance(node_value(n), torch.Tensor) and sym.token_dims(node_value(n))
-               and (node_value(n).is_floating_point() or node_value(n).is_complex())]
-    from_content = anc.descendants_of_any(content)
+    ours |= _feeds_only_ours(graph, anc, ours)
+    # Values no output depends on (LLaVA's placeholder count, read only by a size check) cannot
+    # change a result; in-place writes stay checked (they are new values of what they write into).
+    live = 0
+    for n in graph.nodes:
+        if n.op == "output":
+            live |= anc.ancestors(n)
     out = []
     for n in graph.nodes:
         if n.op not in ("call_function", "call_method") or n in covered or (ours >> anc.index[n]) & 1:
             continue
-        v = classify(n, sym)
-        if v.token_wise or (_structural(n, sym) and not (from_content >> anc.index[n]) & 1):
+        if not (live >> anc.index[n]) & 1 and not mutates(n):
+            continue
+        v = analysis.verdict(n)
+        if v.token_wise:
             continue
         if v.ok:  # attention the stream search did not reach runs on every token
             reason, detail = Reason.TOKEN_MIXING, "attention outside the rewritten branches runs on all tokens"
         else:
             reason, detail = v.reason, v.detail
         out.append(Outside(n, module_path(n) or "<model>", reason, f"{detail} (node '{n.name}')"))
+    return out
+
+
+def _feeds_only_ours(graph: fx.Graph, anc: Ancestry, ours: int) -> int:
+    """Nodes used only by the step's own kept-layout code and not by the model's output: the step's
+    `labels[:, 1:]` shift (the prediction at p is scored on the label of p + 1 by definition). The
+    model reaches the step only through its logits, whose ancestors are never exempt."""
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]
+    model = 0
+    for t in takes:
+        x = t.args[0]
+        if isinstance(x, fx.Node):
+            model |= anc.ancestors(x) | anc.bit(x)
+    out = 0
+    for n in reversed(anc.nodes):
+        bit = anc.bit(n)
+        if n.op not in ("call_function", "call_method") or not n.users or model & bit:
+            continue
+        if all((ours | out) & anc.bit(u) for u in n.users):
+            out |= bit
     return out
 
 
@@ -418,10 +572,7 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
 
 def _mutates(u: fx.Node, n: fx.Node) -> bool:
     """Whether `u` is an in-place op on `n` (`n.clamp_(...)`, `n[idx] = v`)."""
-    if u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not n:
-        return False
-    name = op_name(u)
-    return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
+    return bool(u.args) and u.args[0] is n and mutates(u)
 
 
 def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
@@ -452,7 +603,7 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
         side: dict[fx.Node, None] = {}
         for n in region.nodes:
             if n not in checked and n not in stream:
-                v = classify(n, sym)  # a node shared with a branch outside the region
+                v = analysis.verdict(n)  # a node shared with a branch outside the region
                 if not v.ok:
                     _owner(n, region, branches).refuse(v.reason, f"{v.detail} (node '{n.name}')")
             # Intermediates may not escape; (B, T, D) stream values may (they are scattered back).
@@ -513,7 +664,7 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
         return None, "the output does not depend on the end of the stream"
     members = set(nodes)
     for n in nodes:
-        v = classify(n, sym)
+        v = analysis.verdict(n)
         if not v.ok or v.attention:
             return None, f"'{n.name}' is not token-wise ({v.detail or 'attention'})"
         for u in n.users:

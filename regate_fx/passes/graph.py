@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -12,6 +12,8 @@ import torch.fx as fx
 
 __all__ = [
     "Ancestry",
+    "VIEW_OPS",
+    "mutates",
     "fill_values",
     "is_sdpa",
     "value_free_meta",
@@ -189,6 +191,9 @@ class TokenSymbols:
     shape_env: Any
     batch: Any
     seq: Any
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    """canon() by the size's own expression: the analysis asks about the same few sizes thousands
+    of times (the ShapeEnv's replacements do not change during it)."""
 
     @classmethod
     def from_value(cls, seq_value: torch.Tensor) -> "TokenSymbols | None":
@@ -203,7 +208,11 @@ class TokenSymbols:
         import sympy
 
         if isinstance(size, torch.SymInt):
-            return self.shape_env.replace(size.node.expr)
+            expr = size.node.expr
+            out = self._memo.get(expr)
+            if out is None:
+                out = self._memo[expr] = self.shape_env.replace(expr)
+            return out
         if isinstance(size, int):
             return sympy.Integer(size)
         return size
@@ -214,10 +223,17 @@ class TokenSymbols:
 
     def has_seq(self, size: Any) -> bool:
         """Whether a dimension's size depends on the sequence length (a token axis)."""
-        expr = self.canon(size)
-        if not self.seq_is_symbolic:
-            return False
-        return bool(self.seq.free_symbols & getattr(expr, "free_symbols", set()))
+        if isinstance(size, int):
+            return False  # a plain int never involves T
+        if not isinstance(size, torch.SymInt):  # a sympy expression
+            return bool(self.seq_is_symbolic and self.seq.free_symbols & getattr(size, "free_symbols", set()))
+        key = ("has_seq", size.node.expr)
+        out = self._memo.get(key)
+        if out is None:
+            expr = self.canon(size)
+            out = self._memo[key] = bool(self.seq_is_symbolic and self.seq.free_symbols
+                                         & getattr(expr, "free_symbols", set()))
+        return out
 
     def size_has_seq(self, value: Any) -> bool:
         """Whether a non-tensor value (a SymInt, or a tuple/torch.Size of sizes) involves T."""
@@ -237,21 +253,81 @@ class TokenSymbols:
         """Dims of a tensor value whose size involves the sequence length."""
         if not isinstance(value, torch.Tensor):
             return ()
-        return tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
+        key = ("token_dims", id(value))
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        dims = tuple(i for i, s in enumerate(value.shape) if self.has_seq(s))
+        self._memo[key] = (value, dims)  # the value keeps its id alive and unique
+        return dims
+
+
+# Ops whose result is a view of their first argument: writing into it writes into that argument.
+VIEW_OPS = frozenset({
+    "getitem", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "movedim",
+    "swapaxes", "t", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "narrow", "select", "diagonal",
+    "as_strided", "unfold", "split", "chunk", "tensor_split", "unbind", "view_as_real", "view_as_complex", "real",
+    "imag", "detach", "contiguous", "T", "mT", "alias"})
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether `node` writes into its first argument (`x.clamp_(...)`, `x[idx] = v`, `x.copy_(y)`)."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    name = op_name(node)
+    if name in _AUGMENTED:  # `buf[:, 1:] += x`: in place on a tensor
+        return isinstance(node_value(node.args[0]), torch.Tensor)
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__") and name != "requires_grad_")
+
+
+_AUGMENTED = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                        "ilshift", "irshift", "imatmul"})
+
+
+_SHAPE_OF_SECOND = frozenset({"expand_as", "view_as", "reshape_as", "type_as", "broadcast_to"})
+_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "size", "dim",
+                         "numel", "sym_size_int", "sym_numel"})
+
+
+def _data_inputs(n: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not just shapes, dtypes or devices) flow into `n`."""
+    name = op_name(n)
+    if name in _SHAPE_ONLY:
+        return []
+    if name in _SHAPE_OF_SECOND:
+        return [n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else []
+    return n.all_input_nodes
 
 
 class Ancestry:
-    """Ancestor sets of every node of a graph as bitsets, for O(1) 'does a depend on b' queries."""
+    """Ancestor sets of every node of a graph as bitsets, for O(1) 'does a depend on b' queries.
 
-    def __init__(self, graph: fx.Graph):
+    An in-place write is a new value of the tensor it writes into: every later read of that tensor,
+    or of any view of it, depends on the write (and so on everything the write read). Without this,
+    `buf = zeros_like(h); buf[:, 1:] = h[:, :-1]` would shift tokens with no op in the ancestry of
+    `buf`'s readers."""
+
+    def __init__(self, graph: fx.Graph, data_only: bool = False):
+        """`data_only`: follow only the inputs whose values flow into the result (not the tensor
+        `expand_as(x)` or `zeros_like(x)` reads the shape of)."""
         self.nodes: list[fx.Node] = list(graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self._anc: dict[fx.Node, int] = {}
+        base: dict[fx.Node, fx.Node] = {}  # a view -> the tensor whose memory it is
+        written: dict[fx.Node, int] = {}  # a base -> the ancestry of the writes into it so far
         for n in self.nodes:
             bits = 0
-            for a in n.all_input_nodes:
+            for a in (_data_inputs(n) if data_only else n.all_input_nodes):
                 bits |= self._anc[a] | (1 << self.index[a])
+                w = written.get(base.get(a, a))
+                if w:
+                    bits |= w
             self._anc[n] = bits
+            if op_name(n) in VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
+                base[n] = base.get(n.args[0], n.args[0])
+            if mutates(n):
+                root = base.get(n.args[0], n.args[0])
+                written[root] = written.get(root, 0) | bits | (1 << self.index[n])
 
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
         """True when `b` depends (transitively) on `a`."""

@@ -14,6 +14,7 @@ Unknown ops refuse. Every rule has a unit test (tests/passes/test_ops.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -24,7 +25,8 @@ import torch.fx as fx
 from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 from regate_fx.report import Reason
 
-__all__ = ["RULES", "Verdict", "classify", "called_overloads", "higher_order_detail"]
+__all__ = ["RULES", "Verdict", "classify", "called_overloads", "higher_order_detail", "identity_index",
+           "length_scalar_problem", "role_free", "role_strides", "same_place"]
 
 
 @dataclass(frozen=True)
@@ -190,21 +192,92 @@ def _token_wise(c: _Call) -> Verdict:
 
 
 def _reshape(c: _Call) -> Verdict:
-    """view / reshape / flatten / unflatten: exact only while the token axis stays whole.
+    """view / reshape / flatten / unflatten: exact only while every token keeps its row, judged by
+    memory order, not by sizes.
 
     (B, T, D) <-> (B*T, D) (OPT flattens the stream) and (B, T, H, d) <-> (B, T, H*d) keep each
-    token's row; (B, T, D) -> (B, T/2, 2, D) splits it, and a flip of the new axis then moves
-    tokens: refused.
+    token's row; (B, T, D) -> (B, T/2, 2, D) splits it, and (B, T, D) -> (B, D, T) keeps the sizes
+    but scrambles the tokens: refused. A token axis is identified by the number of elements after it
+    in memory (its stride in a contiguous layout): the reshape keeps tokens in place exactly when the
+    token axes (and the batch axes, for the order of a merged B*T axis) have the same strides before
+    and after.
     """
     sym = c.sym
     out = node_value(c.node)
+    if not (isinstance(c.x, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return _unsupported(f"{c.name} of a non-tensor")
     for v in (c.x, out):
-        if isinstance(v, torch.Tensor):
-            for d in sym.token_dims(v):
-                size = sym.canon(v.shape[d])
-                if size != sym.seq and size != sym.batch * sym.seq:
-                    return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
+        for d in sym.token_dims(v):
+            size = sym.canon(v.shape[d])
+            if size != sym.seq and size != sym.batch * sym.seq:
+                return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
+    if not same_place(c.x, out, sym, "seq"):
+        return _mix(f"{c.name} {tuple(c.x.shape)} -> {tuple(out.shape)} keeps the sizes but moves tokens "
+                    "(the token axis changes place in memory)")
     return OK
+
+
+def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset] | None:
+    """Where the token axis (`role` "seq") or the batch axis ("batch") of a contiguous tensor lies in
+    memory: the sorted strides of its dims of that axis, one entry per way of reading a merged B*T
+    dim (batch outer or token outer). None when a dim merges the axis in another way.
+
+    The batch axis may be merged with hidden dims, outermost ((B, H, T, d) -> (B*H, T, d): each
+    sample's rows stay together); the token axis only with the batch axis (OPT's (B*T, D))."""
+    if not isinstance(v, torch.Tensor):
+        return None
+    key = ("role_strides", id(v), role)
+    hit = sym._memo.get(key)
+    if hit is not None and hit[0] is v:
+        return hit[1]
+    out = _role_strides(v, sym, role)
+    sym._memo[key] = (v, out)
+    return out
+
+
+def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozenset] | None:
+    import sympy
+
+    seq, batch = sym.seq, sym.batch
+    sizes = [sym.canon(s) for s in v.shape]
+    if not any(getattr(s, "free_symbols", None) for s in sizes):
+        return [()]  # static shape: neither axis
+    role_syms = getattr(seq if role == "seq" else batch, "free_symbols", set())
+    other_syms = getattr(batch if role == "seq" else seq, "free_symbols", set())
+    options: list[list] = [[]]
+    stride = sympy.Integer(1)
+    for size in reversed(sizes):
+        free = getattr(size, "free_symbols", set())
+        if size == batch * seq and role_syms:
+            options = [o + [stride] for o in options] + [o + [stride * (seq if role == "batch" else batch)]
+                                                           for o in options]
+        elif role_syms and free & role_syms:
+            rest = size / (seq if role == "seq" else batch)  # a product: sympy cancels the factor
+            if role == "seq" and rest != 1:
+                return None
+            if role == "batch" and (getattr(rest, "free_symbols", set()) & (role_syms | other_syms)):
+                return None
+            options = [o + [stride * rest] for o in options]
+        stride = stride * size
+    return [frozenset(Counter(o).items()) for o in options]  # products of symbols: canonical in sympy
+
+
+def _same_strides(a, b) -> bool:
+    return a is not None and b is not None and bool(set(a) & set(b))
+
+
+def same_place(x: Any, out: Any, sym: TokenSymbols, role: str) -> bool:
+    """Whether a reshape from `x` to `out` keeps the token axis (`role` "seq") or the batch axis
+    ("batch") in place in memory. Fast path: the dims up to the last one of that axis are the same
+    sizes in both (so the elements after it are as many too: same strides)."""
+    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        dims = sym.token_dims(x) if role == "seq" else [i for i, s in enumerate(x.shape) if sym.is_batch(s)]
+        if dims and len(out.shape) > dims[-1] and all(
+                sym.canon(a) == sym.canon(b) for a, b in zip(x.shape[: dims[-1] + 1], out.shape)):
+            if role == "seq" or len(dims) == sum(1 for s in x.shape if getattr(sym.canon(s), "free_symbols", None)
+                                                 and sym.batch.free_symbols & sym.canon(s).free_symbols):
+                return True
+    return _same_strides(role_strides(x, sym, role), role_strides(out, sym, role))
 
 
 def _permute(c: _Call) -> Verdict:
@@ -221,6 +294,28 @@ def _view_complex(c: _Call) -> Verdict:
 def _linear(c: _Call) -> Verdict:
     if c.nd and (c.nd - 1) in c.x_tok:
         return _mix("linear contracts the token axis")
+    return OK
+
+
+def _embedding(c: _Call) -> Verdict:
+    """`embedding(idx, table)`: a lookup per token only when the table's rows are not themselves
+    token-indexed content (a slice of the hidden states read at token-derived rows mixes tokens)."""
+    table = _arg(c.node, 1, "weight")
+    tv = node_value(table) if isinstance(table, fx.Node) else None
+    if isinstance(tv, torch.Tensor) and c.sym.token_dims(tv):
+        return _mix("embedding reads a table whose rows are token-indexed (hidden states, not parameters)")
+    return OK
+
+
+def _gather(c: _Call) -> Verdict:
+    """`gather(table, dim, index)`: out[..., j, ...] = table[..., index[..., j, ...], ...] along `dim`,
+    the same coordinate elsewhere: a lookup per position unless `dim` is a token axis of the table
+    (BERT reads its token-type buffer at the position ids)."""
+    dims = _dims(_arg(c.node, 1, "dim"), c.nd)
+    if dims is None:
+        return _unsupported(f"{c.name} with a symbolic dim")
+    if set(dims) & set(c.x_tok):
+        return _mix(f"{c.name} reads other positions along the token axis")
     return OK
 
 
@@ -389,16 +484,19 @@ def _where(c: _Call) -> Verdict:
 
 
 def _masked_scatter(c: _Call) -> Verdict:
-    """LLaVA-style image-feature merge: `embeds.masked_scatter(image_mask, features)`.
+    """`x.masked_scatter(mask, source)`: position p receives the next unused element of `source`
+    when mask[p] is set, numbered over every earlier position of the whole tensor (the batch too).
 
-    Position p receives its own embedding, or the next image feature when p is an image
-    placeholder. With features that carry no token axis this places per-image data at fixed
-    positions: it commutes with gathering kept positions afterwards.
+    That numbering mixes positions: it is exact only when every selected position is always kept
+    and `source` carries no token axis (LLaVA's image-feature merge at image placeholders, which
+    the runtime protects). The op table alone refuses it; `analyse` accepts the one exact form, a
+    mask computed from the input ids alone (`ids == image_token_id`).
     """
     src = node_value(_arg(c.node, 2, "source"))
     if isinstance(src, torch.Tensor) and c.sym.token_dims(src):
         return _mix("masked_scatter with a token-indexed source")
-    return OK
+    return _mix("masked_scatter numbers the positions its mask selects along the token axis (a mask that "
+                "is not computed from the input ids alone)")
 
 
 def _setitem(c: _Call) -> Verdict:
@@ -430,12 +528,50 @@ def _getitem(c: _Call) -> Verdict:
         if dim in tok:
             whole = isinstance(it, slice) and it.start in (None, 0) and it.step in (None, 1) and (
                 it.stop is None or _is_full_stop(it.stop, sv.shape[dim], sym))
-            if not whole:
+            if not whole and not (sym.is_seq(sv.shape[dim]) and identity_index(it, sym)):
                 return _mix("indexing selects a subset of the token axis")
         elif isinstance(it, fx.Node) and sym.token_dims(node_value(it)):
             return _mix("indexing with a token-indexed tensor")
         dim += 1
     return OK
+
+
+_PLACEMENT = {"unsqueeze", "expand", "expand_as", "to", "long", "int", "view", "reshape", "contiguous", "clone"}
+
+
+def identity_index(node: Any, sym: TokenSymbols) -> bool:
+    """Whether `node` is `arange(T)` (the token axis' own index), placed on some dim by singleton
+    dims and broadcasts: indexing a token axis with it keeps every token where it is
+    (`attention_mask[arange(B)[:, None, None, None], arange(T)[None, None, None, :]]`, the padding
+    term of transformers' masks)."""
+    for _ in range(16):
+        if not isinstance(node, fx.Node):
+            return False
+        v = node_value(node)
+        if node.op == "call_function" and node.target is torch.arange:
+            bounds = [a for a in node.args]
+            if node.kwargs.get("start", 0) != 0 or node.kwargs.get("step", 1) != 1:
+                return False
+            if len(bounds) == 2 and bounds[0] == 0:
+                bounds = bounds[1:]
+            if len(bounds) == 1:
+                end = node_value(bounds[0]) if isinstance(bounds[0], fx.Node) else bounds[0]
+                return sym.is_seq(end)
+            return len(bounds) == 0 and sym.is_seq(node.kwargs.get("end"))
+        if not isinstance(v, torch.Tensor) or len(sym.token_dims(v)) != 1 or v.is_floating_point():
+            return False
+        name = op_name(node)
+        if name == "getitem":
+            idx = node.args[1]
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if not all(it is None or it == slice(None) or it is Ellipsis for it in items):
+                return False
+        elif name == "add" and len(node.args) == 2 and node.args[1] == 0:
+            pass  # `arange(T) + kv_offset` with no cache
+        elif name not in _PLACEMENT:
+            return False
+        node = node.args[0]
+    return False
 
 
 def _is_full_stop(stop: Any, size: Any, sym: TokenSymbols) -> bool:
@@ -459,7 +595,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(_names(
         "to", "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool",
         "clone", "detach", "contiguous", "requires_grad_", "dropout", "alpha_dropout",
-        "feature_alpha_dropout", "dropout1d", "dropout2d", "embedding", "masked_fill", "masked_fill_",
+        "feature_alpha_dropout", "dropout1d", "dropout2d", "masked_fill", "masked_fill_",
         "copy_", "expand",
         # Activations: torch.nn.functional's signatures (inplace=...) differ from aten's schemas.
         "relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "hardtanh",
@@ -470,11 +606,16 @@ RULES: dict[str, Rule] = {
         "size", "dim", "numel", "sym_size_int", "sym_numel", "new_zeros", "new_ones", "new_empty",
         "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "new_tensor", "zeros", "ones",
         "empty", "full", "scalar_tensor",
+        # arange(T) along the token axis: the original position of every token (gathered at kept
+        # positions it is their original position ids, as the oracle's)
+        "arange",
         "_set_grad_enabled", "_log_api_usage_once"), _token_wise),
     **dict.fromkeys(_names("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"), _reshape),
     **dict.fromkeys(_names("transpose", "permute", "movedim", "swapaxes", "t", "unsqueeze", "squeeze"), _permute),
     **dict.fromkeys(_names("view_as_complex", "view_as_real"), _view_complex),
     "linear": _linear,
+    "embedding": _embedding,
+    **dict.fromkeys(_names("gather", "take_along_dim"), _gather),
     **dict.fromkeys(_names("matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm"), _matmul),
     **dict.fromkeys(_names("softmax", "log_softmax", "_softmax"), _softmax),
     "scaled_dot_product_attention": _sdpa,
@@ -501,8 +642,60 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Tensor factories whose fill value is a number: (position, keyword) of that value.
+_FILL_ARG = {"full": (1, "fill_value"), "new_full": (2, "fill_value"), "full_like": (1, "fill_value"),
+             "scalar_tensor": (0, "s"), "tensor": (0, "data"), "as_tensor": (0, "data"), "fill_": (1, "value")}
+
+
+def _scalar_has_seq(value: Any, sym: TokenSymbols) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return bool(getattr(sym.seq, "free_symbols", set()) & value.node.expr.free_symbols)
+    return False
+
+
+def length_scalar_problem(node: fx.Node, sym: TokenSymbols) -> Verdict | None:
+    """A number derived from the sequence length (`4 / h.size(1)`, a sum divided by T) that enters
+    tensor arithmetic. Sizes (view, expand, arange, slicing) are rebuilt for the kept layout, but a
+    number in arithmetic would be the layout's length, where the oracle uses each sample's own."""
+    if node.op not in ("call_function", "call_method") or not isinstance(node_value(node), torch.Tensor):
+        return None
+    name = op_name(node)
+    if name in _FILL_ARG:
+        pos, key = _FILL_ARG[name]
+        values = [_arg(node, pos, key)]
+    elif name in RULES and RULES[name] is not _token_wise and name not in _ARITHMETIC:
+        return None
+    else:
+        values = [*node.args, *node.kwargs.values()]
+    for a in values:
+        if isinstance(a, fx.Node) and _scalar_has_seq(node_value(a), sym):
+            if name in _FILL_ARG or name in _ARITHMETIC or _is_pointwise(node):
+                return Verdict(False, reason=Reason.SYMBOLIC_SIZE,
+                               detail=f"{name} uses a number derived from the sequence length ('{a.name}' = "
+                               f"{node_value(a)}) as a value: on kept tokens it would be the kept layout's "
+                               "length, not each sample's; compute it from a tensor the model is given")
+    return None
+
+
+_ARITHMETIC = frozenset({"mul", "add", "sub", "div", "truediv", "floordiv", "pow", "rsub", "true_divide",
+                         "mul_", "add_", "sub_", "div_", "clamp", "clip", "masked_fill", "masked_fill_",
+                         "where", "lerp", "addcmul", "addcdiv", "remainder", "fmod", "mod"})
+
+
+def role_free(node: fx.Node) -> bool:
+    """Whether the node's rule reads no axis in particular (pointwise ops, casts, transposes): its
+    verdict along the batch axis is its verdict along the token axis."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    rule = RULES.get(op_name(node))
+    return rule is _token_wise or rule is _permute or (rule is None and _is_pointwise(node))
+
+
 def classify(node: fx.Node, sym: TokenSymbols) -> Verdict:
     """Classify `node` along the token axis: token-wise, attention, or refused with a reason."""
+    problem = length_scalar_problem(node, sym)
+    if problem is not None:
+        return problem
     value = node_value(node)
     inputs = [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
     if not any(sym.token_dims(node_value(a)) for a in inputs) and not sym.token_dims(value):

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from transformers.modeling_outputs import CausalLMOutput
 
+from tests.fuzz.probes import Probe
+
 __all__ = ["MIXERS", "T_MAX", "VOCAB", "ArchSpec", "FuzzLM", "Mixer", "arch_specs"]
 
 VOCAB = 64
@@ -75,6 +77,8 @@ class ArchSpec:
         window: sliding window in original positions (q - k < window), or None.
         mlp: ``"plain"`` (Linear-GELU-Linear) or ``"gated"`` (SiLU(gate) * up).
         mixers: token mixers (see :class:`Mixer`).
+        probes: issue 18's probes (:mod:`tests.fuzz.probes`; ``Mixer.kind`` is a probe kind, ``where``
+            ``"stem"`` or ``"mlp"``): loopholes in the token-flow proof and token-wise controls.
         tied: LM head tied to the embedding.
         seed: weight initialisation seed.
     """
@@ -93,13 +97,14 @@ class ArchSpec:
     window: int | None = None
     mlp: str = "plain"
     mixers: tuple[Mixer, ...] = ()
+    probes: tuple[Mixer, ...] = ()
     tied: bool = False
     seed: int = 0
 
     def __post_init__(self):
         assert self.heads % self.kv_heads == 0, "kv_heads must divide heads"
         assert self.mask != "is_causal" or (self.attn == "sdpa" and self.window is None)
-        assert all(m.where == "stem" or m.layer < self.layers for m in self.mixers)
+        assert all(m.where == "stem" or m.layer < self.layers for m in self.mixers + self.probes)
 
     @property
     def hidden(self) -> int:
@@ -209,6 +214,23 @@ class TokenMixer(nn.Module):
         raise ValueError(self.kind)
 
 
+class Probes(nn.Module):
+    """The probes of one place, applied in order: (B, T, C), ctx -> (B, T, C)."""
+
+    def __init__(self, kinds, width: int):
+        super().__init__()
+        self.probes = nn.ModuleList(Probe(k, width) for k in kinds)
+
+    def forward(self, x, ctx):
+        for p in self.probes:
+            x = p(x, ctx)
+        return x
+
+
+def _probes(spec: ArchSpec, where: str, layer: int, width: int) -> Probes:
+    return Probes([m.kind for m in spec.probes if m.where == where and (where == "stem" or m.layer == layer)], width)
+
+
 def _mixer(spec: ArchSpec, where: str, layer: int, width: int) -> nn.Module:
     kinds = [m.kind for m in spec.mixers if m.where == where and (where == "stem" or m.layer == layer)]
     return nn.Sequential(*(TokenMixer(k, width) for k in kinds))  # empty: identity
@@ -290,10 +312,11 @@ class MLP(nn.Module):
         self.gate = nn.Linear(d, f) if self.gated else None
         self.down = nn.Linear(f, d)
         self.mix = _mixer(spec, "mlp", layer, f)
+        self.probes = _probes(spec, "mlp", layer, f)
 
-    def forward(self, x):
+    def forward(self, x, ctx):
         h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x))  # (B, T, F)
-        return self.down(self.mix(h))
+        return self.down(self.probes(self.mix(h), ctx))
 
 
 class Block(nn.Module):
@@ -305,7 +328,7 @@ class Block(nn.Module):
         if spec.norm_place == "sandwich":
             self.m1, self.m2 = _norm(spec), _norm(spec)  # norms on the branch outputs
 
-    def forward(self, h, cos, sin, allowed):
+    def forward(self, h, cos, sin, allowed, ctx):
         s = self.spec
 
         def attn(x):
@@ -313,7 +336,7 @@ class Block(nn.Module):
             return self.m1(y) if s.norm_place == "sandwich" else y
 
         def mlp(x):
-            y = self.mlp(x)
+            y = self.mlp(x, ctx)
             return self.m2(y) if s.norm_place == "sandwich" else y
 
         if s.norm_place == "post":
@@ -343,6 +366,7 @@ class FuzzLM(nn.Module):
         self.embed = nn.Embedding(VOCAB, d)
         self.pos_embed = nn.Embedding(T_MAX, d) if spec.pos == "learned" else None
         self.stem = _mixer(spec, "stem", 0, d)
+        self.stem_probes = _probes(spec, "stem", 0, d)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.layers))
         self.norm = _norm(spec) if spec.norm_place != "post" else None
         self.head = None if spec.tied else nn.Linear(d, VOCAB, bias=False)
@@ -356,6 +380,9 @@ class FuzzLM(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed(position_ids)
         h = self.stem(h)
+        ctx = {"ids": input_ids, "pos": position_ids,
+               "am": attention_mask if attention_mask is not None else torch.ones_like(input_ids)}
+        h = self.stem_probes(h, ctx)
         cos = sin = None
         if s.pos == "rope":
             inv = 1.0 / 10000 ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim)  # (hd/2,)
@@ -372,7 +399,7 @@ class FuzzLM(nn.Module):
                 dist = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (B, 1, T, T)
                 allowed = allowed & (dist < s.window)
         for layer in self.layers:
-            h = layer(h, cos, sin, allowed)
+            h = layer(h, cos, sin, allowed, ctx)
         if self.norm is not None:
             h = self.norm(h)
         logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)  # (B, T, V)

@@ -86,6 +86,11 @@ TOKEN_WISE = {
     "functional activation with inplace=": lambda x: F.relu(x, inplace=False),
     "setitem of hidden columns": _set_hidden,
     "polar (complex RoPE table)": lambda x: torch.polar(torch.ones_like(x), x),
+    "embedding from a parameter table": lambda x: F.embedding((x[..., 0] > 0).long(), torch.ones(4, 8)),
+    "gather along hidden": lambda x: x.gather(2, torch.zeros_like(x, dtype=torch.long)),
+    "index the token axis with its own arange": lambda x: x[:, torch.arange(x.shape[1])],
+    "reshape heads in memory order": lambda x: x.reshape(x.shape[0], x.shape[1], 2, 4).reshape(x.shape[0], -1, 8),
+    "arange over tokens (original positions)": lambda x: x + torch.arange(x.shape[1])[None, :, None],
 }
 MIXING = {
     "max over tokens (reduction overload)": lambda x: x.max(dim=1).values,
@@ -106,6 +111,20 @@ MIXING = {
     "conv over tokens": lambda x: F.conv1d(x.transpose(1, 2), torch.ones(8, 1, 2), groups=8),
     "masked_scatter with a token-indexed source": lambda x: x.masked_scatter(x > 0, x * 2),
     "setitem of some tokens": _set_tokens,
+    # issue 18
+    "embedding from a token-indexed table": lambda x: F.embedding((x[..., 0] > 0).long(), x[0]),
+    "gather along tokens": lambda x: x.gather(1, torch.zeros_like(x, dtype=torch.long)),
+    "reshape keeps sizes, scrambles tokens": lambda x: x.reshape(x.shape[0], 8, x.shape[1]),
+    "reshape swaps batch and tokens": lambda x: x.reshape(x.shape[1], x.shape[0], 8),
+    "index the token axis with a shifted arange": lambda x: x[:, (torch.arange(x.shape[1]) + 1) % x.shape[1]],
+    "masked_scatter numbering by a content mask": lambda x: x.masked_scatter((x[..., :1] > 0).expand_as(x),
+                                                                               torch.randn(100)),
+    "integer ids rolled along tokens": lambda x: (x[..., 0] > 0).long().roll(1, 1),
+}
+LENGTH = {
+    "scale by 4 / T": lambda x: x * (4 / x.size(1)),
+    "sum divided by T": lambda x: x.sum(-1) / x.size(1),
+    "T as a fill value": lambda x: x.new_full((2,), x.size(1)),
 }
 
 
@@ -119,6 +138,18 @@ def test_token_wise_rules(name):
 def test_mixing_rules_refuse(name):
     v = _verdict(MIXING[name], BTD)
     assert not v.ok and v.reason in (Reason.TOKEN_MIXING, Reason.UNSUPPORTED_OP), v
+
+
+@pytest.mark.parametrize("name", list(LENGTH))
+def test_sequence_length_numbers_refuse(name):
+    """A number derived from T in arithmetic: the kept layout's length is not each sample's."""
+    v = _verdict(LENGTH[name], BTD)
+    assert not v.ok and v.reason is Reason.SYMBOLIC_SIZE, v
+
+
+def test_sizes_from_the_sequence_length_are_not_numbers():
+    assert _verdict(lambda x: x.view(x.shape[0], x.shape[1], 2, 4) * 2, BTD).token_wise
+    assert _verdict(lambda x: x.new_zeros(x.shape[0], x.shape[1]) + x[..., 0], BTD).token_wise
 
 
 def test_where_with_one_argument_lists_positions():
@@ -149,11 +180,13 @@ def test_cross_attention_is_token_wise_over_queries():
     assert not v.ok and v.reason is Reason.ATTENTION_FORM and "cross-attention" in v.detail
 
 
-def test_masked_scatter_of_per_image_features_is_token_wise():
-    """LLaVA merges image features (no token axis) into the embeddings at placeholder positions."""
+def test_masked_scatter_numbers_positions():
+    """masked_scatter numbers the positions its mask selects: the op table alone refuses it (the
+    analysis accepts LLaVA's form, a mask computed from the input ids alone: `analyse.Judge`,
+    tests/passes/test_loopholes.py)."""
     feats = torch.randn(100, 8)
     v = _verdict(lambda x: x.masked_scatter((x[..., :1] > 0).expand_as(x), feats), BTD)
-    assert v.token_wise, v
+    assert not v.ok and v.reason is Reason.TOKEN_MIXING, v
 
 
 def test_unknown_op_refuses():
@@ -167,5 +200,6 @@ def test_every_rule_is_exercised():
 
     tested = {ops._token_wise, ops._reshape, ops._permute, ops._view_complex, ops._linear, ops._matmul,
               ops._softmax, ops._sdpa, ops._norm, ops._always_mixing, ops._reduce, ops._cat, ops._split,
-              ops._pad, ops._repeat, ops._where, ops._masked_scatter, ops._getitem, ops._tril, ops._setitem}
+              ops._pad, ops._repeat, ops._where, ops._masked_scatter, ops._getitem, ops._tril, ops._setitem,
+              ops._embedding, ops._gather}
     assert set(RULES.values()) <= tested
