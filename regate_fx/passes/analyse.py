@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, mutates, node_value, op_name,
                                     param_path, sdpa_arg)
-from regate_fx.passes.kernels import kept_rows, kept_rows_packed
+from regate_fx.passes.kernels import MARKERS
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import (OK, Verdict, classify, higher_order_detail, length_scalar_problem, role_free,
                                   same_place)
@@ -532,7 +532,7 @@ def _feeds_only_ours(graph: fx.Graph, anc: Ancestry, ours: int) -> int:
     """Nodes used only by the step's own kept-layout code and not by the model's output: the step's
     `labels[:, 1:]` shift (the prediction at p is scored on the label of p + 1 by definition). The
     model reaches the step only through its logits, whose ancestors are never exempt."""
-    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in MARKERS]
     model = 0
     for t in takes:
         x = t.args[0]
@@ -651,7 +651,7 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
     and nothing in between is used elsewhere. Returns (tail, "") or (None, why not).
     """
     sym = analysis.sym
-    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in (kept_rows, kept_rows_packed)]
+    takes = [n for n in graph.nodes if n.op == "call_function" and n.target in MARKERS]
     if len(takes) != 1:
         return None, "the model's output is not read at kept rows once (no kept_rows marker)"
     take = takes[0]
