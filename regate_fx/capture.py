@@ -31,7 +31,6 @@ the decoder's forward signature and the shapes of what it receives.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import linecache
 import os

@@ -176,7 +176,7 @@ class Judge:
         `docs[b, q] == docs[b, kv]`). Computed at full length from the position ids alone, the ids
         are every token's true document; gathered, a kept pair compares equal exactly when its
         tokens share a document. The nodes of such a construct, or an empty set."""
-        sym, data = self.sym, self.data
+        data = self.data
         forbidden = self.content | data.bit(self.seq) | (data.bit(self.padding) if self.padding is not None else 0)
         out: set[fx.Node] = set()
         for c in graph.nodes:

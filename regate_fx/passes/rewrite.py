@@ -140,7 +140,7 @@ def _erase_unused(graph: fx.Graph, replaced) -> None:
 
 def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
     """Gather the stream once, replay the region on kept tokens, scatter what leaves it."""
-    graph, kept = replay.graph, replay.kept
+    graph = replay.graph
     members = set(region.nodes)
     start = region.start
     # A stream that starts at an input (inputs_embeds) is gathered after the last placeholder.
