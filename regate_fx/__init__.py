@@ -7,7 +7,6 @@ Two halves:
 
 from regate_fx import runtime
 from regate_fx.errors import KeepMaskError, RewriteError
-from regate_fx.verify import oracle
 from regate_fx.report import BranchKind, BranchRecord, GraphReport, Reason, RewriteReport
 from regate_fx.runtime import *  # noqa: F401,F403
 from regate_fx.sparse import (
@@ -24,6 +23,7 @@ from regate_fx.sparse import (
     sparsify,
     unsparsify,
 )
+from regate_fx.verify import oracle
 
 __all__ = [
     "BranchKind",
@@ -47,8 +47,8 @@ __all__ = [
     "sparsify",
     "unsparsify",
     *runtime.__all__,
-    "ReGateTrainer",
-    "ReGateTrainerMixin",
+    "ReGateTrainer",  # noqa: F405 (lazy, see __getattr__)
+    "ReGateTrainerMixin",  # noqa: F405
 ]
 
 _LAZY = {
@@ -67,4 +67,6 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'regate_fx' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

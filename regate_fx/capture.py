@@ -49,6 +49,7 @@ CAPTURE_MODES = ("auto", "model", "decoder")
 
 # --- dynamic axes ---------------------------------------------------------------------------
 
+
 def _tensors(value: Any) -> Iterable[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -204,7 +205,8 @@ class Capture:
             raise RewriteError(
                 f"regate_fx: capture='decoder' needs model.get_decoder() and model.get_output_embeddings() "
                 f"to return submodules of {type(model).__name__} (got {type(dec).__name__} and "
-                f"{type(head).__name__}); use SparsifyConfig(capture='model') to capture the whole model")
+                f"{type(head).__name__}); use SparsifyConfig(capture='model') to capture the whole model"
+            )
         return dec, dec_path, head_path
 
     @property
@@ -233,7 +235,8 @@ class Capture:
                 f"regate_fx: the decoder ({dec_path}) is called with {got} (batch, tokens) but the batch is "
                 f"{tuple(seq.shape[:2])}: keep_mask positions cannot be mapped onto the decoder's tokens. "
                 "Expand every image placeholder in input_ids (as the model's processor does), or use "
-                "SparsifyConfig(capture='model')")
+                "SparsifyConfig(capture='model')"
+            )
         am = inputs.get("attention_mask")
         dec_am = kwargs.pop("attention_mask", None)
         if isinstance(am, torch.Tensor):
@@ -265,7 +268,8 @@ class Capture:
         else:
             raise RewriteError(
                 f"regate_fx: {type(self.model).__name__}'s forward never called its decoder "
-                f"({'.'.join(self.wrapper._decoder_path)}); use SparsifyConfig(capture='model')")
+                f"({'.'.join(self.wrapper._decoder_path)}); use SparsifyConfig(capture='model')"
+            )
         finally:
             handle.remove()
         kwargs.pop("use_cache", None)
@@ -291,21 +295,31 @@ class Capture:
         finally:
             for h in handles:
                 h.remove()
-        logits, hidden, head_in, head_out = (getattr(out, "logits", None), seen.get("hidden"),
-                                             seen.get("head_in"), seen.get("head_out"))
-        same = (all(isinstance(t, torch.Tensor) for t in (logits, hidden, head_in, head_out))
-                and head_in.shape == hidden.shape and torch.equal(head_in, hidden)
-                and logits.shape == head_out.shape and torch.equal(logits, head_out.to(logits.dtype)))
+        logits, hidden, head_in, head_out = (
+            getattr(out, "logits", None),
+            seen.get("hidden"),
+            seen.get("head_in"),
+            seen.get("head_out"),
+        )
+        same = (
+            all(isinstance(t, torch.Tensor) for t in (logits, hidden, head_in, head_out))
+            and head_in.shape == hidden.shape
+            and torch.equal(head_in, hidden)
+            and logits.shape == head_out.shape
+            and torch.equal(logits, head_out.to(logits.dtype))
+        )
         if not same:
             raise RewriteError(
                 f"regate_fx: {type(self.model).__name__}'s logits are not its LM head "
                 f"({'.'.join(wrapper._head_path)}) applied to its decoder's "
                 f"({'.'.join(wrapper._decoder_path)}) output: its forward changes them in between "
                 "(logit soft-capping or scaling, an extra norm), so the decoder cannot be captured "
-                "alone. Use SparsifyConfig(capture='model') to capture the whole model.")
+                "alone. Use SparsifyConfig(capture='model') to capture the whole model."
+            )
 
 
 # --- capture failures -----------------------------------------------------------------------
+
 
 def _user_frames(e: BaseException) -> list:
     """The model's frames where dynamo stopped, innermost last (from dynamo's own annotations)."""
@@ -375,11 +389,20 @@ def capture_error(e: BaseException, model: nn.Module, mode: str) -> RewriteError
     """
     from torch._dynamo import exc as dexc
 
-    kinds = tuple(k for k in (getattr(dexc, "Unsupported", None), getattr(dexc, "UserError", None),
-                              getattr(dexc, "TorchRuntimeError", None), getattr(dexc, "InternalTorchDynamoError", None),
-                              getattr(dexc, "BackendCompilerFailed", None)) if k is not None)
+    kinds = tuple(
+        k
+        for k in (
+            getattr(dexc, "Unsupported", None),
+            getattr(dexc, "UserError", None),
+            getattr(dexc, "TorchRuntimeError", None),
+            getattr(dexc, "InternalTorchDynamoError", None),
+            getattr(dexc, "BackendCompilerFailed", None),
+        )
+        if k is not None
+    )
     try:
         from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
         kinds += (GuardOnDataDependentSymNode,)
     except ImportError:  # pragma: no cover
         pass
@@ -395,19 +418,26 @@ def capture_error(e: BaseException, model: nn.Module, mode: str) -> RewriteError
             break
     first = str(e).strip().splitlines()
     cause = next((ln.strip() for ln in first if ln.strip()), type(e).__name__)
-    target = (f"module '{module}' ({type(model.get_submodule(module)).__name__})" if module
-              else "the model's forward")
+    target = f"module '{module}' ({type(model.get_submodule(module)).__name__})" if module else "the model's forward"
     if mode == "model" and module is not None and is_multimodal(model):
-        todo = ("This part of the model runs before its decoder: let it run eagerly and capture only "
-                "the decoder and LM head with SparsifyConfig(capture='decoder') (the default for "
-                "multimodal models), or call the model without keep_mask (dense).")
+        todo = (
+            "This part of the model runs before its decoder: let it run eagerly and capture only "
+            "the decoder and LM head with SparsifyConfig(capture='decoder') (the default for "
+            "multimodal models), or call the model without keep_mask (dense)."
+        )
     elif mode == "decoder":
-        todo = ("The decoder itself cannot be captured as one graph, so the ReGATE pass cannot "
-                "analyse its residual stream; call the model without keep_mask (dense), or remove "
-                "the construct dynamo names above from the decoder's forward.")
+        todo = (
+            "The decoder itself cannot be captured as one graph, so the ReGATE pass cannot "
+            "analyse its residual stream; call the model without keep_mask (dense), or remove "
+            "the construct dynamo names above from the decoder's forward."
+        )
     else:
-        todo = ("The pass needs the model as one graph to find its residual stream; call the model "
-                "without keep_mask (dense), or remove the construct dynamo names above.")
+        todo = (
+            "The pass needs the model as one graph to find its residual stream; call the model "
+            "without keep_mask (dense), or remove the construct dynamo names above."
+        )
     return RewriteError(
         f"regate_fx: dynamo could not capture {target} as a single graph ({type(e).__name__}: {cause})"
-        + "".join(f"\n  at {w}" for w in where[:4]) + f"\n{todo}\n\ndynamo's message:\n{str(e).strip()[:1500]}")
+        + "".join(f"\n  at {w}" for w in where[:4])
+        + f"\n{todo}\n\ndynamo's message:\n{str(e).strip()[:1500]}"
+    )

@@ -30,8 +30,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["UnsupportedEnvironment", "capture_settings", "check_environment", "install_output_hooks",
-           "needs_output_hooks", "one_graph_under_ddp", "reload_renamed_weights"]
+__all__ = [
+    "UnsupportedEnvironment",
+    "capture_settings",
+    "check_environment",
+    "install_output_hooks",
+    "needs_output_hooks",
+    "one_graph_under_ddp",
+    "reload_renamed_weights",
+]
 
 
 # --- environment ----------------------------------------------------------------------------
@@ -78,6 +85,7 @@ def check_environment() -> None:
     """
     try:
         from torch._dynamo.eval_frame import is_dynamo_supported
+
         supported = is_dynamo_supported()
     except Exception:  # noqa: BLE001 - an import failure is itself the answer
         supported = False
@@ -85,7 +93,8 @@ def check_environment() -> None:
         raise UnsupportedEnvironment(
             f"regate_fx: torch.compile (dynamo) is not supported by this torch build ({torch.__version__}) "
             f"on this Python; a sparse step is captured with dynamo. Install a torch build with torch.compile "
-            f"support for this Python (pip install 'torch>=2.13,<2.14').")
+            f"support for this Python (pip install 'torch>=2.13,<2.14')."
+        )
     if os.environ.get(SKIP_CHECK_ENV, "") not in ("", "0"):
         return
     from importlib import metadata
@@ -103,10 +112,12 @@ def check_environment() -> None:
                 f"regate_fx: needs {name}{spec}, found {found or 'none'}. Install the tested range with "
                 f"pip install '{name}{spec}' (for torch on a CPU machine pin the CPU build, e.g. "
                 f"pip install torch==2.13.0, so that pip does not pull a CUDA build), or set "
-                f"{SKIP_CHECK_ENV}=1 to try this version anyway.")
+                f"{SKIP_CHECK_ENV}=1 to try this version anyway."
+            )
 
 
 # --- dynamo settings for the sparse step's compile ------------------------------------------
+
 
 @contextlib.contextmanager
 def capture_settings() -> Iterator[None]:
@@ -138,8 +149,10 @@ def capture_settings() -> Iterator[None]:
     The settings are set and restored directly: ``config.patch`` costs about 0.1 ms per call, and
     this runs on every step.
     """
-    settings = [(torch.fx.experimental._config, "use_duck_shape", False),
-                (torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)]
+    settings = [
+        (torch.fx.experimental._config, "use_duck_shape", False),
+        (torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True),
+    ]
     if one_graph_under_ddp():
         settings.append((torch._dynamo.config, "optimize_ddp", False))
     old = [getattr(mod, name) for mod, name, _ in settings]
@@ -176,6 +189,7 @@ def one_graph_under_ddp() -> bool:
 
 
 # --- transformers' output-capturing hooks (transformers 5.24-5.25) ---------------------------
+
 
 def needs_output_hooks(e: BaseException) -> bool:
     """Whether a capture stopped where transformers installs its output-capturing hooks.
@@ -227,6 +241,7 @@ def install_output_hooks(model: nn.Module) -> None:
 
 # --- Trainer resume of renamed checkpoints (transformers 5.24-5.25) ---------------------------
 
+
 def reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
     """Finish loading a checkpoint that ``save_pretrained`` wrote with renamed keys.
 
@@ -264,7 +279,8 @@ def reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
         raise RuntimeError(
             f"cannot restore the model weights from {checkpoint}: after the checkpoint's key renames, "
             f"{len(missing)} weights are missing (e.g. {missing[:3]}) and {len(unknown)} are unknown "
-            f"(e.g. {unknown[:3]})")
+            f"(e.g. {unknown[:3]})"
+        )
     target.load_state_dict(loaded, strict=False)
 
 

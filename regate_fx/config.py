@@ -81,10 +81,14 @@ class SparsifyConfig:
             raise ValueError(f"SparsifyConfig.capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"SparsifyConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if isinstance(self.packed_min_waste, bool) or not isinstance(self.packed_min_waste, (int, float)) \
-                or not 0.0 <= self.packed_min_waste <= 1.0:
-            raise ValueError(f"SparsifyConfig.packed_min_waste must be a number in [0, 1], "
-                             f"got {self.packed_min_waste!r}")
+        if (
+            isinstance(self.packed_min_waste, bool)
+            or not isinstance(self.packed_min_waste, (int, float))
+            or not 0.0 <= self.packed_min_waste <= 1.0
+        ):
+            raise ValueError(
+                f"SparsifyConfig.packed_min_waste must be a number in [0, 1], got {self.packed_min_waste!r}"
+            )
         for name in ("strict", "fullgraph", "validate", "print_report", "return_logits", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "return_logits" and value is None):
@@ -93,14 +97,18 @@ class SparsifyConfig:
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise ValueError(f"SparsifyConfig.dynamic must be None or True, got {self.dynamic!r}")
         if self.dynamic is False:
-            raise ValueError("SparsifyConfig.dynamic=False is not supported: the kept count K changes at every "
-                             "step, so a graph compiled per shape would recompile at every step (and stop at "
-                             "dynamo's recompile limit). Use dynamic=None (default: static first compile, "
-                             "symbolic from the first new shape) or dynamic=True (symbolic from the start).")
+            raise ValueError(
+                "SparsifyConfig.dynamic=False is not supported: the kept count K changes at every "
+                "step, so a graph compiled per shape would recompile at every step (and stop at "
+                "dynamo's recompile limit). Use dynamic=None (default: static first compile, "
+                "symbolic from the first new shape) or dynamic=True (symbolic from the start)."
+            )
         if not self.fullgraph:
-            raise ValueError("SparsifyConfig.fullgraph=False is not supported: the pass needs the whole "
-                             "model as one graph to find its residual stream. Fix the graph break that "
-                             "dynamo reports instead (the error names it), or run the model dense.")
+            raise ValueError(
+                "SparsifyConfig.fullgraph=False is not supported: the pass needs the whole "
+                "model as one graph to find its residual stream. Fix the graph break that "
+                "dynamo reports instead (the error names it), or run the model dense."
+            )
 
     def wants_logits(self, has_labels: bool) -> bool:
         """Whether a sparse step returns (B, T, V) logits (see ``return_logits``)."""

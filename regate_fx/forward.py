@@ -50,16 +50,15 @@ class ReGateOutput(ModelOutput):
     keep_mask: torch.Tensor | None = None
 
 
-
 class _NeedsOutputHooks(Exception):
     """The capture stopped where transformers installs its output hooks (``needs_output_hooks``)."""
-
 
 
 _NESTED_COMPILE = (
     "regate_fx: a sparse step (a call with keep_mask) runs its own captured and rewritten graph, "
     "so code compiled around it graph-breaks at the call. Compile without fullgraph=True (Trainer's "
-    "torch_compile=True already does), or call the sparsified model outside the compiled function")
+    "torch_compile=True already does), or call the sparsified model outside the compiled function"
+)
 
 
 class SparseForward:
@@ -77,8 +76,9 @@ class SparseForward:
             ``model.regate_report``).
     """
 
-    def __init__(self, original: Callable, config: SparsifyConfig, backend: str | Callable,
-                 report: RewriteReport | None = None):
+    def __init__(
+        self, original: Callable, config: SparsifyConfig, backend: str | Callable, report: RewriteReport | None = None
+    ):
         self.original = original
         self.config = config
         self.backend = backend
@@ -95,14 +95,21 @@ class SparseForward:
         model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
         self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
-        regate_backend = make_backend(resolve_backend(backend), self.report, self._roles,
-                                      strict=config.strict, on_report=self._maybe_print,
-                                      dynamic=config.dynamic, runs=self._runs)
+        regate_backend = make_backend(
+            resolve_backend(backend),
+            self.report,
+            self._roles,
+            strict=config.strict,
+            on_report=self._maybe_print,
+            dynamic=config.dynamic,
+            runs=self._runs,
+        )
         step = own_step_function()
         self._step_code = step.__code__  # the key of this model's dynamo cache
         self._compiled = torch.compile(step, backend=regate_backend, fullgraph=config.fullgraph)
-        functools.update_wrapper(self, original, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
-                                 updated=())
+        functools.update_wrapper(
+            self, original, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=()
+        )
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -112,13 +119,16 @@ class SparseForward:
     def __deepcopy__(self, memo: dict) -> "SparseForward":
         # A copy of the model gets its own capture (its own dynamo cache, roles and backend), with
         # the copied report: `copy.deepcopy(model)` stays a sparsified model of its own.
-        return SparseForward(copy.deepcopy(self.original, memo), self.config, self.backend,
-                             copy.deepcopy(self.report, memo))
+        return SparseForward(
+            copy.deepcopy(self.original, memo), self.config, self.backend, copy.deepcopy(self.report, memo)
+        )
 
     def __reduce__(self):
-        raise TypeError("a sparsified model cannot be pickled whole (its forward holds a compiled step): "
-                        "save model.state_dict() or use model.save_pretrained(...), or call "
-                        "regate_fx.unsparsify(model) first")
+        raise TypeError(
+            "a sparsified model cannot be pickled whole (its forward holds a compiled step): "
+            "save model.state_dict() or use model.save_pretrained(...), or call "
+            "regate_fx.unsparsify(model) first"
+        )
 
     def __call__(self, *args: Any, keep_mask: torch.Tensor | None = None, **inputs: Any) -> Any:
         """Run the model; with ``keep_mask`` (bool [B, T]) the decoder computes kept positions only.
@@ -149,9 +159,11 @@ class SparseForward:
         if not console.is_terminal:
             return contextlib.nullcontext()
         if kind == "symbolic":
-            return console.status("regate_fx: new sizes: compiling the sparse graph once more, for every batch "
-                                  "size, length and kept count (SparsifyConfig(dynamic=True) does it at the "
-                                  "first call)")
+            return console.status(
+                "regate_fx: new sizes: compiling the sparse graph once more, for every batch "
+                "size, length and kept count (SparsifyConfig(dynamic=True) does it at the "
+                "first call)"
+            )
         return console.status(f"regate_fx: capturing and compiling the {kind} graph (first {kind} call)")
 
     def _compile_kind(self, tensors: tuple[torch.Tensor, ...]) -> str:
@@ -198,19 +210,25 @@ class SparseForward:
         torch._dynamo.eval_frame.reset_code(self._step_code)
         new = self.report.graphs[graphs:]
         if new:
-            what = (f"dynamo handed the ReGATE backend {len(new)} graph(s) without the kept layout among their "
-                    f"inputs ({', '.join(g.name for g in new)}: pieces of a graph split before the backend "
-                    f"saw it), which ran unchanged")
+            what = (
+                f"dynamo handed the ReGATE backend {len(new)} graph(s) without the kept layout among their "
+                f"inputs ({', '.join(g.name for g in new)}: pieces of a graph split before the backend "
+                f"saw it), which ran unchanged"
+            )
         else:
-            what = ("no rewritten graph ran: dynamo ran the step's Python code itself (e.g. under "
-                    "torch.compiler.set_stance('force_eager'), torch._dynamo.config.disable, or past dynamo's "
-                    "recompile limit), or a cached graph that is not the rewritten one")
+            what = (
+                "no rewritten graph ran: dynamo ran the step's Python code itself (e.g. under "
+                "torch.compiler.set_stance('force_eager'), torch._dynamo.config.disable, or past dynamo's "
+                "recompile limit), or a cached graph that is not the rewritten one"
+            )
         raise RewriteError(
             f"regate_fx: a call with keep_mask ran without its sparse graph, so it computed every token "
             f"dense; its result is discarded. {what[0].upper()}{what[1:]}. Call the sparsified model "
             f"outside what changed how dynamo compiles or runs it (a wrapper's compile hook, a compiler "
             f"stance, a dynamo config), or without keep_mask for a dense step. The step's compiled graphs "
-            f"were dropped: the next call captures it again.", report=self.report)
+            f"were dropped: the next call captures it again.",
+            report=self.report,
+        )
 
     def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, layout: Layout):
         """One call of the compiled step on the kept `layout`."""
@@ -220,15 +238,24 @@ class SparseForward:
                 torch._dynamo.maybe_mark_dynamic(t, d)
         roles = dict(zip(layout.roles, tensors))
         am = inputs.get("attention_mask")
-        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
-                        **roles)
+        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None, **roles)
         try:
-            with capture_settings(), gc_frozen(), self._first_call_status(
-                    self._compile_kind((seq, *roles.values()))), \
-                    without_input_require_grads(getattr(self.original, "__self__", None)), \
-                    self._sparse_graph_must_run():
-                return self._compiled(target, inputs, self._use_cache_kw, layout, tensors, labels,
-                                      self.config.wants_logits(labels is not None))
+            with (
+                capture_settings(),
+                gc_frozen(),
+                self._first_call_status(self._compile_kind((seq, *roles.values()))),
+                without_input_require_grads(getattr(self.original, "__self__", None)),
+                self._sparse_graph_must_run(),
+            ):
+                return self._compiled(
+                    target,
+                    inputs,
+                    self._use_cache_kw,
+                    layout,
+                    tensors,
+                    labels,
+                    self.config.wants_logits(labels is not None),
+                )
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (LayoutRefused, KeepMaskError, RewriteError)):  # refused: the layout's, or the pass's
@@ -249,8 +276,10 @@ class SparseForward:
     @torch._dynamo.disable(reason=_NESTED_COMPILE)
     def _sparse(self, args: tuple, keep_mask: torch.Tensor, inputs: dict) -> ReGateOutput:
         if args:
-            raise TypeError(f"a sparse step takes keyword arguments only (input_ids=..., "
-                            f"attention_mask=..., labels=..., keep_mask=...), got {len(args)} positional")
+            raise TypeError(
+                f"a sparse step takes keyword arguments only (input_ids=..., "
+                f"attention_mask=..., labels=..., keep_mask=...), got {len(args)} positional"
+            )
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         seq = inputs.get("input_ids")
@@ -262,8 +291,12 @@ class SparseForward:
         if self.config.validate:
             check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
         check_no_inner_fsdp(model)
-        if inputs.get("attention_mask") is None and inputs.get("position_ids") is None \
-                and model is not None and accepts(model, "attention_mask"):
+        if (
+            inputs.get("attention_mask") is None
+            and inputs.get("position_ids") is None
+            and model is not None
+            and accepts(model, "attention_mask")
+        ):
             # No padding and default positions: the same call as an all-ones padding mask. Without
             # one, transformers builds its causal mask from position ids plus a packed-sequence
             # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
@@ -287,12 +320,14 @@ class SparseForward:
             e.layout.note_refusal(self.report, e.why)
             fallback = e.layout.fallback
             if self.config.layout == e.layout.name or fallback is None:
-                raise RewriteError(f"regate_fx: SparsifyConfig(layout={e.layout.name!r}) cannot be used with this "
-                                   f"model: {e.why}. Use layout={getattr(fallback, 'name', 'auto')!r} (or 'auto', "
-                                   f"which falls back to it).", report=self.report) from None
+                raise RewriteError(
+                    f"regate_fx: SparsifyConfig(layout={e.layout.name!r}) cannot be used with this "
+                    f"model: {e.why}. Use layout={getattr(fallback, 'name', 'auto')!r} (or 'auto', "
+                    f"which falls back to it).",
+                    report=self.report,
+                ) from None
             logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, fallback)
         return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
-
 
 
 def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -300,24 +335,33 @@ def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch
     if not isinstance(keep, torch.Tensor):
         raise KeepMaskError(f"keep_mask must be a torch.Tensor of dtype bool, got {type(keep).__name__}")
     if keep.dtype != torch.bool:
-        raise KeepMaskError(f"keep_mask must have dtype torch.bool, got {keep.dtype}; "
-                            "convert it with keep_mask.bool()")
+        raise KeepMaskError(f"keep_mask must have dtype torch.bool, got {keep.dtype}; convert it with keep_mask.bool()")
     if tuple(keep.shape) != tuple(seq.shape[:2]):
-        raise KeepMaskError(f"keep_mask has shape {tuple(keep.shape)} but the batch is "
-                            f"{tuple(seq.shape[:2])} (batch, tokens); it needs one entry per token")
+        raise KeepMaskError(
+            f"keep_mask has shape {tuple(keep.shape)} but the batch is "
+            f"{tuple(seq.shape[:2])} (batch, tokens); it needs one entry per token"
+        )
     if keep.device != seq.device:
-        raise KeepMaskError(f"keep_mask is on {keep.device} but the inputs are on {seq.device}; "
-                            f"move it with keep_mask.to({str(seq.device)!r})")
+        raise KeepMaskError(
+            f"keep_mask is on {keep.device} but the inputs are on {seq.device}; "
+            f"move it with keep_mask.to({str(seq.device)!r})"
+        )
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(keep.shape):
-            raise KeepMaskError(f"attention_mask has shape {tuple(attention_mask.shape)} but keep_mask has "
-                                f"{tuple(keep.shape)}; pass the 2-D (batch, tokens) padding mask")
+            raise KeepMaskError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but keep_mask has "
+                f"{tuple(keep.shape)}; pass the 2-D (batch, tokens) padding mask"
+            )
         kept_pad = keep & (attention_mask == 0)
         if bool(kept_pad.any()):
             b, p = (int(x) for x in kept_pad.nonzero()[0])
-            raise KeepMaskError(f"keep_mask keeps padding: sample {b}, position {p} has attention_mask 0; "
-                                "clear it with keep_mask & attention_mask.bool()")
+            raise KeepMaskError(
+                f"keep_mask keeps padding: sample {b}, position {p} has attention_mask 0; "
+                "clear it with keep_mask & attention_mask.bool()"
+            )
     empty = ~keep.any(1)
     if bool(empty.any()):
-        raise KeepMaskError(f"keep_mask keeps no position in sample(s) {empty.nonzero().flatten().tolist()}; "
-                            "every sample needs at least one kept position")
+        raise KeepMaskError(
+            f"keep_mask keeps no position in sample(s) {empty.nonzero().flatten().tolist()}; "
+            "every sample needs at least one kept position"
+        )

@@ -71,22 +71,64 @@ VOCAB = 256
 POSITIONS = 512
 EXPERTS = 4
 
-_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "model_dim", "word_embed_proj_dim",
-                "projection_dim", "hidden_dim")
-_INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "intermediate_size_mlp", "moe_intermediate_size",
-                      "shared_expert_intermediate_size", "ffn_hidden_size", "expert_intermediate_size",
-                      "decoder_ffn_dim", "encoder_ffn_dim", "d_ff", "mlp_dim", "feed_forward_proj_dim")
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth", "decoder_layers",
-               "encoder_layers", "num_decoder_layers")
-_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
-              "encoder_attention_heads")
+_HIDDEN_KEYS = (
+    "hidden_size",
+    "d_model",
+    "n_embd",
+    "embed_dim",
+    "dim",
+    "model_dim",
+    "word_embed_proj_dim",
+    "projection_dim",
+    "hidden_dim",
+)
+_INTERMEDIATE_KEYS = (
+    "intermediate_size",
+    "ffn_dim",
+    "n_inner",
+    "intermediate_size_mlp",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "ffn_hidden_size",
+    "expert_intermediate_size",
+    "decoder_ffn_dim",
+    "encoder_ffn_dim",
+    "d_ff",
+    "mlp_dim",
+    "feed_forward_proj_dim",
+)
+_LAYER_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "n_layers",
+    "depth",
+    "decoder_layers",
+    "encoder_layers",
+    "num_decoder_layers",
+)
+_HEAD_KEYS = (
+    "num_attention_heads",
+    "n_head",
+    "num_heads",
+    "n_heads",
+    "decoder_attention_heads",
+    "encoder_attention_heads",
+)
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_key_value_groups")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k")
-_HEAD_DIM_KEYS = ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "rope_dim",
-                  "kv_lora_rank", "q_lora_rank", "attention_head_dim")
-_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
-                  "max_seq_len")
+_HEAD_DIM_KEYS = (
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "rotary_dim",
+    "rope_dim",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "attention_head_dim",
+)
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len")
 
 
 def _sub_configs(cfg) -> list:
@@ -221,8 +263,10 @@ def shrink_config(config, *, keep_head_dim: bool = False) -> Any:
 
 
 def _mappings():
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -258,8 +302,9 @@ def model_class(config):
     for auto, names in order:
         if mt in names:
             return auto, getattr(transformers, names[mt])
-    raise ValueError(f"model_type {mt!r} has no causal-LM or image-text-to-text class in transformers "
-                     f"{transformers.__version__}")
+    raise ValueError(
+        f"model_type {mt!r} has no causal-LM or image-text-to-text class in transformers {transformers.__version__}"
+    )
 
 
 def _special_ids(config) -> set[int]:
@@ -352,23 +397,38 @@ class InspectResult:
         from rich.text import Text
 
         style = {"exact-sparse": "bold green", "refused": "bold yellow", "error": "bold red"}[self.verdict]
-        head = Text.assemble(("verdict: ", "bold"), (self.verdict, style),
-                             f"   {self.family or '?'} -> {self.model_class or '?'} ({self.seconds:.1f} s)")
+        head = Text.assemble(
+            ("verdict: ", "bold"),
+            (self.verdict, style),
+            f"   {self.family or '?'} -> {self.model_class or '?'} ({self.seconds:.1f} s)",
+        )
         parts: list = [head]
         if self.kept_flop_fraction is not None:
-            whole = ("" if self.kept_flop_fraction_model is None
-                     else f"; {self.kept_flop_fraction_model:.0%} of the whole forward's")
-            parts.append(Text(f"layer FLOPs on kept tokens: {self.kept_flop_fraction:.0%}{whole} "
-                              f"({self.branches_rewritten}/{len(self.branches)} branches; tail on kept tokens: "
-                              f"{'yes' if self.tail_on_kept else 'no'})"))
+            whole = (
+                ""
+                if self.kept_flop_fraction_model is None
+                else f"; {self.kept_flop_fraction_model:.0%} of the whole forward's"
+            )
+            parts.append(
+                Text(
+                    f"layer FLOPs on kept tokens: {self.kept_flop_fraction:.0%}{whole} "
+                    f"({self.branches_rewritten}/{len(self.branches)} branches; tail on kept tokens: "
+                    f"{'yes' if self.tail_on_kept else 'no'})"
+                )
+            )
         if self.branches:
             t = Table(title="residual branches")
             for col in ("#", "module", "kind", "runs", "why not", "FLOPs"):
                 t.add_column(col)
             for b in self.branches:
-                t.add_row(str(b.index), b.module, b.kind,
-                          Text("kept tokens", style="green") if b.rewritten else Text("dense", style="red"),
-                          b.reason or "", "-" if b.flops is None else f"{b.flops:,}")
+                t.add_row(
+                    str(b.index),
+                    b.module,
+                    b.kind,
+                    Text("kept tokens", style="green") if b.rewritten else Text("dense", style="red"),
+                    b.reason or "",
+                    "-" if b.flops is None else f"{b.flops:,}",
+                )
             parts.append(t)
         if self.reasons:
             t = Table(title="why refused")
@@ -450,7 +510,7 @@ def _module_flops(model, batch: dict) -> dict[str, int]:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(**inputs, use_cache=False)  # as the oracle calls it
     prefix = type(model).__name__ + "."
-    counts = {k[len(prefix):]: int(sum(v.values())) for k, v in fc.get_flop_counts().items() if k.startswith(prefix)}
+    counts = {k[len(prefix) :]: int(sum(v.values())) for k, v in fc.get_flop_counts().items() if k.startswith(prefix)}
     counts[""] = int(sum(fc.get_flop_counts().get("Global", {}).values()))
     return counts
 
@@ -463,20 +523,32 @@ def _fill_branches(res: InspectResult, report, flops: dict[str, int] | None) -> 
         return
     res.tail_on_kept = g.tail_on_kept
     for b in g.branches:
-        res.branches.append(BranchInfo(b.index, b.layer, b.module, b.kind.value, b.rewritten,
-                                       b.reason.name if b.reason else None,
-                                       flops.get(b.module) if flops else None))
+        res.branches.append(
+            BranchInfo(
+                b.index,
+                b.layer,
+                b.module,
+                b.kind.value,
+                b.rewritten,
+                b.reason.name if b.reason else None,
+                flops.get(b.module) if flops else None,
+            )
+        )
     res.branches_rewritten = sum(b.rewritten for b in g.branches)
     res.kept = [f"{b.module} ({b.kind.value})" for b in g.branches if b.rewritten]
     if g.tail_on_kept:
         res.kept.append("final norm, LM head and loss")
-    res.dense = [f"{b.module} ({b.kind.value}): {b.reason.name if b.reason else '?'}: {b.detail}"
-                 for b in g.branches if not b.rewritten]
+    res.dense = [
+        f"{b.module} ({b.kind.value}): {b.reason.name if b.reason else '?'}: {b.detail}"
+        for b in g.branches
+        if not b.rewritten
+    ]
     res.dense += [f"{m} (outside every branch): {o.reason.name}: {o.detail}" for m, o, _ in group_outside(g.outside)]
     if not g.tail_on_kept and g.branches:
         res.dense.append(f"final norm / LM head: {g.tail_detail or 'full length'}")
-    res.dense.append("embeddings (and, for a multimodal model, the vision tower and projector): "
-                     "before the first layer, full length")
+    res.dense.append(
+        "embeddings (and, for a multimodal model, the vision tower and projector): before the first layer, full length"
+    )
 
 
 def _kept_flop_fraction(res: InspectResult, flops: dict[str, int] | None) -> float | None:
@@ -519,16 +591,29 @@ def _random_batch(model, config, seq: int, batch: int, seed: int, rho: float) ->
     allowed = torch.tensor([i for i in range(min(vocab, 4096)) if i not in banned])
     ids = allowed[torch.randint(0, len(allowed), (batch, seq), generator=g)]
     am = torch.ones(batch, seq, dtype=torch.long)
-    out = {"input_ids": ids, "attention_mask": am, "labels": ids.clone(),
-           "position_ids": torch.arange(seq)[None].expand(batch, seq).contiguous()}
+    out = {
+        "input_ids": ids,
+        "attention_mask": am,
+        "labels": ids.clone(),
+        "position_ids": torch.arange(seq)[None].expand(batch, seq).contiguous(),
+    }
     keep = torch.rand(batch, seq, generator=g) < rho
     keep[:, 0] = True
     return out, keep
 
 
-def inspect_model(target, *, seq: int = 16, batch: int = 2, rho: float = 0.5, seed: int = 0,
-                  shrink: bool = True, time_limit: float | None = None, atol: float = 1e-4,
-                  rtol: float = 1e-3) -> InspectResult:
+def inspect_model(
+    target,
+    *,
+    seq: int = 16,
+    batch: int = 2,
+    rho: float = 0.5,
+    seed: int = 0,
+    shrink: bool = True,
+    time_limit: float | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> InspectResult:
     """Build ``target`` tiny with random weights, sparsify it and check one sparse step against the oracle.
 
     Args:
@@ -548,8 +633,13 @@ def inspect_model(target, *, seq: int = 16, batch: int = 2, rho: float = 0.5, se
     """
     kw = dict(seq=seq, batch=batch, rho=rho, seed=seed, shrink=shrink, time_limit=time_limit, atol=atol, rtol=rtol)
     res = _inspect_once(target, keep_head_dim=False, **kw)
-    if (res.verdict == "error" and shrink and res.model_class is not None and not res.error.startswith("the sparse")
-            and "timed out" not in res.error):
+    if (
+        res.verdict == "error"
+        and shrink
+        and res.model_class is not None
+        and not res.error.startswith("the sparse")
+        and "timed out" not in res.error
+    ):
         again = _inspect_once(target, keep_head_dim=True, **kw)
         if again.verdict != "error":
             again.notes.append(f"built with the original head dims (the first tiny build failed: {res.error[:200]})")
@@ -559,9 +649,19 @@ def inspect_model(target, *, seq: int = 16, batch: int = 2, rho: float = 0.5, se
     return res
 
 
-def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2, rho: float = 0.5, seed: int = 0,
-                  shrink: bool = True, time_limit: float | None = None, atol: float = 1e-4,
-                  rtol: float = 1e-3) -> InspectResult:
+def _inspect_once(
+    target,
+    *,
+    keep_head_dim: bool,
+    seq: int = 16,
+    batch: int = 2,
+    rho: float = 0.5,
+    seed: int = 0,
+    shrink: bool = True,
+    time_limit: float | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> InspectResult:
     import torch
 
     import regate_fx
@@ -586,8 +686,10 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 model = cls._from_config(config)
             model = model.float().eval()
             if auto == "AutoModelForImageTextToText":
-                res.notes.append("multimodal model: checked on a text-only batch (no pixel inputs), which "
-                                 "exercises its decoder; the vision tower and projector run dense before it")
+                res.notes.append(
+                    "multimodal model: checked on a text-only batch (no pixel inputs), which "
+                    "exercises its decoder; the vision tower and projector run dense before it"
+                )
             b, keep = _random_batch(model, config, seq, batch, seed, rho)
             if not _takes_position_ids(model):
                 # the model derives positions from the input length (learned positions of BART-style
@@ -595,8 +697,10 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 keep = torch.zeros_like(keep)
                 keep[:, : max(1, int(seq * rho))] = True
                 del b["position_ids"]
-                res.notes.append("the model's forward takes no position_ids: checked with a prefix keep mask "
-                                 "(the oracle cannot give kept tokens their original positions)")
+                res.notes.append(
+                    "the model's forward takes no position_ids: checked with a prefix keep mask "
+                    "(the oracle cannot give kept tokens their original positions)"
+                )
             try:
                 flops = _module_flops(model, b)
             except Exception as e:  # noqa: BLE001 - FLOP counting fails on some modules: run plainly
@@ -647,8 +751,10 @@ def _inspect_once(target, *, keep_head_dim: bool, seq: int = 16, batch: int = 2,
                 res.kept_flop_fraction_model = _model_flop_fraction(res, model, flops)
             else:
                 res.verdict = "error"
-                res.error = (f"the sparse step differs from the oracle (max |logit diff| {diff:.3g}, "
-                             f"loss diff {loss_diff:.3g}): a bug in regate_fx, please report it")
+                res.error = (
+                    f"the sparse step differs from the oracle (max |logit diff| {diff:.3g}, "
+                    f"loss diff {loss_diff:.3g}): a bug in regate_fx, please report it"
+                )
     except Exception as e:  # noqa: BLE001 - any failure is a verdict, never a crash of the sweep
         res.verdict = "error"
         res.error = _short(e)
@@ -698,7 +804,7 @@ def write_markdown(results: list[InspectResult], path: str, command: str, skippe
         "(do not edit by hand; run the command again).",
         "",
         "Each family's config class is shrunk to tiny sizes generically (`regate_fx.inspect.shrink_config`), "
-        "built with random weights, sparsified (`backend=\"eager\"`, strict) and run for one sparse step "
+        'built with random weights, sparsified (`backend="eager"`, strict) and run for one sparse step '
         "on a random text batch; **exact-sparse** means that step equals `regate_fx.oracle` (loss and "
         "logits at kept positions). Multimodal families are checked on a text-only batch (their decoder). "
         "*Kept FLOPs*: the share of the decoder layers' FLOPs (counted per module by torch's "
@@ -711,8 +817,8 @@ def write_markdown(results: list[InspectResult], path: str, command: str, skippe
         "that ReGATE refuses it.",
         "",
         f"**{len(results)} families: {counts['exact-sparse']} exact-sparse, {counts['refused']} refused, "
-        f"{counts['error']} error.**" + (f" {len(skipped)} more not run in the time this sweep had "
-                                         "(listed at the end)." if skipped else ""),
+        f"{counts['error']} error.**"
+        + (f" {len(skipped)} more not run in the time this sweep had (listed at the end)." if skipped else ""),
         "",
         "| family | model class | verdict | kept FLOPs (layers / whole) | details |",
         "|---|---|---|---|---|",
@@ -721,8 +827,11 @@ def write_markdown(results: list[InspectResult], path: str, command: str, skippe
         verdict, frac, why, cls = _summary_row(r)
         lines.append(f"| {r.family or r.target} | {cls} | {verdict} | {frac} | {_md_escape(why)[:300]} |")
     if skipped:
-        lines += ["", f"Not run in this sweep (time): {', '.join(skipped)}. `--jsonl PATH` makes a sweep "
-                      "resumable: run the command again with the same file to add them."]
+        lines += [
+            "",
+            f"Not run in this sweep (time): {', '.join(skipped)}. `--jsonl PATH` makes a sweep "
+            "resumable: run the command again with the same file to add them.",
+        ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -730,24 +839,36 @@ def write_markdown(results: list[InspectResult], path: str, command: str, skippe
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regate-fx", description="regate_fx command line")
     sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("inspect", help="will ReGATE run exact on this model? (tiny random weights, seconds)",
-                       description="Build the model tiny from its config, sparsify it, run one sparse step and "
-                                   "check it against the oracle. Exit code: 0 exact-sparse, 1 refused, 2 error.")
+    i = sub.add_parser(
+        "inspect",
+        help="will ReGATE run exact on this model? (tiny random weights, seconds)",
+        description="Build the model tiny from its config, sparsify it, run one sparse step and "
+        "check it against the oracle. Exit code: 0 exact-sparse, 1 refused, 2 error.",
+    )
     i.add_argument("target", nargs="*", help="family name(s) (model_type), config.json path(s) or directories")
-    i.add_argument("--all", action="store_true", help="every causal-LM and image-text-to-text family of the "
-                                                      "installed transformers")
+    i.add_argument(
+        "--all", action="store_true", help="every causal-LM and image-text-to-text family of the installed transformers"
+    )
     i.add_argument("--json", action="store_true", help="machine output (one object, or a list for several targets)")
     i.add_argument("--markdown", metavar="PATH", help="write a markdown table of the results (with --all)")
-    i.add_argument("--jsonl", metavar="PATH", help="append each result to PATH as one JSON line (resumable sweeps: "
-                                                   "families already in PATH are skipped)")
+    i.add_argument(
+        "--jsonl",
+        metavar="PATH",
+        help="append each result to PATH as one JSON line (resumable sweeps: families already in PATH are skipped)",
+    )
     i.add_argument("--seq", type=int, default=16)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--no-shrink", action="store_true", help="build the config at its own sizes")
     i.add_argument("--time-limit", type=float, default=120.0, help="seconds per model (default 120)")
     i.add_argument("--no-table", action="store_true", help="with several targets: print only the counts")
     i.add_argument("--shard", default=None, metavar="I/N", help="with --all: only families I, I+N, ... (0-based)")
-    i.add_argument("--deadline", type=float, default=None, metavar="S",
-                   help="with --all: stop starting families after S seconds (the rest are listed as skipped)")
+    i.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --all: stop starting families after S seconds (the rest are listed as skipped)",
+    )
     return p
 
 
@@ -788,8 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True)) as prog:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        ) as prog:
             task = prog.add_task("inspect", total=len(targets))
             for t in targets:
                 if args.deadline is not None and time.time() - t0 > args.deadline and t not in done:
@@ -825,8 +951,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(t)
     if not args.json and len(results) > 1:
         counts = {v: sum(r.verdict == v for r in results) for v in VERDICTS}
-        console.print(", ".join(f"{v}: {n}" for v, n in counts.items())
-                      + (f", skipped for time: {len(skipped)}" if skipped else ""))
+        console.print(
+            ", ".join(f"{v}: {n}" for v, n in counts.items())
+            + (f", skipped for time: {len(skipped)}" if skipped else "")
+        )
     return max(r.exit_code for r in results) if results else 2
 
 

@@ -188,19 +188,30 @@ class RewriteReport:
             table.add_row(str(b.index), b.layer, b.module, b.kind.value, b.attention or "-", status, why)
         for module, first, more in group_outside(g.outside):  # mixing outside every branch: refused
             extra = f" (+{more} more ops)" if more else ""
-            table.add_row("-", "-", module, "outside branches", "-", Text("REFUSED", style="bold red"),
-                          f"{first.reason.value}: {first.detail}{extra}")
+            table.add_row(
+                "-",
+                "-",
+                module,
+                "outside branches",
+                "-",
+                Text("REFUSED", style="bold red"),
+                f"{first.reason.value}: {first.detail}{extra}",
+            )
         notes = [
             f"regions (stream stays gathered inside): {', '.join(f'{a}-{b}' for a, b in g.regions) or 'none'}",
             f"gathered side inputs: {len(g.gathered_inputs)}",
             f"attention masks proven causal on kept tokens (SDPA is_causal fast path): {g.causal_masks}",
-            f"kept layout: {g.layout}" + (f" (packed layout not possible: {self.packed_refused})"
-                                          if self.packed_refused else ""),
+            f"kept layout: {g.layout}"
+            + (f" (packed layout not possible: {self.packed_refused})" if self.packed_refused else ""),
             "final norm / LM head / loss on kept tokens only: "
             + ("yes" if g.tail_on_kept else f"no ({g.tail_detail})"),
-            "sizes: " + (f"static ({', '.join(f'{k}={v}' for k, v in g.static_sizes.items())}; a call with other "
-                         "sizes recompiles once, symbolic)" if g.static_sizes
-                         else "symbolic (every batch size, length and kept count)"),
+            "sizes: "
+            + (
+                f"static ({', '.join(f'{k}={v}' for k, v in g.static_sizes.items())}; a call with other "
+                "sizes recompiles once, symbolic)"
+                if g.static_sizes
+                else "symbolic (every batch size, length and kept count)"
+            ),
         ]
         return Group(table, Text("\n".join(notes)))
 

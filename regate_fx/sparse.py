@@ -20,8 +20,21 @@ from regate_fx.layouts.padded import KeptLayout, kept_layout
 from regate_fx.stacks import unwrap as _unwrap
 from regate_fx.step import counted_predictions
 
-__all__ = ["KeptLayout", "LAYOUTS", "PackedLayout", "ReGateOutput", "SparseForward", "SparsifyConfig", "counted_predictions", "is_sparsified",
-           "kept_layout", "packed_layout", "sparse_forward", "sparsify", "unsparsify"]
+__all__ = [
+    "KeptLayout",
+    "LAYOUTS",
+    "PackedLayout",
+    "ReGateOutput",
+    "SparseForward",
+    "SparsifyConfig",
+    "counted_predictions",
+    "is_sparsified",
+    "kept_layout",
+    "packed_layout",
+    "sparse_forward",
+    "sparsify",
+    "unsparsify",
+]
 
 
 def sparse_forward(model: nn.Module) -> SparseForward | None:
@@ -35,8 +48,9 @@ def is_sparsified(model: nn.Module) -> bool:
     return sparse_forward(model) is not None
 
 
-def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
-             backend: str | Callable = "inductor") -> nn.Module:
+def sparsify(
+    model: nn.Module, config: SparsifyConfig | None = None, *, backend: str | Callable = "inductor"
+) -> nn.Module:
     """Make a Hugging Face causal LM (or LLaVA-style MLLM) ReGATE-sparse, in place.
 
     ``model.forward`` gains a ``keep_mask`` argument and nothing else changes: the model keeps its
@@ -75,8 +89,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *,
         config = SparsifyConfig()
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
-    if not (callable(backend) or backend in ("eager", "aot_eager", "inductor")
-            or backend in torch._dynamo.list_backends()):
+    if not (
+        callable(backend) or backend in ("eager", "aot_eager", "inductor") or backend in torch._dynamo.list_backends()
+    ):
         raise ValueError(f"unknown backend {backend!r}; use 'eager', 'aot_eager', 'inductor' or a callable")
     target = _unwrap(model)
     fwd = sparse_forward(target)
@@ -103,11 +118,15 @@ def unsparsify(model: nn.Module) -> nn.Module:
     if fwd is None:
         return model
     if target.__dict__.get("forward") is not fwd:
-        raise RuntimeError("model.forward was replaced after regate_fx.sparsify (by "
-                           f"{getattr(target.forward, '__qualname__', target.forward)!r}); undo that first")
+        raise RuntimeError(
+            "model.forward was replaced after regate_fx.sparsify (by "
+            f"{getattr(target.forward, '__qualname__', target.forward)!r}); undo that first"
+        )
     original = fwd.original
-    bound_class_forward = getattr(original, "__func__", None) is getattr(type(target), "forward", None) \
+    bound_class_forward = (
+        getattr(original, "__func__", None) is getattr(type(target), "forward", None)
         and getattr(original, "__self__", None) is target
+    )
     for key in ("_regate_forward", "regate_report", "forward"):
         target.__dict__.pop(key, None)
     if not bound_class_forward:  # the model had its own instance forward (e.g. accelerate's autocast)

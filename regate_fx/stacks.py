@@ -85,7 +85,8 @@ def check_no_inner_fsdp(model: nn.Module | None) -> None:
             "regate_fx: this model's parameters are partitioned by DeepSpeed ZeRO stage 3, whose per-module "
             "hooks gather each weight just before its module runs; they cannot run inside the one graph a sparse "
             "step captures. Use ZeRO stage 1 or 2 (optimizer state and gradients partitioned, tested exact), or "
-            "FSDP2 on the whole model (fully_shard(model))")
+            "FSDP2 on the whole model (fully_shard(model))"
+        )
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -97,7 +98,8 @@ def check_no_inner_fsdp(model: nn.Module | None) -> None:
             f"{inner[0]!r}); FSDP2's per-module hooks cannot run inside the one graph a sparse step captures. "
             f"Shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
             f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}}): parameters, gradients and optimizer state stay "
-            f"sharded between steps, the step itself gathers them once")
+            f"sharded between steps, the step itself gathers them once"
+        )
 
 
 def with_keep_mask(sig: inspect.Signature) -> inspect.Signature:
@@ -106,8 +108,6 @@ def with_keep_mask(sig: inspect.Signature) -> inspect.Signature:
     keep = inspect.Parameter("keep_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
     at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
     return sig.replace(parameters=[*params[:at], keep, *params[at:]])
-
-
 
 
 def unwrap(model: nn.Module) -> nn.Module:

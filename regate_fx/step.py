@@ -31,8 +31,15 @@ def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return keep & (target != IGNORE_INDEX)
 
 
-def _step(model: nn.Module, inputs: dict, use_cache_kw: dict, layout: Layout, tensors: tuple, labels,
-          return_logits: bool = True):
+def _step(
+    model: nn.Module,
+    inputs: dict,
+    use_cache_kw: dict,
+    layout: Layout,
+    tensors: tuple,
+    labels,
+    return_logits: bool = True,
+):
     """The function dynamo captures: the model's forward, then logits / loss at kept positions, as
     the kept `layout` computes them from its `tensors` (its marker there brings them into the graph)."""
     logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)

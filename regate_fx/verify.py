@@ -56,8 +56,10 @@ def _decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, 
     finally:
         handle.remove()
     if seen.get("inputs_embeds") is None and seen.get("input_ids") is None:
-        raise ValueError("the decoder of this model was called with neither inputs_embeds nor input_ids; "
-                         "the oracle cannot isolate its input")
+        raise ValueError(
+            "the decoder of this model was called with neither inputs_embeds nor input_ids; "
+            "the oracle cannot isolate its input"
+        )
     return seen
 
 
@@ -66,7 +68,7 @@ def _rows(pos_ids: torch.Tensor | None, b: int, idx: torch.Tensor) -> torch.Tens
     if pos_ids is None:
         return idx[None]
     if pos_ids.dim() == 3:  # M-RoPE: (3, B, T), or (4, B, T) with the text positions first
-        return pos_ids[:, b:b + 1, idx]
+        return pos_ids[:, b : b + 1, idx]
     return pos_ids[min(b, pos_ids.size(0) - 1)][idx][None]  # (B, T), or (1, T) shared by the batch
 
 
@@ -99,8 +101,9 @@ def _window_masks(model: torch.nn.Module, orig: torch.Tensor, window: int) -> An
     return {"full_attention": full, "sliding_attention": sliding} if "full_attention" in types else sliding
 
 
-def oracle(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *,
-           window: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def oracle(
+    model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *, window: int | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Logits and loss of the dense model on each sample's kept subsequence.
 
     Args:
@@ -124,27 +127,44 @@ def oracle(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *,
     pos_ids = dec.get("position_ids") if dec.get("position_ids") is not None else batch.get("position_ids")
     bsz, seq = keep.shape
     # Other per-token inputs (token_type_ids, ...): the model reads them at the kept positions.
-    per_token = {k: v for k, v in batch.items()
-                 if k not in _TEXT_KEYS and isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == (bsz, seq)}
+    per_token = {
+        k: v
+        for k, v in batch.items()
+        if k not in _TEXT_KEYS and isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == (bsz, seq)
+    }
     # A decoder that takes token ids, not merged embeddings, reads the images some other way
     # (Mllama's cross-attention): the model then runs per sample on that sample's other inputs.
-    per_sample = {} if embeds is not None or not multimodal else {
-        k: v for k, v in batch.items() if k not in _TEXT_KEYS and k not in per_token
-        and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.size(0) == bsz}
+    per_sample = (
+        {}
+        if embeds is not None or not multimodal
+        else {
+            k: v
+            for k, v in batch.items()
+            if k not in _TEXT_KEYS
+            and k not in per_token
+            and isinstance(v, torch.Tensor)
+            and v.dim() >= 1
+            and v.size(0) == bsz
+        }
+    )
     logits_out, total, count = [], 0.0, 0
     for b in range(bsz):
         pieces = []
         for pos in _documents(batch, b, keep[b].nonzero().flatten()):  # (K_d,) kept positions
-            mask = (torch.ones(1, len(pos), dtype=torch.long, device=pos.device) if window is None
-                    else _window_masks(model, pos, window))
-            kw = {k: v[b:b + 1, pos] for k, v in per_token.items()}
-            kw.update({k: v[b:b + 1] for k, v in per_sample.items()})
+            mask = (
+                torch.ones(1, len(pos), dtype=torch.long, device=pos.device)
+                if window is None
+                else _window_masks(model, pos, window)
+            )
+            kw = {k: v[b : b + 1, pos] for k, v in per_token.items()}
+            kw.update({k: v[b : b + 1] for k, v in per_sample.items()})
             if embeds is not None:
-                kw["inputs_embeds"] = embeds[b:b + 1, pos]
+                kw["inputs_embeds"] = embeds[b : b + 1, pos]
             else:
-                kw["input_ids"] = batch["input_ids"][b:b + 1, pos]
-            pieces.append(model(**kw, attention_mask=mask, position_ids=_rows(pos_ids, b, pos),
-                                use_cache=False).logits[0])  # (K_d, V)
+                kw["input_ids"] = batch["input_ids"][b : b + 1, pos]
+            pieces.append(
+                model(**kw, attention_mask=mask, position_ids=_rows(pos_ids, b, pos), use_cache=False).logits[0]
+            )  # (K_d, V)
         logits = torch.cat(pieces)  # (K_b, V)
         logits_out.append(logits)
         pos = keep[b].nonzero().flatten()

@@ -80,8 +80,10 @@ def with_sample_ids(dataset: Any, key: str = "sample_id") -> Any:
     if isinstance(names, list):  # datasets.Dataset
         return dataset if key in names else dataset.add_column(key, list(range(len(dataset))))
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise ValueError(f"the training dataset ({type(dataset).__name__}) has no index: give every sample a "
-                         f"{key!r} (its index in the dataset the teacher cache was computed on)")
+        raise ValueError(
+            f"the training dataset ({type(dataset).__name__}) has no index: give every sample a "
+            f"{key!r} (its index in the dataset the teacher cache was computed on)"
+        )
     if len(dataset) and isinstance(dataset[0], Mapping) and key in dataset[0]:
         return dataset
     return _WithSampleIds(dataset, key)
@@ -140,20 +142,23 @@ class ReGateTrainerMixin:
     # without a data_collator, use ReGateCollator (False where the parent builds its own: TRL)
     regate_default_collator = True
 
-    def __init__(self, *args: Any, regate: ReGate | Callable[[Any], ReGate], require_regate_state: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, regate: ReGate | Callable[[Any], ReGate], require_regate_state: bool = True, **kwargs: Any
+    ) -> None:
         if regate is None or not (isinstance(regate, ReGate) or callable(regate)):
             raise TypeError("regate= must be a regate_fx.ReGate (or a function train_dataset -> ReGate)")
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, nn.Module) and not any(is_sparsified(m) for m in model.modules()):
             raise ValueError(
                 f"{type(self).__name__} needs a sparsified model: call model = regate_fx.sparsify(model) before "
-                f"creating the trainer (a plain model would swallow the keep masks and train dense)")
+                f"creating the trainer (a plain model would swallow the keep masks and train dense)"
+            )
         key = regate.config.sample_id_key if isinstance(regate, ReGate) else "sample_id"
         self._regate_key = key
         if kwargs.get("data_collator") is None and self.regate_default_collator:
             kwargs["data_collator"] = ReGateCollator(
-                pad_token_id=_pad_token_id(kwargs.get("processing_class"), model), sample_id_key=key)
+                pad_token_id=_pad_token_id(kwargs.get("processing_class"), model), sample_id_key=key
+            )
         super().__init__(*args, **kwargs)
         if self.train_dataset is not None:
             self.train_dataset = with_sample_ids(self.train_dataset, key)
@@ -180,11 +185,13 @@ class ReGateTrainerMixin:
             raise ValueError(
                 f"the training batch has no {self._regate_key!r}: ReGATE keys its state by dataset index. Keep it "
                 f"through the data pipeline (ReGateTrainer keeps it through remove_unused_columns and any "
-                f"data_collator; a custom one must return it), keys now: {sorted(batch)}")
+                f"data_collator; a custom one must return it), keys now: {sorted(batch)}"
+            )
         if batch.get("labels") is None:
             raise ValueError(
                 "the training batch has no 'labels': a ReGATE step learns from the kept supervised tokens. Add "
-                "labels (unshifted, -100 = ignore; e.g. input_ids with -100 on the prompt and padding)")
+                "labels (unshifted, -100 = ignore; e.g. input_ids with -100 on the prompt and padding)"
+            )
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The micro-batches of one optimizer step, each with its ``keep_mask``, and the normaliser:
@@ -211,13 +218,22 @@ class ReGateTrainerMixin:
     def _regate_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         return model_inputs(inputs, self._regate_key)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         """Training: the sparse step, normalised by ``num_items_in_batch``, then ``rg.update``.
         Evaluation: the parent's loss on the plain (dense) model."""
         if not model.training:
-            return super().compute_loss(model, self._regate_model_inputs(inputs), return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model,
+                self._regate_model_inputs(inputs),
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
         keep = inputs.get("keep_mask")
         if keep is None:  # training_step called without get_batch_samples (e.g. by a subclass)
             self._regate_check_batch(inputs)
@@ -227,7 +243,8 @@ class ReGateTrainerMixin:
         if not isinstance(outputs, ReGateOutput):
             raise RuntimeError(
                 f"the model returned a {type(outputs).__name__} for a call with keep_mask, so the mask was ignored: "
-                f"sparsify the model that the trainer calls (regate_fx.sparsify(model) before the trainer)")
+                f"sparsify the model that the trainer calls (regate_fx.sparsify(model) before the trainer)"
+            )
         self.regate.update(inputs, outputs.token_loss.detach(), keep)
         if num_items_in_batch is None:
             num_items_in_batch = counted_predictions(keep, inputs["labels"]).sum()
@@ -253,22 +270,28 @@ class ReGateTrainerMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             stats = self.regate.token_stats()
-            logs.update({
-                "regate/kept_fraction": stats["kept_fraction"],
-                "regate/tokens_processed": stats["tokens_processed"],
-                "regate/tokens_dense": stats["tokens_dense"],
-                "regate/rho": self.regate.rho(max(self.state.global_step - 1, 0)),
-            })
+            logs.update(
+                {
+                    "regate/kept_fraction": stats["kept_fraction"],
+                    "regate/tokens_processed": stats["tokens_processed"],
+                    "regate/tokens_dense": stats["tokens_dense"],
+                    "regate/rho": self.regate.rho(max(self.state.global_step - 1, 0)),
+                }
+            )
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        output_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if self.args.should_save:  # every rank holds the same state (update is a collective)
-            save_checkpoint(os.path.join(output_dir, REGATE_STATE_NAME), {
-                "format": _STATE_FORMAT, "global_step": self.state.global_step, "regate": self.regate.state_dict()})
+            save_checkpoint(
+                os.path.join(output_dir, REGATE_STATE_NAME),
+                {"format": _STATE_FORMAT, "global_step": self.state.global_step, "regate": self.regate.state_dict()},
+            )
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -286,7 +309,8 @@ class ReGateTrainerMixin:
                     f"resume_from_checkpoint={checkpoint!r} has no {REGATE_STATE_NAME}: it was not written by a "
                     f"ReGate trainer, so the ReGate state (difficulty EMA, token counts) would silently restart. "
                     f"Resume from a checkpoint this trainer wrote, or pass require_regate_state=False to restart "
-                    f"the ReGate state on purpose")
+                    f"the ReGate state on purpose"
+                )
             self.regate.start_at(self.state.global_step)
             return
         state = load_checkpoint(path)

@@ -40,10 +40,14 @@ class ReGateSFTTrainer(ReGateTrainerMixin, SFTTrainer):
         cfg = kwargs.get("args", args[1] if len(args) > 1 else None)
         if cfg is not None:
             if getattr(cfg, "packing", False) or getattr(cfg, "padding_free", False):
-                raise ValueError("ReGateSFTTrainer does not support packing=True or padding_free=True: ReGATE keys "
-                                 "its state by sample and a packed row mixes samples. Set packing=False, "
-                                 "padding_free=False")
+                raise ValueError(
+                    "ReGateSFTTrainer does not support packing=True or padding_free=True: ReGATE keys "
+                    "its state by sample and a packed row mixes samples. Set packing=False, "
+                    "padding_free=False"
+                )
             if getattr(cfg, "loss_type", "nll") != "nll":
-                raise ValueError(f"ReGateSFTTrainer trains the cross-entropy of the kept tokens; loss_type="
-                                 f"{cfg.loss_type!r} is not supported (use loss_type='nll')")
+                raise ValueError(
+                    f"ReGateSFTTrainer trains the cross-entropy of the kept tokens; loss_type="
+                    f"{cfg.loss_type!r} is not supported (use loss_type='nll')"
+                )
         super().__init__(*args, **kwargs)

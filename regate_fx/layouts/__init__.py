@@ -16,8 +16,20 @@ from regate_fx.layouts.base import GraphLayout, Layout, LayoutRefused
 from regate_fx.layouts.packed import PACKED, PackedLayout, packed_layout
 from regate_fx.layouts.padded import PADDED, KeptLayout, kept_layout
 
-__all__ = ["BY_NAME", "GraphLayout", "KeptLayout", "LAYOUT_KINDS", "Layout", "LayoutRefused", "PACKED", "PADDED",
-           "PackedLayout", "choose_layout", "kept_layout", "packed_layout"]
+__all__ = [
+    "BY_NAME",
+    "GraphLayout",
+    "KeptLayout",
+    "LAYOUT_KINDS",
+    "Layout",
+    "LayoutRefused",
+    "PACKED",
+    "PADDED",
+    "PackedLayout",
+    "choose_layout",
+    "kept_layout",
+    "packed_layout",
+]
 
 LAYOUT_KINDS: tuple[Layout, ...] = (PADDED, PACKED)
 BY_NAME: dict[str, Layout] = {k.name: k for k in LAYOUT_KINDS}

@@ -53,8 +53,9 @@ def packed_layout(keep: torch.Tensor) -> PackedLayout:
     offsets = ends - counts  # (B,) first packed index of each sample
     slot = torch.arange(k, device=keep.device)  # (K,)
     pad_idx = offsets[:, None] + torch.minimum(slot[None, :], (counts - 1)[:, None])  # (B, K)
-    sample = torch.repeat_interleave(torch.arange(b, device=keep.device), counts,
-                                     output_size=flat_idx.numel())  # (N,) sample of each packed token
+    sample = torch.repeat_interleave(
+        torch.arange(b, device=keep.device), counts, output_size=flat_idx.numel()
+    )  # (N,) sample of each packed token
     pack_idx = sample * k + torch.arange(flat_idx.numel(), device=keep.device) - offsets[sample]  # (N,)
     cu_seqlens = F.pad(ends, (1, 0)).to(torch.int32)  # (B + 1,)
     return PackedLayout(flat_idx, pad_idx, pack_idx, cu_seqlens)
@@ -162,8 +163,10 @@ class PackedGraph(GraphLayout):
         q, k, v = (sdpa_arg(new, r) for r in ("query", "key", "value"))
         with graph.inserting_after(new):
             out = graph.call_function(
-                packed_attention, (q, k, v, self.pad_idx, self.pack_idx, self.cu_seqlens),
-                {"scale": sdpa_arg(new, "scale"), "enable_gqa": sdpa_arg(new, "enable_gqa", False)})  # (1, H, N, d)
+                packed_attention,
+                (q, k, v, self.pad_idx, self.pack_idx, self.cu_seqlens),
+                {"scale": sdpa_arg(new, "scale"), "enable_gqa": sdpa_arg(new, "enable_gqa", False)},
+            )  # (1, H, N, d)
         new.replace_all_uses_with(out)
         graph.erase_node(new)
         return out

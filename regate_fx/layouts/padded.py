@@ -23,8 +23,14 @@ import torch.nn.functional as F
 from regate_fx.constants import IGNORE_INDEX
 from regate_fx.layouts.base import GraphLayout, Layout
 from regate_fx.passes.graph import TokenSymbols, is_sdpa, node_value, op_name, sdpa_arg, set_sdpa_arg
-from regate_fx.passes.kernels import (gather_tokens, kept_rows, mask_keys_scores, mask_keys_weights, scatter_tokens,
-                                      sdpa_key_mask)
+from regate_fx.passes.kernels import (
+    gather_tokens,
+    kept_rows,
+    mask_keys_scores,
+    mask_keys_weights,
+    scatter_tokens,
+    sdpa_key_mask,
+)
 from regate_fx.passes.ops import classify
 
 __all__ = ["KeptLayout", "PADDED", "Padded", "PaddedGraph", "kept_layout"]
@@ -77,13 +83,15 @@ class Padded(Layout):
             b, t, v = seq.size(0), seq.size(1), kept_logits.size(-1)  # not logits.size(): keeps (B, T, V) alive
             rows = torch.where(valid, scatter_idx, t)  # (B, K): padding slots go to a spare row T
             full_logits = kept_logits.new_zeros(b, t + 1, v).scatter(
-                1, rows.unsqueeze(-1).expand(-1, -1, v), kept_logits)[:, :t]  # (B, T, V), zero where pruned
+                1, rows.unsqueeze(-1).expand(-1, -1, v), kept_logits
+            )[:, :t]  # (B, T, V), zero where pruned
         loss = token_loss = None
         if labels is not None:
             target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).gather(1, gather_idx)  # (B, K)
             counted = valid & (target != IGNORE_INDEX)
-            ce = F.cross_entropy(kept_logits.flatten(0, 1).float(), target.clamp(min=0).flatten(),
-                                 reduction="none").view_as(target)  # (B, K)
+            ce = F.cross_entropy(
+                kept_logits.flatten(0, 1).float(), target.clamp(min=0).flatten(), reduction="none"
+            ).view_as(target)  # (B, K)
             ce = torch.where(counted, ce, 0.0)
             loss = ce.sum() / counted.sum().clamp(min=1)
             token_loss = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).scatter(1, scatter_idx, ce)
@@ -150,8 +158,9 @@ def _from_softmax(w: fx.Node, sym: TokenSymbols) -> bool:
     """Whether attention weights are a (key-masked) softmax, through dropout and casts only."""
     while isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and op_name(w) in _VALUE_KEEPING:
         w = w.args[0]
-    return isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and \
-        classify(w, sym).attention == "softmax"
+    return (
+        isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and classify(w, sym).attention == "softmax"
+    )
 
 
 def _mask_sdpa_keys(graph: fx.Graph, new: fx.Node, valid: fx.Node) -> None:

@@ -34,12 +34,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.graph import (Ancestry, TokenSymbols, is_sdpa, module_path, mutates, node_value, op_name,
-                                    param_path, sdpa_arg)
+from regate_fx.passes.graph import (
+    Ancestry,
+    TokenSymbols,
+    is_sdpa,
+    module_path,
+    mutates,
+    node_value,
+    op_name,
+    param_path,
+    sdpa_arg,
+)
 from regate_fx.passes.kernels import MARKERS
 from regate_fx.passes.masks import is_causal_key_padding_mask
-from regate_fx.passes.ops import (OK, Verdict, classify, higher_order_detail, length_scalar_problem, role_free,
-                                  same_place)
+from regate_fx.passes.ops import (
+    OK,
+    Verdict,
+    classify,
+    higher_order_detail,
+    length_scalar_problem,
+    role_free,
+    same_place,
+)
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -155,15 +171,22 @@ class Judge:
     def __init__(self, graph: fx.Graph, sym: TokenSymbols, anc: Ancestry, seq: fx.Node, padding: fx.Node | None):
         self.sym, self.anc = sym, anc
         b_syms = getattr(sym.batch, "free_symbols", set())
-        self.sym_b = (TokenSymbols(sym.shape_env, sym.seq, sym.batch)
-                      if b_syms and not (b_syms & sym.seq.free_symbols) else None)
+        self.sym_b = (
+            TokenSymbols(sym.shape_env, sym.seq, sym.batch) if b_syms and not (b_syms & sym.seq.free_symbols) else None
+        )
         tokened = [n for n in graph.nodes if isinstance(node_value(n), torch.Tensor) and sym.token_dims(node_value(n))]
         content = [n for n in tokened if node_value(n).is_floating_point() or node_value(n).is_complex()]
         # provenance follows values, not shapes: `image_mask.expand_as(embeds)` is still the ids' mask
         self.data = data = Ancestry(graph, data_only=True)
         self.content = data.descendants_of_any(content) | sum(data.bit(n) for n in content)
-        sources = [n for n in tokened if n.op == "placeholder" or not any(
-            isinstance(node_value(a), torch.Tensor) and sym.token_dims(node_value(a)) for a in n.all_input_nodes)]
+        sources = [
+            n
+            for n in tokened
+            if n.op == "placeholder"
+            or not any(
+                isinstance(node_value(a), torch.Tensor) and sym.token_dims(node_value(a)) for a in n.all_input_nodes
+            )
+        ]
         self.seq, self.padding = seq, padding
         self.not_ids = sum(data.bit(n) for n in sources if n is not seq)  # positions, masks, arange(T), ...
         self.not_padding = sum(data.bit(n) for n in sources if n is not padding)
@@ -199,8 +222,12 @@ class Judge:
                 continue
             members = set(placed)
             for n in reversed(self.anc.members(data.ancestors(c))):
-                if (n.op in ("call_function", "call_method") and n.users and all(u in members for u in n.users)
-                        and not (data.ancestors(n) | data.bit(n)) & forbidden):
+                if (
+                    n.op in ("call_function", "call_method")
+                    and n.users
+                    and all(u in members for u in n.users)
+                    and not (data.ancestors(n) | data.bit(n)) & forbidden
+                ):
                     members.add(n)
             out |= (members - placed) | {c}  # placements of the ids are judged as any getitem
         return out
@@ -216,8 +243,9 @@ class Judge:
         if name in ("masked_scatter", "masked_scatter_"):
             src = node_value(n.args[2]) if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else None
             mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
-            return not (isinstance(src, torch.Tensor) and self.sym.token_dims(src)) and \
-                self._from_only(mask, self.seq, self.not_ids)
+            return not (isinstance(src, torch.Tensor) and self.sym.token_dims(src)) and self._from_only(
+                mask, self.seq, self.not_ids
+            )
         if name == "cumsum":  # position ids from the padding mask: cumsum(attention_mask) - 1
             return self._from_only(n.args[0] if n.args else None, self.padding, self.not_padding)
         return False
@@ -237,9 +265,14 @@ class Judge:
         elif not v.ok and op_name(n) in ("masked_scatter", "masked_scatter_"):
             mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
             if isinstance(mask, fx.Node) and not (self.data.ancestors(mask) | self.data.bit(mask)) & self.content:
-                return Verdict(False, reason=Reason.BATCH_MIXING, detail=(
-                    "masked_scatter numbers the positions its mask selects across the whole batch, with a mask "
-                    "that is not computed from the input ids alone"))
+                return Verdict(
+                    False,
+                    reason=Reason.BATCH_MIXING,
+                    detail=(
+                        "masked_scatter numbers the positions its mask selects across the whole batch, with a mask "
+                        "that is not computed from the input ids alone"
+                    ),
+                )
         if not v.ok or v.attention is not None or self.sym_b is None or n.op not in ("call_function", "call_method"):
             return v
         if op_name(n) in _VIEW_RESHAPES:
@@ -257,9 +290,12 @@ class Judge:
             vb = classify(n, self.sym_b)
             if vb.token_wise:
                 return v
-        return Verdict(False, reason=Reason.BATCH_MIXING,
-                       detail=f"{vb.detail or 'attention'} along the batch axis: it couples samples (the oracle, "
-                       "and any per-sample result, runs each sample alone)")
+        return Verdict(
+            False,
+            reason=Reason.BATCH_MIXING,
+            detail=f"{vb.detail or 'attention'} along the batch axis: it couples samples (the oracle, "
+            "and any per-sample result, runs each sample alone)",
+        )
 
 
 # A stream value: floating point (B, T, D), or (B*T, D) when a layer flattens the tokens (OPT).
@@ -274,8 +310,11 @@ def _is_stream_value(v, sym: TokenSymbols, flat_ok: bool = True) -> bool:
 
 
 def _is_reshape(n: fx.Node) -> bool:
-    return n.op in ("call_method", "call_function") and op_name(n) in _RESHAPES and len(
-        [a for a in n.all_input_nodes if isinstance(node_value(a), torch.Tensor)]) == 1
+    return (
+        n.op in ("call_method", "call_function")
+        and op_name(n) in _RESHAPES
+        and len([a for a in n.all_input_nodes if isinstance(node_value(a), torch.Tensor)]) == 1
+    )
 
 
 # Walks back through reshapes/casts to the value they re-view (OPT flattens the stream).
@@ -398,8 +437,11 @@ def _label(nodes: list[fx.Node]) -> tuple[str, str]:
 
 
 def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
-    linears = [n for n in branch.nodes if op_name(n) in ("linear", "matmul", "addmm", "mm", "bmm") and n not in
-               {a for a, _ in branch.attention}]
+    linears = [
+        n
+        for n in branch.nodes
+        if op_name(n) in ("linear", "matmul", "addmm", "mm", "bmm") and n not in {a for a, _ in branch.attention}
+    ]
     if not branch.attention:
         return BranchKind.MLP if linears else BranchKind.OTHER
     att = [a for a, f in branch.attention if f in ("sdpa", "pv")]  # the attention read-out
@@ -412,8 +454,9 @@ def _kind(branch: Branch, anc: Ancestry) -> BranchKind:
     return BranchKind.ATTENTION
 
 
-def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = None,
-            layout: list[fx.Node] | None = None) -> Analysis:
+def analyse(
+    gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = None, layout: list[fx.Node] | None = None
+) -> Analysis:
     """Analyse a dynamo graph: the stream, its branches, which branches can run on kept tokens.
 
     Args:
@@ -425,12 +468,17 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     sym = TokenSymbols.from_value(node_value(seq_input))
     if sym is None or not sym.seq_is_symbolic:
         t = node_value(seq_input).shape[1] if isinstance(node_value(seq_input), torch.Tensor) else "?"
-        why = ("sequences of length 0/1 are always specialised by dynamo: use at least 2 tokens"
-               if isinstance(t, int) and t < 2 else
-               "an input whose token axis was not marked dynamic, or an op that needs a fixed length, "
-               "fixed it (inputs passed through sparsify() are marked: see regate_fx/capture.py)")
-        return Analysis(sym, reason=Reason.SEQ_SPECIALIZED,
-                        detail=f"the sequence length was specialised to {t} while tracing; {why}")
+        why = (
+            "sequences of length 0/1 are always specialised by dynamo: use at least 2 tokens"
+            if isinstance(t, int) and t < 2
+            else "an input whose token axis was not marked dynamic, or an op that needs a fixed length, "
+            "fixed it (inputs passed through sparsify() are marked: see regate_fx/capture.py)"
+        )
+        return Analysis(
+            sym,
+            reason=Reason.SEQ_SPECIALIZED,
+            detail=f"the sequence length was specialised to {t} while tracing; {why}",
+        )
     graph = gm.graph
     anc = Ancestry(graph)
     chain = find_stream(graph, sym, anc)
@@ -438,9 +486,11 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
     if not chain and hops:  # e.g. every layer inside an activation-checkpoint region
         return Analysis(sym, reason=Reason.HIGHER_ORDER_OP, detail=higher_order_detail(hops[0]))
     if not chain:
-        return Analysis(sym, reason=Reason.NO_STREAM,
-                        detail="no residual add over (batch, tokens, hidden) tensors was found; "
-                        "is this a transformer decoder?")
+        return Analysis(
+            sym,
+            reason=Reason.NO_STREAM,
+            detail="no residual add over (batch, tokens, hidden) tensors was found; is this a transformer decoder?",
+        )
     stream_nodes = [stream_root(chain[0][1])]
     for k, (add, carry, _) in enumerate(chain):
         if k:  # re-views and token-wise links (post-norm) between the previous add and this carry
@@ -482,13 +532,13 @@ def analyse(gm: fx.GraphModule, seq_input: fx.Node, padding: fx.Node | None = No
             if mask is not None and is_causal_key_padding_mask(mask, sym, padding):
                 analysis.causal_masks.add(mask)
     # The value entering the stream is computed at full length like any other: checked, not exempt.
-    analysis.outside = _check_coverage(graph, analysis, anc, stream_set - {stream_nodes[0]}, layout or [],
-                                       seq_input)
+    analysis.outside = _check_coverage(graph, analysis, anc, stream_set - {stream_nodes[0]}, layout or [], seq_input)
     return analysis
 
 
-def _check_coverage(graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: set[fx.Node],
-                    layout: list[fx.Node], seq: fx.Node) -> list[Outside]:
+def _check_coverage(
+    graph: fx.Graph, analysis: Analysis, anc: Ancestry, stream: set[fx.Node], layout: list[fx.Node], seq: fx.Node
+) -> list[Outside]:
     """The invariant: every token-indexed node is on the stream, replayed on kept tokens, in the
     tail, in our kept-layout code, refused already, or token-wise (along the batch axis too).
     Returns the nodes that are not.
@@ -561,7 +611,8 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
         start, end = stream_root(branches[i].carry), stream_3d(branches[j].add, sym)
         if end is None or not _is_stream_value(node_value(start), sym, flat_ok=False):
             branches[j if end is None else i].refuse(
-                Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here")
+                Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here"
+            )
             i = j + 1
             continue
         bits = anc.descendants_of_any([start]) & (anc.ancestors(end) | anc.bit(end))
@@ -588,7 +639,7 @@ def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
 
 
 def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:
-    for b in branches[region.first: region.last + 1]:
+    for b in branches[region.first : region.last + 1]:
         if n in b.nodes or n is b.add:
             return b
     return branches[region.first]
@@ -599,7 +650,7 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
     branches = analysis.branches
     for region in analysis.regions:
         members = set(region.nodes)
-        checked = {n for b in branches[region.first: region.last + 1] for n in b.nodes}
+        checked = {n for b in branches[region.first : region.last + 1] for n in b.nodes}
         side: dict[fx.Node, None] = {}
         for n in region.nodes:
             if n not in checked and n not in stream:
@@ -613,7 +664,8 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                         _owner(n, region, branches).refuse(
                             Reason.ESCAPING_VALUE,
                             f"'{n.name}' is also used by '{u.name}' outside the decoder stream "
-                            "(e.g. returned attention weights); pass output_attentions=False")
+                            "(e.g. returned attention weights); pass output_attentions=False",
+                        )
                         break
             for a in n.all_input_nodes:
                 if a not in members:
@@ -623,8 +675,10 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
             mutated = next((u for u in a.users if _mutates(u, a)), None)
             if problem is None and mutated is not None and sym.token_dims(node_value(a)):
                 # it is gathered where it is computed: a later in-place change would be missed
-                problem = (Reason.UNSUPPORTED_OP,
-                           f"side input '{a.name}' is modified in place by '{mutated.name}' after it is computed")
+                problem = (
+                    Reason.UNSUPPORTED_OP,
+                    f"side input '{a.name}' is modified in place by '{mutated.name}' after it is computed",
+                )
             if problem is not None:
                 user = next(u for u in a.users if u in members)
                 _owner(user, region, branches).refuse(*problem)
@@ -637,8 +691,10 @@ def _side_input_problem(a: fx.Node, sym: TokenSymbols) -> tuple[Reason, str] | N
     if isinstance(v, torch.Tensor):
         toks = sym.token_dims(v)
         if toks and (0 in toks or not (sym.is_batch(v.shape[0]) or sym.canon(v.shape[0]) == 1)):
-            return (Reason.NO_BATCH_AXIS,
-                    f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis")
+            return (
+                Reason.NO_BATCH_AXIS,
+                f"side input '{a.name}' {tuple(v.shape)} has a token axis but no leading batch axis",
+            )
     elif sym.size_has_seq(v) and not _sym_derivable(a, sym):
         return Reason.SYMBOLIC_SIZE, f"size '{a.name}' = {v} cannot be re-derived for kept tokens"
     return None
@@ -679,8 +735,16 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
 
 # Size arithmetic the rewrite can replay with K in place of T: `T * H`, `torch.Size([B, T, D])`
 # (GPT-2's Conv1D builds its output shape that way), `x.size()[:-1] + (D,)`.
-_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg, operator.mod,
-            operator.getitem, torch.Size}
+_SYM_OPS = {
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.floordiv,
+    operator.neg,
+    operator.mod,
+    operator.getitem,
+    torch.Size,
+}
 
 
 def _sym_derivable(a: fx.Node, sym: TokenSymbols) -> bool:

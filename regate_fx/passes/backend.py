@@ -104,9 +104,16 @@ def _records(analysis: Analysis) -> list[BranchRecord]:
     ]
 
 
-def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles, *, strict: bool,
-                 on_report: Callable[[GraphReport], None] | None = None,
-                 dynamic: bool | None = True, runs: SparseRuns | None = None) -> Callable:
+def make_backend(
+    inner: Callable,
+    report: RewriteReport,
+    roles: PlaceholderRoles,
+    *,
+    strict: bool,
+    on_report: Callable[[GraphReport], None] | None = None,
+    dynamic: bool | None = True,
+    runs: SparseRuns | None = None,
+) -> Callable:
     """Build the dynamo backend for one sparsified model.
 
     ``runs``: every call of a graph this backend rewrote adds one to ``runs.count`` (see
@@ -146,36 +153,46 @@ def make_backend(inner: Callable, report: RewriteReport, roles: PlaceholderRoles
             counters["sparse_graphs"] -= 1
             counters[f"{kind.name}_refused"] += 1
             raise LayoutRefused(kind, why)
-        g = GraphReport(name, sparse=True, branches=_records(analysis), reason=analysis.reason,
-                        detail=analysis.detail,
-                        regions=[(r.first, r.last) for r in analysis.regions],
-                        outside=[OutsideRecord(o.node.name, o.module, o.reason, o.detail) for o in analysis.outside])
+        g = GraphReport(
+            name,
+            sparse=True,
+            branches=_records(analysis),
+            reason=analysis.reason,
+            detail=analysis.detail,
+            regions=[(r.first, r.last) for r in analysis.regions],
+            outside=[OutsideRecord(o.node.name, o.module, o.reason, o.detail) for o in analysis.outside],
+        )
         report.graphs.append(g)
         refused = g.refused
         counters["branches_refused"] += len(refused)
         counters["outside_refusals"] += len(g.outside)
         if not analysis.regions:
-            why = (f"{g.reason.value}: {g.detail}" if g.reason
-                   else _refusal_text(refused) + _outside_text(g.outside))
+            why = f"{g.reason.value}: {g.detail}" if g.reason else _refusal_text(refused) + _outside_text(g.outside)
             raise KeepMaskError(
                 "regate_fx: keep_mask was given, but no part of this model's graph could be rewritten "
                 f"to run on kept tokens ({why}). Call the model without keep_mask, or see "
-                "`smodel.regate_report` for what was found.", report=report)
+                "`smodel.regate_report` for what was found.",
+                report=report,
+            )
         if g.outside:
-            msg = ("regate_fx: these ops mix tokens outside every branch that runs on kept tokens, so "
-                   "kept positions would see pruned ones (the result would not be exact):\n"
-                   + _outside_text(g.outside))
+            msg = (
+                "regate_fx: these ops mix tokens outside every branch that runs on kept tokens, so "
+                "kept positions would see pruned ones (the result would not be exact):\n" + _outside_text(g.outside)
+            )
             if strict:
-                raise RewriteError(msg + "\nThis model is not supported by the ReGATE pass; call it "
-                                   "without keep_mask (dense), or pass strict=False to run it anyway "
-                                   "(not exact).", report=report)
+                raise RewriteError(
+                    msg + "\nThis model is not supported by the ReGATE pass; call it "
+                    "without keep_mask (dense), or pass strict=False to run it anyway "
+                    "(not exact).",
+                    report=report,
+                )
             warnings.warn(msg, stacklevel=2)
         if refused:
-            msg = ("regate_fx: these branches cannot run on kept tokens only and would stay dense:\n"
-                   + _refusal_text(refused))
+            msg = "regate_fx: these branches cannot run on kept tokens only and would stay dense:\n" + _refusal_text(
+                refused
+            )
             if strict:
-                raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.",
-                                   report=report)
+                raise RewriteError(msg + "\nPass strict=False to sparsify() to keep them dense instead.", report=report)
             warnings.warn(msg, stacklevel=2)
         g.layout = kind.name
         kept = kind.graph(found)
@@ -209,10 +226,13 @@ def _reads_values(inner: Callable) -> bool:
 
 
 def _outside_text(outside: list[OutsideRecord]) -> str:
-    return "\n".join(f"  - {m}: {o.reason.value}: {o.detail}" + (f" (+{k} more ops)" if k else "")
-                     for m, o, k in group_outside(outside))
+    return "\n".join(
+        f"  - {m}: {o.reason.value}: {o.detail}" + (f" (+{k} more ops)" if k else "")
+        for m, o, k in group_outside(outside)
+    )
 
 
 def _refusal_text(refused: list[BranchRecord]) -> str:
-    return "\n".join(f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}"
-                     for b in refused)
+    return "\n".join(
+        f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}" for b in refused
+    )

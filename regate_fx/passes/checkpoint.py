@@ -80,14 +80,16 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
         raise CheckpointError(
             "regate_fx: a checkpointed call uses selective activation checkpointing (context_fn); its "
             "per-op policy cannot be kept inside a sparsified model. Use plain checkpointing "
-            "(model.gradient_checkpointing_enable(), or checkpoint(...) without context_fn)")
+            "(model.gradient_checkpointing_enable(), or checkpoint(...) without context_fn)"
+        )
     body_attr, *args = node.args
     body: fx.GraphModule = getattr(gm, body_attr.target)
     env: dict[fx.Node, object] = {}
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
-        raise CheckpointError(f"regate_fx: checkpointed call {node.name} passes {len(args)} inputs to a "
-                              f"body with {len(placeholders)}")
+        raise CheckpointError(
+            f"regate_fx: checkpointed call {node.name} passes {len(args)} inputs to a body with {len(placeholders)}"
+        )
     env.update(zip(placeholders, args))
     outputs = None
     with gm.graph.inserting_before(node):
@@ -108,10 +110,11 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
             new.meta["ac_graph_id"] = graph_id
             env[bn] = new
     for user in list(node.users):
-        if not (user.op == "call_function" and user.target is operator.getitem
-                and isinstance(outputs, (tuple, list))):
-            raise CheckpointError(f"regate_fx: the result of checkpointed call {node.name} is used as a "
-                                  f"whole by {user.name}; expected one getitem per output")
+        if not (user.op == "call_function" and user.target is operator.getitem and isinstance(outputs, (tuple, list))):
+            raise CheckpointError(
+                f"regate_fx: the result of checkpointed call {node.name} is used as a "
+                f"whole by {user.name}; expected one getitem per output"
+            )
         user.replace_all_uses_with(outputs[user.args[1]])
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
@@ -129,8 +132,10 @@ def _fresh_attr(gm: fx.GraphModule, base: str) -> str:
 
 def has_recompute_tags(gm: fx.GraphModule) -> bool:
     """Whether any node of ``gm`` is tagged to be recomputed in the backward."""
-    return any(n.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
-               for n in gm.graph.nodes)
+    return any(
+        n.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+        for n in gm.graph.nodes
+    )
 
 
 @contextlib.contextmanager

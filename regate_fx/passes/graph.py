@@ -53,8 +53,14 @@ def fill_values(graph: fx.Graph) -> int:
     if not todo:
         return 0
     # The mode of the recorded values (dynamo hands the backend a fresh mode on the same ShapeEnv).
-    mode = next((v.fake_mode for n in graph.nodes if n.op == "placeholder"
-                 and isinstance(v := node_value(n), torch._subclasses.FakeTensor)), None)
+    mode = next(
+        (
+            v.fake_mode
+            for n in graph.nodes
+            if n.op == "placeholder" and isinstance(v := node_value(n), torch._subclasses.FakeTensor)
+        ),
+        None,
+    )
     if mode is None:
         return 0
     grad = torch.is_grad_enabled()
@@ -102,8 +108,9 @@ def specialize_inputs(graph: fx.Graph) -> dict[str, int]:
 
 
 # Graph nodes that switch global state (grad mode, autocast) rather than compute a value.
-_GLOBAL_STATE = frozenset({torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                           torch.amp.autocast_mode._exit_autocast})
+_GLOBAL_STATE = frozenset(
+    {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast}
+)
 
 
 def op_name(node: fx.Node) -> str:
@@ -119,8 +126,16 @@ def op_name(node: fx.Node) -> str:
     return node.op
 
 
-_SDPA_POSITIONS = {"query": 0, "key": 1, "value": 2, "attn_mask": 3, "dropout_p": 4, "is_causal": 5, "scale": 6,
-                   "enable_gqa": 7}
+_SDPA_POSITIONS = {
+    "query": 0,
+    "key": 1,
+    "value": 2,
+    "attn_mask": 3,
+    "dropout_p": 4,
+    "is_causal": 5,
+    "scale": 6,
+    "enable_gqa": 7,
+}
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -160,7 +175,7 @@ def module_path(node: fx.Node) -> str:
     if path.startswith(("L[", "G[")) and "]" in path:
         path = path.split("]", 1)[1].lstrip(".")
     if path == "__self__" or path.startswith("__self__."):  # captured through a bound forward
-        path = path[len("__self__."):]
+        path = path[len("__self__.") :]
     return path
 
 
@@ -231,8 +246,9 @@ class TokenSymbols:
         out = self._memo.get(key)
         if out is None:
             expr = self.canon(size)
-            out = self._memo[key] = bool(self.seq_is_symbolic and self.seq.free_symbols
-                                         & getattr(expr, "free_symbols", set()))
+            out = self._memo[key] = bool(
+                self.seq_is_symbolic and self.seq.free_symbols & getattr(expr, "free_symbols", set())
+            )
         return out
 
     def size_has_seq(self, value: Any) -> bool:
@@ -263,11 +279,45 @@ class TokenSymbols:
 
 
 # Ops whose result is a view of their first argument: writing into it writes into that argument.
-VIEW_OPS = frozenset({
-    "getitem", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "movedim",
-    "swapaxes", "t", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "narrow", "select", "diagonal",
-    "as_strided", "unfold", "split", "chunk", "tensor_split", "unbind", "view_as_real", "view_as_complex", "real",
-    "imag", "detach", "contiguous", "T", "mT", "alias"})
+VIEW_OPS = frozenset(
+    {
+        "getitem",
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "transpose",
+        "permute",
+        "movedim",
+        "swapaxes",
+        "t",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "expand_as",
+        "broadcast_to",
+        "narrow",
+        "select",
+        "diagonal",
+        "as_strided",
+        "unfold",
+        "split",
+        "chunk",
+        "tensor_split",
+        "unbind",
+        "view_as_real",
+        "view_as_complex",
+        "real",
+        "imag",
+        "detach",
+        "contiguous",
+        "T",
+        "mT",
+        "alias",
+    }
+)
 
 
 def mutates(node: fx.Node) -> bool:
@@ -280,13 +330,41 @@ def mutates(node: fx.Node) -> bool:
     return name == "setitem" or (name.endswith("_") and not name.endswith("__") and name != "requires_grad_")
 
 
-_AUGMENTED = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-                        "ilshift", "irshift", "imatmul"})
+_AUGMENTED = frozenset(
+    {
+        "iadd",
+        "isub",
+        "imul",
+        "itruediv",
+        "ifloordiv",
+        "imod",
+        "ipow",
+        "iand",
+        "ior",
+        "ixor",
+        "ilshift",
+        "irshift",
+        "imatmul",
+    }
+)
 
 
 _SHAPE_OF_SECOND = frozenset({"expand_as", "view_as", "reshape_as", "type_as", "broadcast_to"})
-_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "size", "dim",
-                         "numel", "sym_size_int", "sym_numel"})
+_SHAPE_ONLY = frozenset(
+    {
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "size",
+        "dim",
+        "numel",
+        "sym_size_int",
+        "sym_numel",
+    }
+)
 
 
 def _data_inputs(n: fx.Node) -> list[fx.Node]:
@@ -317,7 +395,7 @@ class Ancestry:
         written: dict[fx.Node, int] = {}  # a base -> the ancestry of the writes into it so far
         for n in self.nodes:
             bits = 0
-            for a in (_data_inputs(n) if data_only else n.all_input_nodes):
+            for a in _data_inputs(n) if data_only else n.all_input_nodes:
                 bits |= self._anc[a] | (1 << self.index[a])
                 w = written.get(base.get(a, a))
                 if w:

@@ -18,9 +18,23 @@ import hashlib
 import torch
 import torch.fx as fx
 
-__all__ = ["KERNELS", "MARKERS", "gather_tokens", "kept_rows", "kept_rows_packed", "mark_cacheable", "mask_keys_scores",
-           "mask_keys_weights", "pack_tokens", "packed_attention", "packed_rows", "scatter_tokens", "sdpa_key_mask",
-           "unpack_tokens", "varlen_sdpa_cpu"]
+__all__ = [
+    "KERNELS",
+    "MARKERS",
+    "gather_tokens",
+    "kept_rows",
+    "kept_rows_packed",
+    "mark_cacheable",
+    "mask_keys_scores",
+    "mask_keys_weights",
+    "pack_tokens",
+    "packed_attention",
+    "packed_rows",
+    "scatter_tokens",
+    "sdpa_key_mask",
+    "unpack_tokens",
+    "varlen_sdpa_cpu",
+]
 
 
 def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -37,8 +51,9 @@ def gather_tokens(x: torch.Tensor, gather_idx: torch.Tensor, dims: tuple[int, ..
     return x
 
 
-def scatter_tokens(base: torch.Tensor, kept: torch.Tensor, scatter_idx: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
+def scatter_tokens(
+    base: torch.Tensor, kept: torch.Tensor, scatter_idx: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """Write `kept` (B, K, D) back into `base` (B, T, D); padding slots rewrite pruned rows unchanged."""
     idx = scatter_idx.unsqueeze(-1).expand(-1, -1, base.size(-1))  # (B, K, D)
     src = torch.where(valid.unsqueeze(-1), kept.to(base.dtype), base.gather(1, idx))  # (B, K, D)
@@ -98,9 +113,16 @@ def unpack_tokens(base: torch.Tensor, kept: torch.Tensor, flat_idx: torch.Tensor
     return flat.index_copy(0, flat_idx, kept.squeeze(0).to(base.dtype)).view_as(base)  # (B, T, D)
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: torch.Tensor,
-                     pack_idx: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None,
-                     enable_gqa: bool = False) -> torch.Tensor:
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pad_idx: torch.Tensor,
+    pack_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """Causal attention of every sample's kept tokens among themselves; q, k, v (1, H, N, d).
 
     CUDA with half precision: a varlen kernel on the packed tokens (flash-attn's
@@ -132,7 +154,8 @@ def _padded_attention(q, k, v, pad_idx, pack_idx, scale, enable_gqa):
         return x[0][:, flat].unflatten(1, (b, kk)).transpose(0, 1)
 
     o = torch.nn.functional.scaled_dot_product_attention(
-        padded(q), padded(k), padded(v), is_causal=True, scale=scale, enable_gqa=enable_gqa)  # (B, H, K, d)
+        padded(q), padded(k), padded(v), is_causal=True, scale=scale, enable_gqa=enable_gqa
+    )  # (B, H, K, d)
     return o.transpose(0, 1).flatten(1, 2)[:, pack_idx].unsqueeze(0)  # (1, H, N, d)
 
 
@@ -202,8 +225,9 @@ def _kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("regate_fx::varlen_sdpa_cpu", mutates_args=(), device_types="cpu")
-def varlen_sdpa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def varlen_sdpa_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each sample of packed q (1, H, N, d), k, v (1, Hkv, N, d) on the CPU.
 
     Returns the output (1, H, N, d) and the log-sum-exp (1, H, N) the backward reads.
@@ -212,10 +236,11 @@ def varlen_sdpa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))  # (1, H, N)
     h = q.size(1)
     for s, e in _spans(cu_seqlens):
-        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[:, :, s:e], _kv_heads(k[:, :, s:e], h), _kv_heads(v[:, :, s:e], h), 0.0, True, scale=scale)
+        o, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, s:e], _kv_heads(k[:, :, s:e], h), _kv_heads(v[:, :, s:e], h), 0.0, True, scale=scale
+        )
         out[:, :, s:e] = o  # (1, H, K_b, d)
-        lse[:, :, s:e] = l  # (1, H, K_b)
+        lse[:, :, s:e] = lse_b  # (1, H, K_b)
     return out, lse
 
 
@@ -225,15 +250,30 @@ def _(q, k, v, cu_seqlens, scale=None):
 
 
 @torch.library.custom_op("regate_fx::varlen_sdpa_cpu_backward", mutates_args=(), device_types="cpu")
-def _varlen_sdpa_cpu_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-                              scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varlen_sdpa_cpu_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the spans tile [0, N)
     h, hkv = q.size(1), k.size(1)
     for s, e in _spans(cu_seqlens):
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad[:, :, s:e], q[:, :, s:e], _kv_heads(k[:, :, s:e], h), _kv_heads(v[:, :, s:e], h),
-            out[:, :, s:e], lse[:, :, s:e], 0.0, True, scale=scale)  # (1, H, K_b, d) each
+            grad[:, :, s:e],
+            q[:, :, s:e],
+            _kv_heads(k[:, :, s:e], h),
+            _kv_heads(v[:, :, s:e], h),
+            out[:, :, s:e],
+            lse[:, :, s:e],
+            0.0,
+            True,
+            scale=scale,
+        )  # (1, H, K_b, d) each
         if hkv != h:  # sum the repeated heads back onto their kv head
             gk, gv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (gk, gv))  # (1, Hkv, K_b, d)
         dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
@@ -266,8 +306,9 @@ def packed_rows(x: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch._dynamo.allow_in_graph
-def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Tensor, pack_idx: torch.Tensor,
-                     cu_seqlens: torch.Tensor) -> torch.Tensor:
+def kept_rows_packed(
+    x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Tensor, pack_idx: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
     """Rows of a (B, T, ...) model output at the kept tokens, packed: (N, ...).
 
     The marker of the packed layout; its other arguments bring the layout into the graph.
@@ -278,8 +319,19 @@ def kept_rows_packed(x: torch.Tensor, flat_idx: torch.Tensor, pad_idx: torch.Ten
 # Every layout's marker (`regate_fx/layouts/`: each step calls its own on the model's output).
 MARKERS = (kept_rows, kept_rows_packed)
 
-KERNELS = frozenset({gather_tokens, scatter_tokens, sdpa_key_mask, mask_keys_scores, mask_keys_weights, pack_tokens,
-                     unpack_tokens, packed_attention, packed_rows})
+KERNELS = frozenset(
+    {
+        gather_tokens,
+        scatter_tokens,
+        sdpa_key_mask,
+        mask_keys_scores,
+        mask_keys_weights,
+        pack_tokens,
+        unpack_tokens,
+        packed_attention,
+        packed_rows,
+    }
+)
 
 
 @functools.lru_cache(maxsize=1)

@@ -74,8 +74,15 @@ def _placed(idx: Any, index: Any) -> _Index | None:
 
 def _causal(kv: Any, q: Any) -> bool:
     """kv <= q over the token axis, kv on the last dim and q on the one before, same offset."""
-    return (isinstance(kv, _Index) and isinstance(q, _Index) and kv.axis == q.axis == "token"
-            and kv.offset == q.offset and kv.ndim == q.ndim == 4 and kv.dim == 3 and q.dim == 2)
+    return (
+        isinstance(kv, _Index)
+        and isinstance(q, _Index)
+        and kv.axis == q.axis == "token"
+        and kv.offset == q.offset
+        and kv.ndim == q.ndim == 4
+        and kv.dim == 3
+        and q.dim == 2
+    )
 
 
 def _to_keeps_value(node: fx.Node) -> bool:
@@ -111,8 +118,17 @@ def _eval(node: fx.Node, sym: TokenSymbols, padding: fx.Node | None, memo: dict)
         elif isinstance(src, _Padding) and src.as_bool and isinstance(index, tuple) and len(index) == 2:
             b, kv = ev(index[0]), ev(index[1])
             rows_ok = isinstance(b, _Index) and (sym.is_batch(b.size) or b.size == src.rows)  # row b: sample b
-            if (rows_ok and b.axis == "batch" and b.offset == 0 and b.dim == 0 and b.ndim == 4
-                    and isinstance(kv, _Index) and kv.axis == "token" and kv.offset == 0 and kv.dim == 3):
+            if (
+                rows_ok
+                and b.axis == "batch"
+                and b.offset == 0
+                and b.dim == 0
+                and b.ndim == 4
+                and isinstance(kv, _Index)
+                and kv.axis == "token"
+                and kv.offset == 0
+                and kv.dim == 3
+            ):
                 out = _Bool(frozenset({KEY_REAL}))  # attention_mask[b, kv]: the key is a real token
     elif node.op == "call_function" and target in (operator.le, operator.ge) and len(args) == 2:
         a, b = ev(args[0]), ev(args[1])

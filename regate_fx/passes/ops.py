@@ -25,8 +25,18 @@ import torch.fx as fx
 from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 from regate_fx.report import Reason
 
-__all__ = ["RULES", "Verdict", "classify", "called_overloads", "higher_order_detail", "identity_index",
-           "length_scalar_problem", "role_free", "role_strides", "same_place"]
+__all__ = [
+    "RULES",
+    "Verdict",
+    "classify",
+    "called_overloads",
+    "higher_order_detail",
+    "identity_index",
+    "length_scalar_problem",
+    "role_free",
+    "role_strides",
+    "same_place",
+]
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,24 @@ def _unsupported(detail: str) -> Verdict:
 
 # Python operators dynamo records, mapped to the aten op whose overloads we read.
 _OPERATOR_ALIASES = {
-    "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "ifloordiv": "floor_divide",
-    "iadd": "add", "isub": "sub", "imul": "mul", "and_": "bitwise_and", "or_": "bitwise_or",
-    "xor": "bitwise_xor", "invert": "bitwise_not", "inv": "bitwise_not", "mod": "remainder",
-    "ipow": "pow", "iand": "bitwise_and", "ior": "bitwise_or", "pos": "positive", "getattr": "",
+    "truediv": "div",
+    "itruediv": "div",
+    "floordiv": "floor_divide",
+    "ifloordiv": "floor_divide",
+    "iadd": "add",
+    "isub": "sub",
+    "imul": "mul",
+    "and_": "bitwise_and",
+    "or_": "bitwise_or",
+    "xor": "bitwise_xor",
+    "invert": "bitwise_not",
+    "inv": "bitwise_not",
+    "mod": "remainder",
+    "ipow": "pow",
+    "iand": "bitwise_and",
+    "ior": "bitwise_or",
+    "pos": "positive",
+    "getattr": "",
 }
 
 
@@ -86,8 +110,12 @@ def _kind(value: Any) -> str:
 
 
 _ACCEPTS = {
-    "TensorType": {"tensor"}, "IntType": {"int", "bool"}, "SymIntType": {"int", "bool"},
-    "FloatType": {"float", "int"}, "NumberType": {"int", "float", "bool"}, "BoolType": {"bool", "int"},
+    "TensorType": {"tensor"},
+    "IntType": {"int", "bool"},
+    "SymIntType": {"int", "bool"},
+    "FloatType": {"float", "int"},
+    "NumberType": {"int", "float", "bool"},
+    "BoolType": {"bool", "int"},
     "ListType": {"list"},
 }
 
@@ -157,6 +185,7 @@ def _is_pointwise(node: fx.Node) -> bool:
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def _arg(node: fx.Node, pos: int, key: str, default: Any = None) -> Any:
     if len(node.args) > pos:
         return node.args[pos]
@@ -187,6 +216,7 @@ class _Call:
 # --- the rules ------------------------------------------------------------------------------
 # Each takes a _Call and returns a Verdict. Comments name the models a rule exists for.
 
+
 def _token_wise(c: _Call) -> Verdict:
     return OK
 
@@ -212,8 +242,10 @@ def _reshape(c: _Call) -> Verdict:
             if size != sym.seq and size != sym.batch * sym.seq:
                 return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
     if not same_place(c.x, out, sym, "seq"):
-        return _mix(f"{c.name} {tuple(c.x.shape)} -> {tuple(out.shape)} keeps the sizes but moves tokens "
-                    "(the token axis changes place in memory)")
+        return _mix(
+            f"{c.name} {tuple(c.x.shape)} -> {tuple(out.shape)} keeps the sizes but moves tokens "
+            "(the token axis changes place in memory)"
+        )
     return OK
 
 
@@ -249,8 +281,9 @@ def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozens
     for size in reversed(sizes):
         free = getattr(size, "free_symbols", set())
         if size == batch * seq and role_syms:
-            options = [o + [stride] for o in options] + [o + [stride * (seq if role == "batch" else batch)]
-                                                           for o in options]
+            options = [o + [stride] for o in options] + [
+                o + [stride * (seq if role == "batch" else batch)] for o in options
+            ]
         elif role_syms and free & role_syms:
             rest = size / (seq if role == "seq" else batch)  # a product: sympy cancels the factor
             if role == "seq" and rest != 1:
@@ -272,10 +305,16 @@ def same_place(x: Any, out: Any, sym: TokenSymbols, role: str) -> bool:
     sizes in both (so the elements after it are as many too: same strides)."""
     if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
         dims = sym.token_dims(x) if role == "seq" else [i for i, s in enumerate(x.shape) if sym.is_batch(s)]
-        if dims and len(out.shape) > dims[-1] and all(
-                sym.canon(a) == sym.canon(b) for a, b in zip(x.shape[: dims[-1] + 1], out.shape)):
-            if role == "seq" or len(dims) == sum(1 for s in x.shape if getattr(sym.canon(s), "free_symbols", None)
-                                                 and sym.batch.free_symbols & sym.canon(s).free_symbols):
+        if (
+            dims
+            and len(out.shape) > dims[-1]
+            and all(sym.canon(a) == sym.canon(b) for a, b in zip(x.shape[: dims[-1] + 1], out.shape))
+        ):
+            if role == "seq" or len(dims) == sum(
+                1
+                for s in x.shape
+                if getattr(sym.canon(s), "free_symbols", None) and sym.batch.free_symbols & sym.canon(s).free_symbols
+            ):
                 return True
     return _same_strides(role_strides(x, sym, role), role_strides(out, sym, role))
 
@@ -338,8 +377,9 @@ def _matmul(c: _Call) -> Verdict:
     if len(a_tok) >= 2 and contract_a in a_tok and contract_b in b_tok:
         if av.dim() >= 3 and c.sym.is_batch(av.shape[0]) and c.sym.is_seq(av.shape[-1]):
             return Verdict(True, attention="pv")  # weights (B, ..., Tq, Tk) @ values: the read-out
-        return Verdict(False, reason=Reason.ATTENTION_FORM,
-                       detail="attention weights are not (batch, ..., queries, keys)")
+        return Verdict(
+            False, reason=Reason.ATTENTION_FORM, detail="attention weights are not (batch, ..., queries, keys)"
+        )
     return _mix("matmul contracts the token axis outside attention")
 
 
@@ -350,16 +390,23 @@ def _softmax(c: _Call) -> Verdict:
     if not set(dims) & set(c.x_tok):
         return OK
     x = c.x
-    if (len(c.x_tok) >= 2 and c.nd == 4 and dims == [c.nd - 1] and c.x_tok[-1] == c.nd - 1
-            and c.sym.is_batch(x.shape[0])):
+    if (
+        len(c.x_tok) >= 2
+        and c.nd == 4
+        and dims == [c.nd - 1]
+        and c.x_tok[-1] == c.nd - 1
+        and c.sym.is_batch(x.shape[0])
+    ):
         return Verdict(True, attention="softmax")
     return _mix(f"{c.name} over the token axis outside an attention score matrix")
 
 
 def _sdpa(c: _Call) -> Verdict:
     n, sym = c.node, c.sym
-    key, value, mask = (node_value(a) if isinstance(a, fx.Node) else a
-                        for a in (_arg(n, 1, "key"), _arg(n, 2, "value"), _arg(n, 3, "attn_mask")))
+    key, value, mask = (
+        node_value(a) if isinstance(a, fx.Node) else a
+        for a in (_arg(n, 1, "key"), _arg(n, 2, "value"), _arg(n, 3, "attn_mask"))
+    )
     if isinstance(key, torch.Tensor) and not sym.token_dims(key) and not sym.token_dims(value):
         # Cross-attention (Mllama): keys and values are another sequence (image tokens), so each
         # query row reads only its own mask row: token-wise over the queries.
@@ -367,15 +414,22 @@ def _sdpa(c: _Call) -> Verdict:
         m_ok = not isinstance(mask, torch.Tensor) or set(sym.token_dims(mask)) <= {mask.dim() - 2}
         if q_ok and m_ok and not _arg(n, 5, "is_causal", False):
             return Verdict(True, attention="cross")
-        return Verdict(False, reason=Reason.ATTENTION_FORM,
-                       detail="cross-attention (keys without a token axis) whose query or mask is not "
-                       "(batch, heads, tokens, ...) or that is causal")
+        return Verdict(
+            False,
+            reason=Reason.ATTENTION_FORM,
+            detail="cross-attention (keys without a token axis) whose query or mask is not "
+            "(batch, heads, tokens, ...) or that is causal",
+        )
     for role, v in (("query", c.x), ("key", key)):
-        if not (isinstance(v, torch.Tensor) and v.dim() == 4 and sym.token_dims(v) == (2,)
-                and sym.is_batch(v.shape[0])):
+        if not (
+            isinstance(v, torch.Tensor) and v.dim() == 4 and sym.token_dims(v) == (2,) and sym.is_batch(v.shape[0])
+        ):
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            return Verdict(False, reason=Reason.ATTENTION_FORM,
-                           detail=f"sdpa {role} {shape} is not (batch, heads, tokens, head_dim)")
+            return Verdict(
+                False,
+                reason=Reason.ATTENTION_FORM,
+                detail=f"sdpa {role} {shape} is not (batch, heads, tokens, head_dim)",
+            )
     return Verdict(True, attention="sdpa")
 
 
@@ -393,9 +447,15 @@ def _always_mixing(c: _Call) -> Verdict:
 
 # Where each reduction / scan takes its dim: (position, keyword, default); None = every dim.
 _REDUCE_DIM = {
-    "topk": (2, "dim", -1), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "norm": (2, "dim", None),
-    "normalize": (2, "dim", 1), "roll": (2, "dims", None), "kthvalue": (2, "dim", -1),
-    "cumsum": (1, "dim", None), "flip": (1, "dims", None),
+    "topk": (2, "dim", -1),
+    "sort": (1, "dim", -1),
+    "argsort": (1, "dim", -1),
+    "norm": (2, "dim", None),
+    "normalize": (2, "dim", 1),
+    "roll": (2, "dims", None),
+    "kthvalue": (2, "dim", -1),
+    "cumsum": (1, "dim", None),
+    "flip": (1, "dims", None),
 }
 
 
@@ -435,8 +495,15 @@ def _cat(c: _Call) -> Verdict:
 
 
 _SPLIT_DIM = {
-    "chunk": (2, 0), "split": (2, 0), "split_with_sizes": (2, 0), "tensor_split": (2, 0), "narrow": (1, None),
-    "select": (1, None), "index_select": (1, None), "unbind": (1, 0), "repeat_interleave": (2, None),
+    "chunk": (2, 0),
+    "split": (2, 0),
+    "split_with_sizes": (2, 0),
+    "tensor_split": (2, 0),
+    "narrow": (1, None),
+    "select": (1, None),
+    "index_select": (1, None),
+    "unbind": (1, 0),
+    "repeat_interleave": (2, None),
 }
 
 
@@ -495,8 +562,10 @@ def _masked_scatter(c: _Call) -> Verdict:
     src = node_value(_arg(c.node, 2, "source"))
     if isinstance(src, torch.Tensor) and c.sym.token_dims(src):
         return _mix("masked_scatter with a token-indexed source")
-    return _mix("masked_scatter numbers the positions its mask selects along the token axis (a mask that "
-                "is not computed from the input ids alone)")
+    return _mix(
+        "masked_scatter numbers the positions its mask selects along the token axis (a mask that "
+        "is not computed from the input ids alone)"
+    )
 
 
 def _setitem(c: _Call) -> Verdict:
@@ -526,8 +595,12 @@ def _getitem(c: _Call) -> Verdict:
         if it is None:
             continue
         if dim in tok:
-            whole = isinstance(it, slice) and it.start in (None, 0) and it.step in (None, 1) and (
-                it.stop is None or _is_full_stop(it.stop, sv.shape[dim], sym))
+            whole = (
+                isinstance(it, slice)
+                and it.start in (None, 0)
+                and it.step in (None, 1)
+                and (it.stop is None or _is_full_stop(it.stop, sv.shape[dim], sym))
+            )
             if not whole and not (sym.is_seq(sv.shape[dim]) and identity_index(it, sym)):
                 return _mix("indexing selects a subset of the token axis")
         elif isinstance(it, fx.Node) and sym.token_dims(node_value(it)):
@@ -592,24 +665,83 @@ Rule = Callable[[_Call], Verdict]
 #: op name (aten name, torch function name or tensor method) -> rule along the token axis.
 RULES: dict[str, Rule] = {
     # Value-preserving or per-element ops that carry no pointwise tag, or whose tag is per overload.
-    **dict.fromkeys(_names(
-        "to", "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool",
-        "clone", "detach", "contiguous", "requires_grad_", "dropout", "alpha_dropout",
-        "feature_alpha_dropout", "dropout1d", "dropout2d", "masked_fill", "masked_fill_",
-        "copy_", "expand",
-        # Activations: torch.nn.functional's signatures (inplace=...) differ from aten's schemas.
-        "relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "hardtanh",
-        "hardsigmoid", "hardswish", "mish", "softplus", "softsign", "tanhshrink", "threshold",
-        "logsigmoid", "sigmoid", "tanh", "expand_as", "broadcast_to",
-        "polar",  # complex from (abs, angle), per element (Llama4's complex RoPE); no pointwise tag
-        # Sizes and constants: their tensors carry no token data.
-        "size", "dim", "numel", "sym_size_int", "sym_numel", "new_zeros", "new_ones", "new_empty",
-        "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "new_tensor", "zeros", "ones",
-        "empty", "full", "scalar_tensor",
-        # arange(T) along the token axis: the original position of every token (gathered at kept
-        # positions it is their original position ids, as the oracle's)
-        "arange",
-        "_set_grad_enabled", "_log_api_usage_once"), _token_wise),
+    **dict.fromkeys(
+        _names(
+            "to",
+            "type",
+            "type_as",
+            "float",
+            "half",
+            "bfloat16",
+            "double",
+            "int",
+            "long",
+            "bool",
+            "clone",
+            "detach",
+            "contiguous",
+            "requires_grad_",
+            "dropout",
+            "alpha_dropout",
+            "feature_alpha_dropout",
+            "dropout1d",
+            "dropout2d",
+            "masked_fill",
+            "masked_fill_",
+            "copy_",
+            "expand",
+            # Activations: torch.nn.functional's signatures (inplace=...) differ from aten's schemas.
+            "relu",
+            "relu_",
+            "relu6",
+            "gelu",
+            "silu",
+            "elu",
+            "selu",
+            "celu",
+            "leaky_relu",
+            "hardtanh",
+            "hardsigmoid",
+            "hardswish",
+            "mish",
+            "softplus",
+            "softsign",
+            "tanhshrink",
+            "threshold",
+            "logsigmoid",
+            "sigmoid",
+            "tanh",
+            "expand_as",
+            "broadcast_to",
+            "polar",  # complex from (abs, angle), per element (Llama4's complex RoPE); no pointwise tag
+            # Sizes and constants: their tensors carry no token data.
+            "size",
+            "dim",
+            "numel",
+            "sym_size_int",
+            "sym_numel",
+            "new_zeros",
+            "new_ones",
+            "new_empty",
+            "new_full",
+            "zeros_like",
+            "ones_like",
+            "empty_like",
+            "full_like",
+            "new_tensor",
+            "zeros",
+            "ones",
+            "empty",
+            "full",
+            "scalar_tensor",
+            # arange(T) along the token axis: the original position of every token (gathered at kept
+            # positions it is their original position ids, as the oracle's)
+            "arange",
+            "_set_grad_enabled",
+            "_log_api_usage_once",
+        ),
+        _token_wise,
+    ),
     **dict.fromkeys(_names("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"), _reshape),
     **dict.fromkeys(_names("transpose", "permute", "movedim", "swapaxes", "t", "unsqueeze", "squeeze"), _permute),
     **dict.fromkeys(_names("view_as_complex", "view_as_real"), _view_complex),
@@ -620,11 +752,44 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(_names("softmax", "log_softmax", "_softmax"), _softmax),
     "scaled_dot_product_attention": _sdpa,
     **dict.fromkeys(_names("layer_norm", "rms_norm"), _norm),
-    **dict.fromkeys(_names(
-        "mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod", "argmax", "argmin",
-        "all", "any", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort", "argsort",
-        "topk", "var_mean", "std_mean", "count_nonzero", "nansum", "nanmean", "normalize", "median",
-        "max", "min", "flip", "roll", "kthvalue"), _reduce),
+    **dict.fromkeys(
+        _names(
+            "mean",
+            "sum",
+            "amax",
+            "amin",
+            "var",
+            "std",
+            "norm",
+            "logsumexp",
+            "prod",
+            "argmax",
+            "argmin",
+            "all",
+            "any",
+            "cumsum",
+            "cumprod",
+            "cummax",
+            "cummin",
+            "logcumsumexp",
+            "sort",
+            "argsort",
+            "topk",
+            "var_mean",
+            "std_mean",
+            "count_nonzero",
+            "nansum",
+            "nanmean",
+            "normalize",
+            "median",
+            "max",
+            "min",
+            "flip",
+            "roll",
+            "kthvalue",
+        ),
+        _reduce,
+    ),
     **dict.fromkeys(_names("cat", "concat", "concatenate", "stack"), _cat),
     **dict.fromkeys(tuple(_SPLIT_DIM), _split),
     "pad": _pad,
@@ -635,16 +800,41 @@ RULES: dict[str, Rule] = {
     "setitem": _setitem,
     "where": _where,
     # Mix neighbouring positions or pool statistics over tokens: refused on a token axis.
-    **dict.fromkeys(_names(
-        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "avg_pool1d", "max_pool1d",
-        "adaptive_avg_pool1d", "adaptive_max_pool1d", "unfold", "fold", "pixel_shuffle", "interpolate",
-        "upsample", "batch_norm", "group_norm", "instance_norm"), _always_mixing),
+    **dict.fromkeys(
+        _names(
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "conv_transpose1d",
+            "conv_transpose2d",
+            "avg_pool1d",
+            "max_pool1d",
+            "adaptive_avg_pool1d",
+            "adaptive_max_pool1d",
+            "unfold",
+            "fold",
+            "pixel_shuffle",
+            "interpolate",
+            "upsample",
+            "batch_norm",
+            "group_norm",
+            "instance_norm",
+        ),
+        _always_mixing,
+    ),
 }
 
 
 # Tensor factories whose fill value is a number: (position, keyword) of that value.
-_FILL_ARG = {"full": (1, "fill_value"), "new_full": (2, "fill_value"), "full_like": (1, "fill_value"),
-             "scalar_tensor": (0, "s"), "tensor": (0, "data"), "as_tensor": (0, "data"), "fill_": (1, "value")}
+_FILL_ARG = {
+    "full": (1, "fill_value"),
+    "new_full": (2, "fill_value"),
+    "full_like": (1, "fill_value"),
+    "scalar_tensor": (0, "s"),
+    "tensor": (0, "data"),
+    "as_tensor": (0, "data"),
+    "fill_": (1, "value"),
+}
 
 
 def _scalar_has_seq(value: Any, sym: TokenSymbols) -> bool:
@@ -670,16 +860,44 @@ def length_scalar_problem(node: fx.Node, sym: TokenSymbols) -> Verdict | None:
     for a in values:
         if isinstance(a, fx.Node) and _scalar_has_seq(node_value(a), sym):
             if name in _FILL_ARG or name in _ARITHMETIC or _is_pointwise(node):
-                return Verdict(False, reason=Reason.SYMBOLIC_SIZE,
-                               detail=f"{name} uses a number derived from the sequence length ('{a.name}' = "
-                               f"{node_value(a)}) as a value: on kept tokens it would be the kept layout's "
-                               "length, not each sample's; compute it from a tensor the model is given")
+                return Verdict(
+                    False,
+                    reason=Reason.SYMBOLIC_SIZE,
+                    detail=f"{name} uses a number derived from the sequence length ('{a.name}' = "
+                    f"{node_value(a)}) as a value: on kept tokens it would be the kept layout's "
+                    "length, not each sample's; compute it from a tensor the model is given",
+                )
     return None
 
 
-_ARITHMETIC = frozenset({"mul", "add", "sub", "div", "truediv", "floordiv", "pow", "rsub", "true_divide",
-                         "mul_", "add_", "sub_", "div_", "clamp", "clip", "masked_fill", "masked_fill_",
-                         "where", "lerp", "addcmul", "addcdiv", "remainder", "fmod", "mod"})
+_ARITHMETIC = frozenset(
+    {
+        "mul",
+        "add",
+        "sub",
+        "div",
+        "truediv",
+        "floordiv",
+        "pow",
+        "rsub",
+        "true_divide",
+        "mul_",
+        "add_",
+        "sub_",
+        "div_",
+        "clamp",
+        "clip",
+        "masked_fill",
+        "masked_fill_",
+        "where",
+        "lerp",
+        "addcmul",
+        "addcdiv",
+        "remainder",
+        "fmod",
+        "mod",
+    }
+)
 
 
 def role_free(node: fx.Node) -> bool:
@@ -722,7 +940,9 @@ def higher_order_detail(node: fx.Node) -> str:
     """What a higher-order op is and how to avoid it, for the report."""
     name = getattr(node.target, "__name__", str(node.target))
     if "checkpoint" in name:
-        return (f"'{name}' (activation checkpointing wraps each layer in an opaque region): call "
-                "model.gradient_checkpointing_disable() (sparse steps store activations of the kept "
-                "tokens only)")
+        return (
+            f"'{name}' (activation checkpointing wraps each layer in an opaque region): call "
+            "model.gradient_checkpointing_disable() (sparse steps store activations of the kept "
+            "tokens only)"
+        )
     return f"'{name}' wraps part of the model in a region the pass does not enter"

@@ -42,7 +42,9 @@ def _attention_problem(n: fx.Node, analysis: Analysis) -> str | None:
         return f"attention {_where(n)} reads another sequence's keys (cross-attention)"
     causal = mask in analysis.causal_masks if mask is not None else sdpa_arg(n, "is_causal", False) is True
     if not causal:
-        return f"attention {_where(n)} has a mask that is not causal on the kept tokens (sliding window, image block, ...)"
+        return (
+            f"attention {_where(n)} has a mask that is not causal on the kept tokens (sliding window, image block, ...)"
+        )
     dropout = sdpa_arg(n, "dropout_p", 0.0)
     if not (isinstance(dropout, (int, float)) and dropout == 0):
         return f"attention {_where(n)} uses dropout"

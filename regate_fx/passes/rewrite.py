@@ -13,6 +13,7 @@ layout's: this module asks the `GraphLayout` (`regate_fx/layouts/`) and never wh
 from __future__ import annotations
 
 import operator
+
 import torch
 import torch.fx as fx
 
@@ -26,8 +27,8 @@ __all__ = ["rewrite"]
 
 # --- the rewrite --------------------------------------------------------------------------------
 
-def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *,
-            fill: bool = True) -> list[str]:
+
+def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *, fill: bool = True) -> list[str]:
     """Rewrite every region (and the tail) of `analysis` in place.
 
     With `fill`, every added node gets its fake value (what AOTAutograd's cache and inductor's
@@ -68,8 +69,15 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *,
 class _Replay:
     """Copies nodes so that they compute on kept tokens: (B, T, ...) values become (B, K, ...)."""
 
-    def __init__(self, graph: fx.Graph, sym: TokenSymbols, kept: GraphLayout, k_node: fx.Node,
-                 gathered_side, causal_masks: set[fx.Node]):
+    def __init__(
+        self,
+        graph: fx.Graph,
+        sym: TokenSymbols,
+        kept: GraphLayout,
+        k_node: fx.Node,
+        gathered_side,
+        causal_masks: set[fx.Node],
+    ):
         self.graph, self.sym, self.kept, self.k_node = graph, sym, kept, k_node
         self.gathered_side, self.causal_masks = gathered_side, causal_masks
 

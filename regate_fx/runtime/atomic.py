@@ -89,7 +89,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
             f"{path} holds objects other than tensors and plain Python data, and regate_fx does not load "
             f"such files (unpickling them can run arbitrary code). Save plain state (state_dict()s, numbers, "
             f"strings, lists, dicts). If you trust the file and must read it, use torch.load(path, "
-            f"weights_only=False) yourself. ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            f"weights_only=False) yourself. ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     except Exception as e:  # truncated zip, pickle errors: all mean the file is unusable
         raise ValueError(f"{path} is not a readable regate_fx checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):

@@ -91,7 +91,8 @@ class ReGateConfig:
             raise _bad("cycle_steps", self.cycle_steps, "must be an int >= 1")
         if not (_is_int(self.dense_steps) and 0 <= self.dense_steps <= self.cycle_steps):
             raise _bad(
-                "dense_steps", self.dense_steps,
+                "dense_steps",
+                self.dense_steps,
                 f"must be an int in [0, cycle_steps={self.cycle_steps}]",
             )
         if not (_is_real(self.rho_min) and 0.0 < self.rho_min <= 1.0):

@@ -45,9 +45,7 @@ def _vec(x: Any, dtype: torch.dtype, what: str, index: int) -> torch.Tensor:
     return t.to(dtype)
 
 
-def read_sample(
-    sample: Mapping[str, Any], index: int
-) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def read_sample(sample: Mapping[str, Any], index: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Normalise one sample to ``(sample_id, input_ids, labels, visual_mask)`` (1-D, CPU).
 
     Args:
@@ -63,9 +61,7 @@ def read_sample(
     vis = None if vis is None else _vec(vis, torch.bool, "visual_mask", index)
     for name, t in (("labels", labels), ("visual_mask", vis)):
         if t is not None and t.shape != ids.shape:
-            raise ValueError(
-                f"sample {index}: {name} has length {t.shape[0]} but input_ids has {ids.shape[0]}"
-            )
+            raise ValueError(f"sample {index}: {name} has length {t.shape[0]} but input_ids has {ids.shape[0]}")
     am = sample.get("attention_mask")
     if am is not None:
         real = _vec(am, torch.bool, "attention_mask", index)
@@ -96,12 +92,15 @@ def _per_sample(key: str, values: list, mode: str | None) -> Any:
             mode = "cat"
     if mode == "stack":
         if any(t.shape != ts[0].shape for t in ts):
-            raise ValueError(f"cannot stack {key!r}: the samples have shapes {sorted({tuple(t.shape) for t in ts})}; "
-                             f"pass per_sample={{{key!r}: 'cat'}} to concatenate along dim 0")
+            raise ValueError(
+                f"cannot stack {key!r}: the samples have shapes {sorted({tuple(t.shape) for t in ts})}; "
+                f"pass per_sample={{{key!r}: 'cat'}} to concatenate along dim 0"
+            )
         return torch.stack(ts)
     if any(t.dim() == 0 or t.shape[1:] != ts[0].shape[1:] for t in ts):
-        raise ValueError(f"cannot concatenate {key!r} along dim 0: the samples have shapes "
-                         f"{sorted({tuple(t.shape) for t in ts})}")
+        raise ValueError(
+            f"cannot concatenate {key!r} along dim 0: the samples have shapes {sorted({tuple(t.shape) for t in ts})}"
+        )
     return torch.cat(ts)
 
 
@@ -185,8 +184,9 @@ def _pad_tokens(key: str, samples, rows, idx, T: int, padding_side: str) -> torc
         if am is not None:
             v = v[_vec(am, torch.bool, "attention_mask", i)] if v.shape[0] == len(am) else v
         if v.dim() != 1 or v.shape[0] != r[1].numel():
-            raise ValueError(f"sample {i}: {key} must be 1-D with one entry per token "
-                             f"({r[1].numel()}), got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"sample {i}: {key} must be 1-D with one entry per token ({r[1].numel()}), got shape {tuple(v.shape)}"
+            )
         vals.append(v)
     dtype = vals[0].dtype if vals else torch.long
     out = torch.zeros((len(vals), T), dtype=dtype)
@@ -211,8 +211,14 @@ class ReGateCollator:
         token_keys: see :func:`collate`.
     """
 
-    def __init__(self, pad_token_id: int = 0, padding_side: str = "right", sample_id_key: str = "sample_id",
-                 per_sample: Mapping[str, str] | None = None, token_keys: Sequence[str] = TOKEN_KEYS) -> None:
+    def __init__(
+        self,
+        pad_token_id: int = 0,
+        padding_side: str = "right",
+        sample_id_key: str = "sample_id",
+        per_sample: Mapping[str, str] | None = None,
+        token_keys: Sequence[str] = TOKEN_KEYS,
+    ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.pad_token_id = int(pad_token_id)
@@ -224,18 +230,33 @@ class ReGateCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         missing = [i for i, f in enumerate(features) if self.sample_id_key not in f]
         if len(missing) == len(features):  # e.g. evaluation: no ids, and none made up
-            batch = collate(features, pad_token_id=self.pad_token_id, padding_side=self.padding_side,
-                            sample_id_key=self.sample_id_key, per_sample=self.per_sample, token_keys=self.token_keys)
+            batch = collate(
+                features,
+                pad_token_id=self.pad_token_id,
+                padding_side=self.padding_side,
+                sample_id_key=self.sample_id_key,
+                per_sample=self.per_sample,
+                token_keys=self.token_keys,
+            )
             del batch[self.sample_id_key]
             return batch
         if missing:
             raise ValueError(
                 f"sample {missing[0]} of the batch has no {self.sample_id_key!r}: ReGATE keys its state by "
                 f"dataset index; add it (ds.map(lambda ex, i: {{{self.sample_id_key!r}: i}}, with_indices=True)) "
-                f"or train with ReGateTrainer, which adds it")
-        return collate(features, pad_token_id=self.pad_token_id, padding_side=self.padding_side,
-                       sample_id_key=self.sample_id_key, per_sample=self.per_sample, token_keys=self.token_keys)
+                f"or train with ReGateTrainer, which adds it"
+            )
+        return collate(
+            features,
+            pad_token_id=self.pad_token_id,
+            padding_side=self.padding_side,
+            sample_id_key=self.sample_id_key,
+            per_sample=self.per_sample,
+            token_keys=self.token_keys,
+        )
 
     def __repr__(self) -> str:
-        return (f"ReGateCollator(pad_token_id={self.pad_token_id}, padding_side={self.padding_side!r}, "
-                f"sample_id_key={self.sample_id_key!r})")
+        return (
+            f"ReGateCollator(pad_token_id={self.pad_token_id}, padding_side={self.padding_side!r}, "
+            f"sample_id_key={self.sample_id_key!r})"
+        )

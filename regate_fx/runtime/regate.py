@@ -120,8 +120,11 @@ def parse_batch(batch: Mapping[str, Any], config: ReGateConfig) -> ParsedBatch:
         ids,
         real,
         (*config.visual_token_ids, *config.special_token_ids),
-        [_tensor(batch, "visual_mask", dev), _tensor(batch, "protected_mask", dev),
-         None if modality is None or modality.shape != ids.shape else modality != 0],
+        [
+            _tensor(batch, "visual_mask", dev),
+            _tensor(batch, "protected_mask", dev),
+            None if modality is None or modality.shape != ids.shape else modality != 0,
+        ],
     )  # (B, T)
     if config.keep_context:
         protected = protected | (real & ~supervised)
@@ -210,7 +213,8 @@ class ReGate:
                 f"that did not restore the ReGate state, whose difficulty EMA and token counts would "
                 f"silently restart. Restore it with rg.load_state_dict(checkpoint['regate']) (saved "
                 f"with rg.state_dict(); ReGateTrainer does both), or, to start ReGATE at step {step} "
-                f"on purpose, call rg.start_at({step}) first")
+                f"on purpose, call rg.start_at({step}) first"
+            )
         self._started = step
 
     # ------------------------------------------------------------------ scoring
@@ -290,10 +294,13 @@ class ReGate:
             raise ValueError(
                 "token_loss is None: the sparse step ran without labels, so it has no per-token loss "
                 "to learn from. Pass labels=... to the model (unshifted, -100 = ignore, e.g. "
-                "labels=input_ids.masked_fill(attention_mask == 0, -100))")
+                "labels=input_ids.masked_fill(attention_mask == 0, -100))"
+            )
         if not isinstance(token_loss, torch.Tensor) or not isinstance(keep, torch.Tensor):
-            raise ValueError(f"token_loss and keep must be tensors, got {type(token_loss).__name__} and "
-                             f"{type(keep).__name__} (pass out.token_loss and the step's keep mask)")
+            raise ValueError(
+                f"token_loss and keep must be tensors, got {type(token_loss).__name__} and "
+                f"{type(keep).__name__} (pass out.token_loss and the step's keep mask)"
+            )
         pb = parse_batch(batch, self.config)
         shape = tuple(pb.real.shape)
         if tuple(token_loss.shape) != shape or tuple(keep.shape) != shape:
@@ -352,21 +359,13 @@ class ReGate:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; refuses a state from another config, dataset or teacher."""
         if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(
-                f"not a ReGate state (format {state.get('format')!r} version {state.get('version')!r})"
-            )
+            raise ValueError(f"not a ReGate state (format {state.get('format')!r} version {state.get('version')!r})")
         saved = ReGateConfig.from_dict(dict(state["config"]))
         if saved != self.config:
-            diff = {
-                k: (v, getattr(self.config, k))
-                for k, v in vars(saved).items()
-                if getattr(self.config, k) != v
-            }
+            diff = {k: (v, getattr(self.config, k)) for k, v in vars(saved).items() if getattr(self.config, k) != v}
             raise ValueError(f"the state was saved with another ReGateConfig: (saved, now) = {diff}")
         if state["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"the state is for num_samples={state['num_samples']}, this ReGate has {self.num_samples}"
-            )
+            raise ValueError(f"the state is for num_samples={state['num_samples']}, this ReGate has {self.num_samples}")
         fp = state.get("teacher_fingerprint")
         if fp is not None and self.teacher_cache is not None and fp != self.teacher_cache.teacher_fingerprint:
             raise ValueError("the state was recorded with another teacher cache (fingerprints differ)")

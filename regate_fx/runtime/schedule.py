@@ -20,9 +20,7 @@ def _check_step(step: int) -> int:
     return value
 
 
-def dual_cycle_rho(
-    step: int, *, warmup_steps: int, cycle_steps: int, dense_steps: int, rho_min: float
-) -> float:
+def dual_cycle_rho(step: int, *, warmup_steps: int, cycle_steps: int, dense_steps: int, rho_min: float) -> float:
     """Keep fraction of the dual-cycle schedule (paper Sec. 3.2, Eq. 4).
 
     ``step < W`` gives 1; otherwise with ``u = (step - W) mod C``, ``u < C_d`` gives 1 and any

@@ -203,9 +203,7 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def random_scores(
-    seed: int, step: int, sample_ids: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
+def random_scores(seed: int, step: int, sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Uniform pseudo-random scores in [0, 1), a pure function of (seed, step, sample, position).
 
     Args:
@@ -222,4 +220,3 @@ def random_scores(
     h = hash32(h.view(1, 1) ^ hash32(sample_ids.to(dev).long()).view(-1, 1))  # (B, 1)
     h = hash32(h ^ hash32(positions.long() + 0x9E3779B9))  # (B, T)
     return (h >> 8).float() / float(1 << 24)
-

@@ -32,8 +32,14 @@ def _np_long(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
     return np.asarray(t, dtype=np.int64).reshape(-1)
 
 
-def gather_ragged(values: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, sids: np.ndarray,
-                  positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def gather_ragged(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    sids: np.ndarray,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
     """Per-sample ragged values (sample s owns ``values[offsets[s] : offsets[s] + lengths[s]]``,
     ``offsets[s] < 0`` = never seen) read at ``(sids[b], positions[b, p])``.
 
@@ -145,9 +151,7 @@ class DifficultyStore:
             return None
         return np.array(self._values[off : off + int(self._lengths[sample_id])], dtype=np.float32)
 
-    def gather(
-        self, sample_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
+    def gather(self, sample_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """D at ``(sample_ids[b], positions[b, p])``, NaN where unobserved or not ``valid``.
 
         Args:

@@ -142,8 +142,7 @@ def check_same_vocab(
         if a != b:
             diff = sorted(set(a.items()) ^ set(b.items()))[:3]
             raise ValueError(
-                f"the teacher's tokenizer differs from the student's ({len(b)} vs {len(a)} "
-                f"tokens; e.g. {diff}) {why}"
+                f"the teacher's tokenizer differs from the student's ({len(b)} vs {len(a)} tokens; e.g. {diff}) {why}"
             )
         proven = True
     t_rows = _vocab_rows(teacher)
@@ -207,8 +206,7 @@ class TextTeacher:
             for name in ("get_decoder", "get_output_embeddings"):
                 if not callable(getattr(model, name, None)) or getattr(model, name)() is None:
                     raise ValueError(
-                        f"mode='decoder' needs model.{name}(); {type(model).__name__} has none. "
-                        f"Use mode='model'"
+                        f"mode='decoder' needs model.{name}(); {type(model).__name__} has none. Use mode='model'"
                     )
         self.visual_token_ids = tuple(sorted(set(int(i) for i in visual_token_ids)))
         if pad_token_id is None and self.visual_token_ids:
@@ -337,9 +335,7 @@ class TextTeacher:
                 logits = head(zb) if head is not None else zb  # (c, V)
                 tgt = targets[b_idx[s : s + _CE_CHUNK], p_idx[s : s + _CE_CHUNK]]  # (c,)
                 if (tgt < 0).any() or (tgt >= logits.shape[-1]).any():
-                    raise ValueError(
-                        f"a label id is outside the teacher's vocabulary of {logits.shape[-1]}"
-                    )
+                    raise ValueError(f"a label id is outside the teacher's vocabulary of {logits.shape[-1]}")
                 losses.append(F.cross_entropy(logits.float(), tgt, reduction="none").cpu())
         if losses:
             out[b_idx.cpu(), p_idx.cpu()] = torch.cat(losses)

@@ -121,8 +121,7 @@ class _Scan:
                 sid, ids, labels, vis = read_sample(dataset[i], i)
                 if not 0 <= sid < n:
                     raise ValueError(
-                        f"sample {i} has sample_id {sid}; sample ids must be 0 .. len(dataset) - 1 "
-                        f"= {n - 1}"
+                        f"sample {i} has sample_id {sid}; sample ids must be 0 .. len(dataset) - 1 = {n - 1}"
                     )
                 if self.index_of[sid] >= 0:
                     raise ValueError(f"sample id {sid} occurs twice (indices {self.index_of[sid]} and {i})")
@@ -213,7 +212,15 @@ def weights_probe(modules: Mapping[str, torch.nn.Module], extra: Any = None, sam
 
 
 # --------------------------------------------------------------------------- a manifest's match
-def _check_match(manifest: dict, root: Path, *, teacher_fp: str | None, dataset_fp: str | None, dtype: str | None, num_samples: int | None) -> None:
+def _check_match(
+    manifest: dict,
+    root: Path,
+    *,
+    teacher_fp: str | None,
+    dataset_fp: str | None,
+    dtype: str | None,
+    num_samples: int | None,
+) -> None:
     """Refuse a cache whose teacher fingerprint, size, dataset fingerprint or dtype differs from the
     given one (``None``: not compared)."""
     if teacher_fp is not None and manifest["teacher_fingerprint"] != teacher_fp:
@@ -257,6 +264,7 @@ def _check_teacher(manifest: dict, root: Path, teacher: ReferenceTeacher, how: s
             raise CacheMismatchError(
                 f"the teacher cache at {root} was computed with another teacher (its weights differ from "
                 f"this teacher's: probe {recorded[:12]}..., this teacher {probe[:12]}...); refusing to use "
-                f"its reference losses. Use a new directory for this teacher")
+                f"its reference losses. Use a new directory for this teacher"
+            )
         return
     _check_match(manifest, root, teacher_fp=teacher.fingerprint(), dataset_fp=None, dtype=None, num_samples=None)

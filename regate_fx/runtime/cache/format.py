@@ -91,7 +91,9 @@ def _read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorruptError(f"the teacher cache manifest {path} is not valid JSON ({e}); delete {root} and recompute") from e
+        raise CacheCorruptError(
+            f"the teacher cache manifest {path} is not valid JSON ({e}); delete {root} and recompute"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise CacheCorruptError(f"{path} is not a regate_fx teacher cache manifest; delete {root} and recompute")
     if manifest.get("version") != CACHE_VERSION:
@@ -124,8 +126,7 @@ def _check_file(root: Path, entry: dict, verify: bool) -> Path:
     )
     if not ok:
         raise CacheCorruptError(
-            f"the teacher cache manifest in {root} has a malformed file entry {entry!r}; delete "
-            f"{root} and recompute"
+            f"the teacher cache manifest in {root} has a malformed file entry {entry!r}; delete {root} and recompute"
         )
     path = root / entry["file"]
     if not path.is_file():
@@ -138,8 +139,7 @@ def _check_file(root: Path, entry: dict, verify: bool) -> Path:
         )
     if verify and _sha256_file(path) != entry["sha256"]:
         raise CacheCorruptError(
-            f"teacher cache file {path} does not match its recorded SHA-256 (corrupt); delete "
-            f"{root} and recompute"
+            f"teacher cache file {path} does not match its recorded SHA-256 (corrupt); delete {root} and recompute"
         )
     return path
 
@@ -161,8 +161,7 @@ def _check_shard_list(root: Path, manifest: dict, num_batches: int) -> None:
 
     if not isinstance(shards, list) or not all(ok(e) for e in shards):
         raise CacheCorruptError(
-            f"the teacher cache manifest in {root} has a malformed shard list; delete {root} and "
-            f"recompute"
+            f"the teacher cache manifest in {root} has a malformed shard list; delete {root} and recompute"
         )
 
 

@@ -170,7 +170,14 @@ class TeacherCache:
         if dataset is not None:
             dataset_fingerprint = _Scan(dataset, progress=False).fingerprint
             num_samples = len(dataset)
-        _check_match(manifest, root, teacher_fp=teacher_fingerprint, dataset_fp=dataset_fingerprint, dtype=dtype, num_samples=num_samples)
+        _check_match(
+            manifest,
+            root,
+            teacher_fp=teacher_fingerprint,
+            dataset_fp=dataset_fingerprint,
+            dtype=dtype,
+            num_samples=num_samples,
+        )
         if manifest["state"] != "complete":
             raise CacheIncompleteError(
                 f"the teacher cache at {root} is incomplete ({len(manifest.get('shards', []))} shards "
@@ -187,7 +194,9 @@ class TeacherCache:
             dtype = np.dtype(manifest["dtype"])
             values_entry, index_entry = files["values"], files["index"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CacheCorruptError(f"the teacher cache manifest in {root} is malformed ({e}); delete {root} and recompute") from e
+            raise CacheCorruptError(
+                f"the teacher cache manifest in {root} is malformed ({e}); delete {root} and recompute"
+            ) from e
         if manifest["dtype"] not in DTYPES:
             raise CacheCorruptError(f"the teacher cache in {root} has unknown dtype {manifest['dtype']!r}")
         _check_file(root, index_entry, verify)
@@ -196,8 +205,11 @@ class TeacherCache:
             raise CacheCorruptError(f"the teacher cache in {root}: values.bin size disagrees with num_values")
         index = _load_npz(root / _INDEX, ("offsets", "lengths", "checksums"))
         shapes_ok = all(index[k].shape == (n,) and index[k].dtype == np.int64 for k in index)
-        if not shapes_ok or (index["lengths"] < 0).any() or (index["offsets"] < 0).any() or (
-            n and (index["offsets"] + index["lengths"]).max() > num_values
+        if (
+            not shapes_ok
+            or (index["lengths"] < 0).any()
+            or (index["offsets"] < 0).any()
+            or (n and (index["offsets"] + index["lengths"]).max() > num_values)
         ):
             raise CacheCorruptError(f"the teacher cache index in {root} is inconsistent; delete {root} and recompute")
         return cls(root, manifest, index)
@@ -255,6 +267,16 @@ class TeacherCache:
             CacheMismatchError: ``path`` holds a cache for another teacher, dataset or dtype.
             CacheCorruptError: ``path`` holds damaged files.
         """
-        return writer.compute(cls._open_complete, path, teacher, dataset, batch_size=batch_size, dtype=dtype,
-                              shard_samples=shard_samples, progress=progress, verify=verify,
-                              verify_teacher=verify_teacher, distributed=distributed)
+        return writer.compute(
+            cls._open_complete,
+            path,
+            teacher,
+            dataset,
+            batch_size=batch_size,
+            dtype=dtype,
+            shard_samples=shard_samples,
+            progress=progress,
+            verify=verify,
+            verify_teacher=verify_teacher,
+            distributed=distributed,
+        )

@@ -112,28 +112,48 @@ def compute(
         raise ValueError(f"verify_teacher must be one of {VERIFY_TEACHER}, got {verify_teacher!r}")
     root = Path(path)
     if _dist.distributed_active(distributed):
-        return _compute_distributed(open_complete, root, teacher, dataset, batch_size=batch_size, dtype=dtype,
-                                    shard_samples=shard_samples, progress=progress, verify=verify,
-                                    verify_teacher=verify_teacher)
+        return _compute_distributed(
+            open_complete,
+            root,
+            teacher,
+            dataset,
+            batch_size=batch_size,
+            dtype=dtype,
+            shard_samples=shard_samples,
+            progress=progress,
+            verify=verify,
+            verify_teacher=verify_teacher,
+        )
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root):
         scan = _Scan(dataset, progress)
-        manifest, batch_size, complete = _prepare(root, teacher, scan, dataset, batch_size=batch_size,
-                                                  dtype=dtype, verify_teacher=verify_teacher)
+        manifest, batch_size, complete = _prepare(
+            root, teacher, scan, dataset, batch_size=batch_size, dtype=dtype, verify_teacher=verify_teacher
+        )
         if complete:
             return open_complete(root, manifest, verify)
         _Computation(root, manifest, teacher, dataset, scan, progress, verify, shard_samples).run()
         return open_complete(root, manifest, verify)
 
 
-def _prepare(root: Path, teacher: ReferenceTeacher, scan: "_Scan", dataset: Sequence, *, batch_size: int,
-             dtype: str, verify_teacher: str, teacher_fp: str | None = None) -> tuple[dict, int, bool]:
+def _prepare(
+    root: Path,
+    teacher: ReferenceTeacher,
+    scan: "_Scan",
+    dataset: Sequence,
+    *,
+    batch_size: int,
+    dtype: str,
+    verify_teacher: str,
+    teacher_fp: str | None = None,
+) -> tuple[dict, int, bool]:
     """Under the lock: read (checking it matches) or create the manifest, fold in the shards that
     data-parallel ranks recorded, and remove leftovers. Returns (manifest, batch size, complete)."""
     if (root / _MANIFEST).exists():
         manifest = _read_manifest(root)
-        _check_match(manifest, root, teacher_fp=None, dataset_fp=scan.fingerprint, dtype=dtype,
-                     num_samples=len(dataset))
+        _check_match(
+            manifest, root, teacher_fp=None, dataset_fp=scan.fingerprint, dtype=dtype, num_samples=len(dataset)
+        )
         if manifest["state"] == "complete":
             _check_teacher(manifest, root, teacher, verify_teacher)
             return manifest, int(manifest["batch_size"]), True
@@ -187,15 +207,16 @@ def _merge_rank_files(root: Path, manifest: dict, num_batches: int) -> None:
         try:
             entries = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheCorruptError(f"teacher cache rank file {f} is not valid JSON ({e}); delete {root} and "
-                                    f"recompute") from e
+            raise CacheCorruptError(
+                f"teacher cache rank file {f} is not valid JSON ({e}); delete {root} and recompute"
+            ) from e
         _check_shard_list(root, {"shards": entries}, num_batches)
         manifest["shards"].extend(e for e in entries if e["file"] not in listed)
         listed.update(e["file"] for e in entries)
     manifest["shards"].sort(key=lambda e: e["batches"][0])
     done = np.zeros(num_batches, dtype=np.int64)
     for e in manifest["shards"]:
-        done[e["batches"][0]:e["batches"][1]] += 1
+        done[e["batches"][0] : e["batches"][1]] += 1
     if (done > 1).any():
         raise CacheCorruptError(f"the teacher cache shards in {root} overlap; delete {root} and recompute")
     _write_manifest(root, manifest)
@@ -208,7 +229,9 @@ def _text_part(sample: Any) -> Any:
     """What the text-only teacher reads of a sample (per-sample model inputs such as pixels left out)."""
     if not isinstance(sample, Mapping):
         return sample
-    return {k: v for k, v in sample.items() if k in ("input_ids", "labels", "attention_mask", "visual_mask", "sample_id")}
+    return {
+        k: v for k, v in sample.items() if k in ("input_ids", "labels", "attention_mask", "visual_mask", "sample_id")
+    }
 
 
 class _Computation:
@@ -219,8 +242,9 @@ class _Computation:
     shards in its own ``shards-rank*.json`` (the manifest is rank 0's), and does not finalise.
     """
 
-    def __init__(self, root, manifest, teacher, dataset, scan, progress, verify, shard_samples,
-                 rank: int | None = None) -> None:
+    def __init__(
+        self, root, manifest, teacher, dataset, scan, progress, verify, shard_samples, rank: int | None = None
+    ) -> None:
         self.root, self.manifest, self.teacher, self.dataset = root, manifest, teacher, dataset
         self.scan, self.progress, self.verify, self.shard_samples = scan, progress, verify, shard_samples
         self.np_dtype = np.dtype(manifest["dtype"])
@@ -314,9 +338,7 @@ class _Computation:
                 dest = np.repeat(starts, z["lengths"]) + np.arange(z["values"].size)  # (n,)
                 out[dest] = z["values"]
             if not seen.all():
-                raise CacheCorruptError(
-                    f"the shards in {self.root} do not cover the dataset; delete it and recompute"
-                )
+                raise CacheCorruptError(f"the shards in {self.root} do not cover the dataset; delete it and recompute")
             out.flush()
             del out
         with open(tmp, "rb+") as f:
@@ -331,7 +353,11 @@ class _Computation:
             state="complete",
             num_values=num_values,
             files={
-                name: {"file": fname, "bytes": (self.root / fname).stat().st_size, "sha256": _sha256_file(self.root / fname)}
+                name: {
+                    "file": fname,
+                    "bytes": (self.root / fname).stat().st_size,
+                    "sha256": _sha256_file(self.root / fname),
+                }
                 for name, fname in (("values", _VALUES), ("index", _INDEX))
             },
         )
@@ -369,8 +395,19 @@ def _exchange(failure: BaseException | None, payload: Any, what: str) -> list:
     return [p for _, p in got]
 
 
-def _compute_distributed(open_complete: Callable[[Path, dict, bool], _T], root: Path, teacher, dataset, *,
-                         batch_size, dtype, shard_samples, progress, verify, verify_teacher) -> _T:
+def _compute_distributed(
+    open_complete: Callable[[Path, dict, bool], _T],
+    root: Path,
+    teacher,
+    dataset,
+    *,
+    batch_size,
+    dtype,
+    shard_samples,
+    progress,
+    verify,
+    verify_teacher,
+) -> _T:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -384,21 +421,32 @@ def _compute_distributed(open_complete: Callable[[Path, dict, bool], _T], root: 
             if lead:
                 root.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(_lock(root))
-                prepared = _prepare(root, teacher, scan, dataset, batch_size=batch_size, dtype=dtype,
-                                    verify_teacher=verify_teacher, teacher_fp=fp)
+                prepared = _prepare(
+                    root,
+                    teacher,
+                    scan,
+                    dataset,
+                    batch_size=batch_size,
+                    dtype=dtype,
+                    verify_teacher=verify_teacher,
+                    teacher_fp=fp,
+                )
         except BaseException as e:  # noqa: BLE001 (re-raised by _exchange on this rank)
             failure = e
         got = _exchange(failure, (fp, prepared), "preparation")
         if len({f for f, _ in got}) > 1:
-            raise CacheMismatchError("the ranks' teachers differ (weights fingerprints "
-                                     f"{sorted({f[:12] for f, _ in got})}); every rank must load the same teacher")
+            raise CacheMismatchError(
+                "the ranks' teachers differ (weights fingerprints "
+                f"{sorted({f[:12] for f, _ in got})}); every rank must load the same teacher"
+            )
         manifest, _, complete = got[0][1]
         if not complete:
             # 2. every rank computes its share of the missing batches, balanced by padded tokens
             failure = None
             try:
-                comp = _Computation(root, manifest, teacher, dataset, scan, progress and lead, verify,
-                                    shard_samples, rank=rank)
+                comp = _Computation(
+                    root, manifest, teacher, dataset, scan, progress and lead, verify, shard_samples, rank=rank
+                )
                 todo = comp.todo()
                 cost = np.array([int(scan.lengths[b].max()) * b.size for b in comp.plan], dtype=np.int64)
                 comp.run(_split_balanced(todo, cost, world)[rank])
