@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.analyse import Analysis, _sym_derivable
+from regate_fx.passes.analyse import Analysis
 from regate_fx.passes.graph import TokenSymbols, is_sdpa, module_path, node_value, sdpa_arg
 from regate_fx.passes.ops import classify
+from regate_fx.passes.sizes import sym_derivable
 
 __all__ = ["packed_problem"]
 
@@ -62,7 +63,7 @@ def _side_problem(a: fx.Node, analysis: Analysis, sym_b: TokenSymbols) -> str | 
         if not toks and sym_b.token_dims(v):
             return f"side input {_where(a)} {tuple(v.shape)} is per sample without a token axis"
         return None
-    if sym_b.size_has_seq(v) and not _sym_derivable(a, sym_b):
+    if sym_b.size_has_seq(v) and not sym_derivable(a, sym_b):
         return f"size {_where(a)} = {v} cannot be re-derived without the batch axis"
     return None
 

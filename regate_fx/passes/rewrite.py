@@ -99,7 +99,7 @@ class _Replay:
         return a
 
     def sym_k(self, a: fx.Node, before: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node | int:
-        """Rebuild a size expression (analyse._sym_derivable said it can be) with the sizes the
+        """Rebuild a size expression (analyse.sym_derivable said it can be) with the sizes the
         layout changes replaced (`GraphLayout.new_size`: T by K; packed, T by N and B by 1)."""
         size = self.kept.new_size(self.sym, node_value(a), self.k_node)
         if size is not None:

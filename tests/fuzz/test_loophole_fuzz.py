@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from regate_fx.passes import analyse as analyse_mod
 from regate_fx.passes import graph as graph_mod
 from regate_fx.passes import ops as ops_mod
+from regate_fx.passes import placement as placement_mod
+from regate_fx.passes import rules as rules_mod
 from tests.fuzz.arch import VOCAB, ArchSpec, FuzzLM, Mixer
 from tests.fuzz.check import BatchSpec, check_refused_or_exact, make_batch
 from tests.fuzz.probes import CATEGORY, KINDS
@@ -112,19 +114,19 @@ def weakened(kind: str, monkeypatch):
             return ops_mod.OK if _old_structural(n, self.sym) else judge(self, n)
         monkeypatch.setattr(analyse_mod.Judge, "_verdict", verdict)
     elif kind == "table":
-        monkeypatch.setitem(ops_mod.RULES, "embedding", ops_mod._token_wise)
+        monkeypatch.setitem(ops_mod.RULES, "embedding", rules_mod.token_wise)
         monkeypatch.setattr(analyse_mod.Judge, "__init__", _no_batch(analyse_mod.Judge.__init__))
     elif kind == "reshape":  # sizes only
-        monkeypatch.setattr(ops_mod, "_same_strides", lambda a, b: True)
+        monkeypatch.setattr(placement_mod, "_same_strides", lambda a, b: True)
     elif kind == "length":
         monkeypatch.setattr(ops_mod, "length_scalar_problem", lambda node, sym: None)
     elif kind == "batch":
         monkeypatch.setattr(analyse_mod.Judge, "__init__", _no_batch(analyse_mod.Judge.__init__))
     elif kind == "inplace":  # writes no longer new values, and the write itself token-wise
         monkeypatch.setattr(graph_mod, "mutates", lambda node: False)
-        monkeypatch.setitem(ops_mod.RULES, "setitem", ops_mod._token_wise)
-        monkeypatch.setitem(ops_mod.RULES, "copy_", ops_mod._token_wise)
-        monkeypatch.setitem(ops_mod.RULES, "getitem", ops_mod._token_wise)
+        monkeypatch.setitem(ops_mod.RULES, "setitem", rules_mod.token_wise)
+        monkeypatch.setitem(ops_mod.RULES, "copy_", rules_mod.token_wise)
+        monkeypatch.setitem(ops_mod.RULES, "getitem", rules_mod.token_wise)
     elif kind == "content_mask":  # masked_scatter accepted whatever its mask is computed from
         construct = analyse_mod.Judge._construct
         monkeypatch.setattr(analyse_mod.Judge, "_construct", lambda self, n: "masked_scatter" in ops_mod.op_name(n)

@@ -1,0 +1,168 @@
+"""Every node's verdict along the token axis and the batch axis (`Judge`).
+
+The op table (ops.py) judges each op by itself; `Judge` adds what is exact only because of where a
+value comes from, proven from the graph's data provenance (`Ancestry(data_only=True)`): the padding
+mask's cumsum as position ids, an image-placeholder masked_scatter whose mask comes from the ids
+alone, document ids from position restarts compared only for equality. And it judges the batch axis
+with the same table, since the oracle runs each sample alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name
+from regate_fx.passes.ops import OK, Verdict, classify, length_scalar_problem, role_free
+from regate_fx.passes.placement import same_place
+from regate_fx.report import Reason
+
+__all__ = ["Judge"]
+
+_VIEW_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_PLACEMENTS = {"getitem", "unsqueeze", "expand", "view", "reshape", "to", "long", "int"}
+
+
+class Judge:
+    """Every node's verdict along the token axis *and* the batch axis, from the op table (ops.py)
+    plus the constructs that are exact only because of where their values come from.
+
+    - The token axis: `ops.classify`, for floating-point and integer/boolean tensors alike (a hash
+      of neighbouring ids or a position delta mixes tokens as much as a convolution does).
+    - The batch axis: the oracle runs each sample alone, so an op that reads other samples
+      (`h.mean(0)`, a batch norm, a reshape that moves samples, a number derived from B) has no
+      per-sample result: `BATCH_MIXING`, in either layout.
+    - Recognised constructs, proven from the graph: the cumsum of the padding mask along the
+      tokens (position ids; kept positions keep their original ids), a masked_scatter whose mask
+      is computed from the input ids alone (image placeholders, which the runtime protects), and
+      document ids from position restarts compared only for equality (`_document_ids`).
+    """
+
+    def __init__(self, graph: fx.Graph, sym: TokenSymbols, anc: Ancestry, seq: fx.Node, padding: fx.Node | None):
+        self.sym, self.anc = sym, anc
+        b_syms = getattr(sym.batch, "free_symbols", set())
+        self.sym_b = (
+            TokenSymbols(sym.shape_env, sym.seq, sym.batch) if b_syms and not (b_syms & sym.seq.free_symbols) else None
+        )
+        tokened = [n for n in graph.nodes if isinstance(node_value(n), torch.Tensor) and sym.token_dims(node_value(n))]
+        content = [n for n in tokened if node_value(n).is_floating_point() or node_value(n).is_complex()]
+        # provenance follows values, not shapes: `image_mask.expand_as(embeds)` is still the ids' mask
+        self.data = data = Ancestry(graph, data_only=True)
+        self.content = data.descendants_of_any(content) | sum(data.bit(n) for n in content)
+        sources = [
+            n
+            for n in tokened
+            if n.op == "placeholder"
+            or not any(
+                isinstance(node_value(a), torch.Tensor) and sym.token_dims(node_value(a)) for a in n.all_input_nodes
+            )
+        ]
+        self.seq, self.padding = seq, padding
+        self.not_ids = sum(data.bit(n) for n in sources if n is not seq)  # positions, masks, arange(T), ...
+        self.not_padding = sum(data.bit(n) for n in sources if n is not padding)
+        self._memo: dict[fx.Node, Verdict] = {}
+        self.documents = self._document_ids(graph)
+
+    def _document_ids(self, graph: fx.Graph) -> set[fx.Node]:
+        """Document ids from position restarts, compared only for equality (transformers'
+        `find_packed_sequence_indices`: `(diff(position_ids, prepend=...) != 1).cumsum(-1)`, then
+        `docs[b, q] == docs[b, kv]`). Computed at full length from the position ids alone, the ids
+        are every token's true document; gathered, a kept pair compares equal exactly when its
+        tokens share a document. The nodes of such a construct, or an empty set."""
+        data = self.data
+        forbidden = self.content | data.bit(self.seq) | (data.bit(self.padding) if self.padding is not None else 0)
+        out: set[fx.Node] = set()
+        for c in graph.nodes:
+            if op_name(c) != "cumsum" or (data.ancestors(c) | data.bit(c)) & forbidden:
+                continue
+            placed, stack, ok = {c}, [c], True
+            while stack and ok:  # every use: placements of c ending in an equality of two of them
+                for u in stack.pop().users:
+                    name = op_name(u)
+                    if name in _PLACEMENTS and u.args[0] in placed:
+                        if u not in placed:
+                            placed.add(u)
+                            stack.append(u)
+                    elif name in ("eq", "ne") and len(u.args) == 2 and all(a in placed for a in u.args):
+                        continue
+                    else:
+                        ok = False
+                        break
+            if not ok:
+                continue
+            members = set(placed)
+            for n in reversed(self.anc.members(data.ancestors(c))):
+                if (
+                    n.op in ("call_function", "call_method")
+                    and n.users
+                    and all(u in members for u in n.users)
+                    and not (data.ancestors(n) | data.bit(n)) & forbidden
+                ):
+                    members.add(n)
+            out |= (members - placed) | {c}  # placements of the ids are judged as any getitem
+        return out
+
+    def _from_only(self, n: fx.Node, source: fx.Node | None, others: int) -> bool:
+        if source is None or not isinstance(n, fx.Node):
+            return False
+        bits = self.data.ancestors(n) | self.data.bit(n)
+        return bool(bits & self.data.bit(source)) and not bits & (others | self.content)
+
+    def _construct(self, n: fx.Node) -> bool:
+        name = op_name(n)
+        if name in ("masked_scatter", "masked_scatter_"):
+            src = node_value(n.args[2]) if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else None
+            mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
+            return not (isinstance(src, torch.Tensor) and self.sym.token_dims(src)) and self._from_only(
+                mask, self.seq, self.not_ids
+            )
+        if name == "cumsum":  # position ids from the padding mask: cumsum(attention_mask) - 1
+            return self._from_only(n.args[0] if n.args else None, self.padding, self.not_padding)
+        return False
+
+    def verdict(self, n: fx.Node) -> Verdict:
+        v = self._memo.get(n)
+        if v is None:
+            v = self._memo[n] = self._verdict(n)
+        return v
+
+    def _verdict(self, n: fx.Node) -> Verdict:
+        if n in self.documents:
+            return OK
+        v = classify(n, self.sym)
+        if not v.ok and v.reason is Reason.TOKEN_MIXING and self._construct(n):
+            v = OK
+        elif not v.ok and op_name(n) in ("masked_scatter", "masked_scatter_"):
+            mask = n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")
+            if isinstance(mask, fx.Node) and not (self.data.ancestors(mask) | self.data.bit(mask)) & self.content:
+                return Verdict(
+                    False,
+                    reason=Reason.BATCH_MIXING,
+                    detail=(
+                        "masked_scatter numbers the positions its mask selects across the whole batch, with a mask "
+                        "that is not computed from the input ids alone"
+                    ),
+                )
+        if not v.ok or v.attention is not None or self.sym_b is None or n.op not in ("call_function", "call_method"):
+            return v
+        if op_name(n) in _VIEW_RESHAPES:
+            x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if x is not None and same_place(node_value(x), node_value(n), self.sym, "batch"):
+                return v
+            vb = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
+        elif self._construct(n):
+            return v
+        elif role_free(n):  # same rule on either axis; only a number derived from B differs
+            vb = length_scalar_problem(n, self.sym_b)
+            if vb is None:
+                return v
+        else:
+            vb = classify(n, self.sym_b)
+            if vb.token_wise:
+                return v
+        return Verdict(
+            False,
+            reason=Reason.BATCH_MIXING,
+            detail=f"{vb.detail or 'attention'} along the batch axis: it couples samples (the oracle, "
+            "and any per-sample result, runs each sample alone)",
+        )
