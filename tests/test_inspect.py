@@ -16,6 +16,7 @@ import torch
 
 import regate_fx
 from regate_fx import inspect as rinspect
+from regate_fx.inspect import shrink
 from tests.helpers import check_against_oracle, make_batch, random_keep
 
 SCHEMA = {"target", "family", "config_class", "model_class", "auto_class", "verdict", "reasons", "error",
@@ -113,11 +114,11 @@ def test_shrink_config_is_generic():
         for c in subs:
             d = vars(c)
             if "hidden_size" in d and "num_attention_heads" in d:
-                assert d["hidden_size"] <= rinspect.HIDDEN and d["hidden_size"] % d["num_attention_heads"] == 0
+                assert d["hidden_size"] <= shrink.HIDDEN and d["hidden_size"] % d["num_attention_heads"] == 0
             if "num_hidden_layers" in d:
-                assert d["num_hidden_layers"] <= rinspect.LAYERS
+                assert d["num_hidden_layers"] <= shrink.LAYERS
             if "vocab_size" in d:
-                assert d["vocab_size"] <= rinspect.VOCAB
+                assert d["vocab_size"] <= shrink.VOCAB
 
 
 # --- the verdict agrees with running the model against the oracle -------------------------------------
@@ -126,7 +127,7 @@ def _build_independently(family: str, keep_head_dim: bool = False):
     from transformers import AutoConfig
 
     cfg = rinspect.shrink_config(AutoConfig.for_model(family), keep_head_dim=keep_head_dim)
-    _, cls = rinspect.model_class(cfg)
+    _, cls = shrink.model_class(cfg)
     torch.manual_seed(1)
     return cls._from_config(cfg, dtype=torch.float32).float().eval()
 
