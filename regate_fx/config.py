@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from regate_fx.capture import CAPTURE_MODES
 
-__all__ = ["LAYOUTS", "SparsifyConfig"]
+__all__ = ["EXECUTIONS", "LAYOUTS", "SparsifyConfig"]
 
 LAYOUTS = ("auto", "padded", "packed")
+EXECUTIONS = ("rewrite", "gathered", "auto")
 
 
 @dataclass
@@ -63,6 +64,21 @@ class SparsifyConfig:
             torch.compile's on the CPU, docs/benchmarks.md). The capture and the pass always use
             symbolic sizes; with ``backend="eager"`` there is no inner compile, so both behave as
             ``True``. ``False`` (a compile per shape) is refused: the kept count changes every step.
+        execution: how a sparse step computes the kept tokens. ``"rewrite"`` (default): the model
+            is captured as one dynamo graph whose branches are rewritten to gather -> compute ->
+            scatter (fastest on one device with inductor; refuses per-layer FSDP2 and ZeRO-3,
+            whose per-module hooks cannot run inside one graph). ``"gathered"``: the analysis
+            *proves* (``passes/proof.py``, on a meta-device copy of the model, once) that the
+            decoder's only token mixing is attention driven by position ids and a causal padding
+            mask, then the model's own, unmodified forward runs eagerly with its decoder called
+            on the kept tokens (inputs embeddings / ids, original position ids, M-RoPE's
+            (3, B, T) ones too, and the kept layout's padding mask gathered to (B, K)): every
+            module hook stays in place (FSDP2 per layer, ZeRO-3, checkpointing, hub kernels), so
+            communication is unchanged; a model the proof does not cover is refused with the
+            reasons. ``backend``, ``layout``, ``dynamic`` do not apply to it (the kept tokens are
+            always padded to (B, K); compile the layers yourself if you want). ``"auto"``:
+            ``"gathered"`` when the model has per-module sharding (FSDP2 ``fully_shard`` below
+            the root, DeepSpeed ZeRO-3), ``"rewrite"`` otherwise.
     """
 
     strict: bool = True
@@ -75,10 +91,13 @@ class SparsifyConfig:
     layout: str = "auto"
     packed_min_waste: float = 0.1
     dynamic: bool | None = None
+    execution: str = "rewrite"
 
     def __post_init__(self):
         if self.capture not in CAPTURE_MODES:
             raise ValueError(f"SparsifyConfig.capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"SparsifyConfig.execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"SparsifyConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if (

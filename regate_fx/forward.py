@@ -23,7 +23,15 @@ from regate_fx.errors import KeepMaskError, RewriteError
 from regate_fx.layouts import Layout, LayoutRefused, choose_layout
 from regate_fx.passes.backend import PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.report import RewriteReport
-from regate_fx.stacks import accepts, check_no_inner_fsdp, gc_frozen, with_keep_mask, without_input_require_grads
+from regate_fx.gathered import GatheredStep
+from regate_fx.stacks import (
+    accepts,
+    check_no_inner_fsdp,
+    gc_frozen,
+    per_module_sharding,
+    with_keep_mask,
+    without_input_require_grads,
+)
 from regate_fx.step import own_step_function
 
 __all__ = ["ReGateOutput", "SparseForward", "check_keep_mask"]
@@ -94,6 +102,7 @@ class SparseForward:
         self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
         model = getattr(original, "__self__", None)  # the module whose forward this replaces
         self._capture = Capture(model, config.capture, self._use_cache_kw)
+        self.gathered = GatheredStep(model, original, config.capture, self._use_cache_kw)  # execution="gathered"
         self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
         regate_backend = make_backend(
             resolve_backend(backend),
@@ -273,6 +282,13 @@ class SparseForward:
         finally:
             self._roles.set()
 
+    def execution(self, model) -> str:
+        """The execution of a sparse step of `model`: ``"rewrite"`` or ``"gathered"``
+        (``SparsifyConfig.execution``; ``"auto"`` decides by the model's sharding now)."""
+        if self.config.execution == "auto":
+            return "gathered" if per_module_sharding(model) is not None else "rewrite"
+        return self.config.execution
+
     @torch._dynamo.disable(reason=_NESTED_COMPILE)
     def _sparse(self, args: tuple, keep_mask: torch.Tensor, inputs: dict) -> ReGateOutput:
         if args:
@@ -290,7 +306,6 @@ class SparseForward:
         model = getattr(self.original, "__self__", None)
         if self.config.validate:
             check_keep_mask(keep_mask, seq, inputs.get("attention_mask"))
-        check_no_inner_fsdp(model)
         if (
             inputs.get("attention_mask") is None
             and inputs.get("position_ids") is None
@@ -302,6 +317,12 @@ class SparseForward:
             # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
             # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
             inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        if self.execution(model) == "gathered":  # the model's own modules on the kept tokens (gathered.py)
+            logits, loss, token_loss = self.gathered(
+                inputs, seq, keep_mask, labels, self.config.wants_logits(labels is not None)
+            )
+            return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+        check_no_inner_fsdp(model)
         # The whole model, or its decoder + head on eagerly computed inputs (regate_fx/capture.py).
         target, inputs, seq = self._capture.prepare(inputs, seq)
         if target is model:

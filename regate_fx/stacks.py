@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from regate_fx.errors import RewriteError
 
-__all__ = ["accepts", "check_no_inner_fsdp", "gc_frozen", "unwrap", "with_keep_mask", "without_input_require_grads"]
+__all__ = ["accepts", "check_no_inner_fsdp", "per_module_sharding", "gc_frozen", "unwrap", "with_keep_mask", "without_input_require_grads"]
 
 
 @contextlib.contextmanager
@@ -75,31 +75,45 @@ def without_input_require_grads(model: nn.Module | None):
             hooks[key] = fn
 
 
-def check_no_inner_fsdp(model: nn.Module | None) -> None:
-    """Refuse FSDP2 below the sparsified module: its per-module hooks (all-gather before, reduce-scatter
-    after) run outside any graph, so the decoder could not be captured as one."""
+def per_module_sharding(model: nn.Module | None) -> str | None:
+    """What shards the model's parameters in per-module hooks, or None: ``"zero3"`` (DeepSpeed ZeRO
+    stage 3 partitions the weights) or ``"fsdp2:<path>"`` (``fully_shard`` on a submodule)."""
     if model is None:
-        return
+        return None
     if any(hasattr(p, "ds_status") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions weights
-        raise RewriteError(
-            "regate_fx: this model's parameters are partitioned by DeepSpeed ZeRO stage 3, whose per-module "
-            "hooks gather each weight just before its module runs; they cannot run inside the one graph a sparse "
-            "step captures. Use ZeRO stage 1 or 2 (optimizer state and gradients partitioned, tested exact), or "
-            "FSDP2 on the whole model (fully_shard(model))"
-        )
+        return "zero3"
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
-        return
+        return None
     inner = [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
-    if inner:
+    return f"fsdp2:{inner[0]}:{len(inner)}" if inner else None
+
+
+def check_no_inner_fsdp(model: nn.Module | None) -> None:
+    """Refuse FSDP2 below the sparsified module and ZeRO-3 for the rewrite execution: their
+    per-module hooks (all-gather before, reduce-scatter after) run outside any graph, so the
+    decoder could not be captured as one. ``SparsifyConfig(execution="gathered")`` runs them."""
+    what = per_module_sharding(model)
+    if what is None:
+        return
+    todo = (
+        "Use regate_fx.sparsify(model, SparsifyConfig(execution='gathered')) (or execution='auto'): it proves "
+        "the model exact once and runs its own modules on the kept tokens, with every hook in place"
+    )
+    if what == "zero3":
         raise RewriteError(
-            f"regate_fx: {len(inner)} submodules of the sparsified model are sharded with fully_shard (e.g. "
-            f"{inner[0]!r}); FSDP2's per-module hooks cannot run inside the one graph a sparse step captures. "
-            f"Shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
-            f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}}): parameters, gradients and optimizer state stay "
-            f"sharded between steps, the step itself gathers them once"
+            "regate_fx: this model's parameters are partitioned by DeepSpeed ZeRO stage 3, whose per-module "
+            "hooks gather each weight just before its module runs; they cannot run inside the one graph the "
+            f"rewrite execution captures. {todo}; or use ZeRO stage 1 or 2 with the rewrite"
         )
+    _, first, count = what.split(":")
+    raise RewriteError(
+        f"regate_fx: {count} submodules of the sparsified model are sharded with fully_shard (e.g. "
+        f"{first!r}); FSDP2's per-module hooks cannot run inside the one graph the rewrite execution "
+        f"captures. {todo}; or shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
+        f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}})"
+    )
 
 
 def with_keep_mask(sig: inspect.Signature) -> inspect.Signature:
