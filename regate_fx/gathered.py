@@ -92,9 +92,12 @@ class GatheredStep:
         else:
             target = meta_model
         meta_kwargs = _to_meta(kwargs)
-        meta_seq = meta_kwargs["inputs_embeds"] if _is_tensor(meta_kwargs.get("inputs_embeds")) else meta_kwargs[
-            "input_ids"
-        ]
+        if seq.shape[0] == 1:  # dynamo specialises a batch of 1: prove on a batch of 2 (the proof is structural)
+            meta_kwargs = {k: _batch_of_two(v, seq.shape[1]) for k, v in meta_kwargs.items()}
+            keep, seq = keep.expand(2, -1), seq.expand(2, *seq.shape[1:])
+        meta_seq = (
+            meta_kwargs["inputs_embeds"] if _is_tensor(meta_kwargs.get("inputs_embeds")) else meta_kwargs["input_ids"]
+        )
         b, t = seq.shape[:2]
         tensors = tuple(x.to("meta") for x in kept_layout(keep).tensors())  # (B, K) each
         for x, dims in zip(tensors, PADDED.dynamic_dims):
@@ -182,9 +185,7 @@ class GatheredStep:
                     f"{type(am).__name__ if not _is_tensor(am) else tuple(am.shape)}, not the (batch, tokens) "
                     "padding mask it can be rebuilt from for the kept tokens. Use execution='rewrite'."
                 )
-            other = [
-                k for k, v in full.items() if k not in _KNOWN and _is_tensor(v) and token_axes(v, b, t)[1]
-            ]
+            other = [k for k, v in full.items() if k not in _KNOWN and _is_tensor(v) and token_axes(v, b, t)[1]]
             if other:
                 raise RewriteError(
                     f"regate_fx: execution='gathered': the decoder receives token-indexed input(s) {other} that "
@@ -231,6 +232,18 @@ def _signature(kwargs: dict) -> tuple:
             if v is not None and k != _DECODER_MASK
         )
     )
+
+
+def _batch_of_two(v: Any, t: int) -> Any:
+    """A meta input of a batch of 1 as a batch of 2 along its batch axis."""
+    if not _is_tensor(v):
+        return v
+    bat, _ = token_axes(v, 1, t)
+    if not bat:
+        return v
+    shape = list(v.shape)
+    shape[bat[0]] = 2
+    return torch.empty(shape, dtype=v.dtype, device="meta")
 
 
 def _to_meta(value: Any) -> Any:

@@ -88,9 +88,9 @@ def kept_outputs(
         return full, None, None
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).gather(1, gather_idx)  # (B, K): label of p + 1
     counted = valid & (target != IGNORE_INDEX)  # (B, K)
-    ce = F.cross_entropy(
-        kept_logits.flatten(0, 1).float(), target.clamp(min=0).flatten(), reduction="none"
-    ).view_as(target)  # (B, K)
+    ce = F.cross_entropy(kept_logits.flatten(0, 1).float(), target.clamp(min=0).flatten(), reduction="none").view_as(
+        target
+    )  # (B, K)
     ce = torch.where(counted, ce, 0.0)
     loss = ce.sum() / counted.sum().clamp(min=1)
     token_loss = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).scatter(1, scatter_idx, ce)  # (B, T)

@@ -15,7 +15,15 @@ import torch.nn as nn
 
 from regate_fx.errors import RewriteError
 
-__all__ = ["accepts", "check_no_inner_fsdp", "per_module_sharding", "gc_frozen", "unwrap", "with_keep_mask", "without_input_require_grads"]
+__all__ = [
+    "accepts",
+    "check_no_inner_fsdp",
+    "per_module_sharding",
+    "gc_frozen",
+    "unwrap",
+    "with_keep_mask",
+    "without_input_require_grads",
+]
 
 
 @contextlib.contextmanager

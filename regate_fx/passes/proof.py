@@ -106,7 +106,11 @@ def prove_graph(gm: fx.GraphModule, found: dict[str, fx.Node], layout_roles: tup
     for o in analysis.outside:
         fail(ProofFailure("outside", o.module, f"{o.reason.value}: {o.detail}"))
     if analysis.tail is None:
-        fail(ProofFailure("tail", "<head>", f"the final norm / LM head are not proven token-wise: {analysis.tail_detail}"))
+        fail(
+            ProofFailure(
+                "tail", "<head>", f"the final norm / LM head are not proven token-wise: {analysis.tail_detail}"
+            )
+        )
     proof.regions, proof.causal_masks = len(analysis.regions), len(analysis.causal_masks)
     if proof.failures:
         return proof
@@ -123,12 +127,26 @@ def _causal_mask(a: fx.Node, sym: TokenSymbols, padding: fx.Node | None) -> bool
         cond, yes, no = a.args
         return (
             isinstance(cond, fx.Node)
-            and yes == 0
+            and _is_zero(yes)
             and isinstance(no, float)
             and no <= -1e4
             and is_causal_key_padding_mask(cond, sym, padding)
         )
     return False
+
+
+def _is_zero(x: Any) -> bool:
+    """0, or a scalar tensor of zeros made in the graph (``torch.tensor(0.0)``, ``zeros(())``)."""
+    if isinstance(x, (int, float)):
+        return x == 0
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return False
+    v = node_value(x)
+    if not isinstance(v, torch.Tensor) or v.numel() != 1:
+        return False
+    if x.target in (torch.zeros, torch.zeros_like):
+        return True
+    return x.target in (torch.tensor, torch.scalar_tensor) and bool(x.args) and x.args[0] == 0
 
 
 def _check_side_inputs(
@@ -144,7 +162,12 @@ def _check_side_inputs(
     seen: set[fx.Node] = set()
     for region in analysis.regions:
         for a in region.side_inputs:
-            if a is region.start or a in seen or not isinstance(node_value(a), torch.Tensor) or not sym.token_dims(node_value(a)):
+            if (
+                a is region.start
+                or a in seen
+                or not isinstance(node_value(a), torch.Tensor)
+                or not sym.token_dims(node_value(a))
+            ):
                 continue
             seen.add(a)
             if a in analysis.causal_masks or _causal_mask(a, sym, padding):
@@ -178,9 +201,7 @@ def _not_from_positions(
                 f"side input '{a.name}' is computed through '{m.name}', which mixes tokens "
                 f"({verdict.detail or 'attention'}); only the causal padding mask is rebuilt exactly"
             )
-        token_inputs = [
-            x for x in m.all_input_nodes if isinstance(node_value(x), torch.Tensor) and sym.token_dims(node_value(x))
-        ]
+        token_inputs = [x for x in m.all_input_nodes if _carries_tokens(node_value(x), sym)]
         if not token_inputs:
             return (
                 f"side input '{a.name}' is derived from the sequence length ('{m.name}' creates a "
@@ -188,6 +209,15 @@ def _not_from_positions(
                 "not original positions (a sliding window, a default position arange)"
             )
     return ""
+
+
+def _carries_tokens(v: Any, sym: TokenSymbols) -> bool:
+    """Whether a value (a tensor, or a tuple / list of them: a split's result) has a token axis."""
+    if isinstance(v, torch.Tensor):
+        return bool(sym.token_dims(v))
+    if isinstance(v, (list, tuple)):
+        return any(_carries_tokens(x, sym) for x in v)
+    return False
 
 
 def proof_backend(roles: Any, layout_roles: tuple[str, ...]):
