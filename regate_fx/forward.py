@@ -20,10 +20,10 @@ from regate_fx.capture import Capture, capture_error, mark_token_axes
 from regate_fx.compat import capture_settings, install_output_hooks, needs_output_hooks
 from regate_fx.config import SparsifyConfig
 from regate_fx.errors import KeepMaskError, RewriteError
+from regate_fx.gathered import GatheredStep
 from regate_fx.layouts import Layout, LayoutRefused, choose_layout
 from regate_fx.passes.backend import PlaceholderRoles, SparseRuns, make_backend, resolve_backend
 from regate_fx.report import RewriteReport
-from regate_fx.gathered import GatheredStep
 from regate_fx.stacks import (
     accepts,
     check_no_inner_fsdp,
