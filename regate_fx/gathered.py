@@ -29,10 +29,12 @@ import torch
 import torch.nn as nn
 
 from regate_fx.capture import _DECODER_MASK, Capture, mark_token_axes, token_axes
+from regate_fx.compat import capture_settings
 from regate_fx.errors import RewriteError
 from regate_fx.gathering import gather_decoder_kwargs, kept_outputs
 from regate_fx.layouts.padded import PADDED, kept_layout
 from regate_fx.passes.proof import Proof, ProofDone, ProofFailure, meta_copy, proof_backend
+from regate_fx.stacks import gc_frozen
 from regate_fx.step import own_step_function
 
 __all__ = ["GatheredStep"]
@@ -116,7 +118,8 @@ class GatheredStep:
         step = torch.compile(fn, backend=proof_backend(roles, PADDED.roles), fullgraph=True)
         try:
             # no labels, logits returned: the step's output is the (B, T, V) scatter of the kept rows
-            step(target, meta_kwargs, self.use_cache_kw, PADDED, tensors, None, True)
+            with capture_settings(), gc_frozen():  # as the rewrite captures (duck shapes off, checkpointing)
+                step(target, meta_kwargs, self.use_cache_kw, PADDED, tensors, None, True)
         except ProofDone as e:
             return e.proof
         except torch._dynamo.exc.BackendCompilerFailed as e:
