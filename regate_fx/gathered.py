@@ -22,6 +22,7 @@ on the same parameters in the same order; only the activations shrink.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -118,7 +119,7 @@ class GatheredStep:
         step = torch.compile(fn, backend=proof_backend(roles, PADDED.roles), fullgraph=True)
         try:
             # no labels, logits returned: the step's output is the (B, T, V) scatter of the kept rows
-            with capture_settings(), gc_frozen():  # as the rewrite captures (duck shapes off, checkpointing)
+            with capture_settings(), gc_frozen(), _plain_functional_linear():
                 step(target, meta_kwargs, self.use_cache_kw, PADDED, tensors, None, True)
         except ProofDone as e:
             return e.proof
@@ -215,6 +216,33 @@ class GatheredStep:
             )
         self.calls += 1
         return kept_outputs(logits, gather_idx, scatter_idx, valid, labels, t, return_logits)
+
+
+@contextlib.contextmanager
+def _plain_functional_linear():
+    """``torch.nn.functional.linear`` as torch defines it while the proof captures the meta copy.
+
+    DeepSpeed ZeRO-3 replaces it process-wide with ``zero3_linear_wrap`` (its "memory efficient
+    linear": the same ``x @ w.T + b``, an autograd Function that saves less for the backward), which
+    dynamo captures as an opaque ``autograd_function_apply``. The proof is about what the model
+    computes, so it captures torch's own linear; the step itself runs DeepSpeed's."""
+    fn = torch.nn.functional.linear
+    orig = None
+    if getattr(fn, "__name__", "") == "zero3_linear_wrap":
+        try:
+            from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+            orig = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+        except ImportError:  # pragma: no cover
+            orig = None
+    if orig is None:
+        yield
+        return
+    torch.nn.functional.linear = orig
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = fn
 
 
 def _is_tensor(v: Any) -> bool:

@@ -1,8 +1,8 @@
 """DeepSpeed over a sparsified model on 2 gloo ranks (DeepSpeed's CPU accelerator): ZeRO-1/2 equal one
-process; ZeRO-3 is a clear refusal. Skipped unless deepspeed is importable (it is not in the test
-extra: its source build needs torch at build time); run with e.g.
-``pip install --no-deps --target /tmp/ds deepspeed hjson py-cpuinfo msgpack ninja nvidia-ml-py einops``
-and ``PYTHONPATH=/tmp/ds``."""
+process with the rewrite; ZeRO-3 equals one process with ``SparsifyConfig(execution="gathered")``,
+sparsified before ``deepspeed.initialize`` or after it (on ``engine.module``), and is a clear
+refusal naming ``execution='gathered'`` with the rewrite. Skipped unless deepspeed is importable:
+``scripts/setup.sh`` installs it (the ``deepspeed`` extra, built with ``DS_BUILD_OPS=0``)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytest.importorskip("deepspeed")
 LR = 0.1
 
 
-def _worker(rank: int, init: str, out: str, stage: int) -> None:
+def _worker(rank: int, init: str, out: str, stage: int, execution: str = "rewrite", order: str = "sparsify_first") -> None:
     import deepspeed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
@@ -30,11 +30,16 @@ def _worker(rank: int, init: str, out: str, stage: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
-        model = regate_fx.sparsify(TM("sdpa").train(), backend="eager")
+        cfg = regate_fx.SparsifyConfig(execution=execution)
+        model = TM("sdpa").train()
+        if order == "sparsify_first":
+            regate_fx.sparsify(model, cfg, backend="eager")
         config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
                   "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                           config=config)
+        if order == "initialize_first":
+            regate_fx.sparsify(engine.module, cfg, backend="eager")
         batch, keep = _rank_inputs(rank)
         try:
             loss = engine(**batch, keep_mask=keep).loss
@@ -44,8 +49,13 @@ def _worker(rank: int, init: str, out: str, stage: int) -> None:
             return
         engine.backward(loss)
         engine.step()
-        torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()},
-                   os.path.join(out, f"rank{rank}.pt"))
+        params = dict(engine.module.named_parameters())
+        if stage == 3:  # partitioned: gather the full values to compare
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                got = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            got = {n: p.detach().clone() for n, p in params.items()}
+        torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -60,7 +70,23 @@ def test_zero_1_and_2_equal_one_process(tmp_path, stage):
         assert_grads_close(torch.load(tmp_path / f"rank{r}.pt"), want)
 
 
+def _want_after_one_sgd_step():
+    init = dict(TM("sdpa").named_parameters())
+    return {n: (init[n] - LR * g).detach() for n, g in _want_mean_of_ranks().items()}
+
+
+@pytest.mark.parametrize("order", ["sparsify_first", pytest.param("initialize_first", marks=pytest.mark.slow)])
+def test_zero_3_gathered_equals_one_process(tmp_path, order):
+    spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path), 3, "gathered", order), WORLD)
+    want = _want_after_one_sgd_step()
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert not isinstance(got, str), got  # not refused
+        assert_grads_close(got, want)
+
+
 @pytest.mark.slow
-def test_zero_3_is_a_clear_refusal(tmp_path):
+def test_zero_3_with_the_rewrite_is_a_clear_refusal(tmp_path):
     spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path), 3), WORLD)
-    assert "ZeRO stage 3" in torch.load(tmp_path / "rank0.pt")
+    msg = torch.load(tmp_path / "rank0.pt")
+    assert "ZeRO stage 3" in msg and "execution='gathered'" in msg
