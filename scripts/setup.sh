@@ -10,3 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,study]"
+# DeepSpeed (tests/test_deepspeed.py: ZeRO-1/2/3 on its CPU accelerator over gloo): after torch, with
+# no op built at install time (a few seconds; ops that need compiling are JIT-built on first use, and
+# the CPU tests use none).
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[deepspeed]"
