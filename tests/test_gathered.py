@@ -34,8 +34,15 @@ def _gathered(model, **kw):
     return regate_fx.sparsify(model, SparsifyConfig(execution="gathered", **kw), backend="eager")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("pad", ["left", "right"])
+@pytest.mark.parametrize(
+    "attn, pad",
+    [
+        ("sdpa", "left"),
+        pytest.param("eager", "left", marks=pytest.mark.slow),  # an additive float mask: proven causal too
+        pytest.param("sdpa", "right", marks=pytest.mark.slow),
+        pytest.param("eager", "right", marks=pytest.mark.slow),
+    ],
+)
 def test_llama_gathered_equals_oracle(attn, pad):
     tm = BY_NAME["llama"]
     model = tm(attn).train()
@@ -199,7 +206,7 @@ def test_meta_copy_has_the_structure_and_nothing_else():
 _MODEL = {}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     seed=st.integers(0, 2**16),
     rho=st.floats(0.05, 1.0),
