@@ -27,7 +27,6 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from regate_fx.capture import _DECODER_MASK, Capture, mark_token_axes, token_axes
 from regate_fx.compat import capture_settings
@@ -57,7 +56,7 @@ class GatheredStep:
         calls: sparse steps run (each checked to have run its decoder on the kept tokens).
     """
 
-    def __init__(self, model: nn.Module, original: Any, capture: str, use_cache_kw: dict):
+    def __init__(self, model: Any, original: Any, capture: str, use_cache_kw: dict):
         self.model = model
         self.original = original
         self.use_cache_kw = use_cache_kw
@@ -173,9 +172,10 @@ class GatheredStep:
                     full[name] = value
             seq_name = "inputs_embeds" if _is_tensor(full.get("inputs_embeds")) else "input_ids"
             dec_seq = full.get(seq_name)
-            if not _is_tensor(dec_seq) or tuple(dec_seq.shape[:2]) != (b, t):
+            if not isinstance(dec_seq, torch.Tensor) or tuple(dec_seq.shape[:2]) != (b, t):
+                got = tuple(dec_seq.shape) if isinstance(dec_seq, torch.Tensor) else None
                 raise RewriteError(
-                    f"regate_fx: the decoder is called with {None if not _is_tensor(dec_seq) else tuple(dec_seq.shape)} "
+                    f"regate_fx: the decoder is called with {got} "
                     f"but the batch is {(b, t)} (batch, tokens): keep_mask cannot be mapped onto its tokens"
                 )
             if full.get("position_ids") is None:

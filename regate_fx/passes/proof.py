@@ -146,7 +146,7 @@ def _is_zero(x: Any) -> bool:
         return False
     if x.target in (torch.zeros, torch.zeros_like):
         return True
-    return x.target in (torch.tensor, torch.scalar_tensor) and bool(x.args) and x.args[0] == 0
+    return bool(x.target in (torch.tensor, torch.scalar_tensor) and x.args and x.args[0] == 0)
 
 
 def _check_side_inputs(
@@ -277,7 +277,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     def module(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        cls = _plain_class(m)
+        cls: Any = _plain_class(m)
         new = cls.__new__(cls)
         memo[id(m)] = new
         state = {}
