@@ -124,4 +124,4 @@ def test_fsdp2_of_a_sparsified_model_equals_one_process(tmp_path):
 def test_fsdp2_per_layer_sharding_is_a_clear_refusal(tmp_path):
     spawn_ranks(_fsdp_worker, (file_store(tmp_path), str(tmp_path), True), WORLD)
     msg = torch.load(tmp_path / "rank0.pt")
-    assert "fully_shard(model) only" in msg and "model.layers.0" in msg
+    assert "fully_shard(model) only" in msg and "model.layers.0" in msg and "execution='gathered'" in msg
