@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import regate_fx
 from tests.helpers import assert_grads_close
-from tests.runtime.runtime_helpers import file_store, spawn_ranks
+from tests.runtime.runtime_helpers import exit_rank, file_store, spawn_ranks
 from tests.test_distributed import WORLD, TM, _rank_inputs, _want_mean_of_ranks
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -90,3 +90,46 @@ def test_zero_3_with_the_rewrite_is_a_clear_refusal(tmp_path):
     spawn_ranks(_worker, (file_store(tmp_path), str(tmp_path), 3), WORLD)
     msg = torch.load(tmp_path / "rank0.pt")
     assert "ZeRO stage 3" in msg and "execution='gathered'" in msg
+
+
+def _trainer_worker(rank: int, init: str, port: int, out: str) -> None:
+    import deepspeed
+
+    from tests.stacks.common import snapshot, trainer
+    from tests.stacks.test_distributed_trainer import _model
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)  # the Trainer adopts it
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
+          "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+    t, _ = trainer("llama", os.path.join(out, "run"), model=_model("llama"), max_steps=2, ddp_backend="gloo",
+                   deepspeed=ds)
+    regate_fx.sparsify(t.model, regate_fx.SparsifyConfig(execution="auto", return_logits=False, progress=False))
+    t.train()
+    module = t.accelerator.unwrap_model(t.model)
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        params = snapshot(module)
+    torch.save({"params": params, "stats": t.regate.token_stats(), "wrapped": type(t.model_wrapped).__name__},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    exit_rank()
+
+
+@pytest.mark.slow
+def test_trainer_with_zero_3_equals_one_process(tmp_path):
+    """ReGateTrainer(args.deepspeed = ZeRO-3) with execution="auto" on 2 ranks: the same parameters after
+    2 steps as one process with the ranks' batches accumulated (as tests/stacks/test_distributed_trainer.py)."""
+    from tests.runtime.runtime_helpers import free_port
+    from tests.stacks.test_distributed_trainer import _single
+
+    spawn_ranks(_trainer_worker, (file_store(tmp_path), free_port(), str(tmp_path)), WORLD)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert got[0]["wrapped"] == "DeepSpeedEngine"
+    single = _single(tmp_path, "llama")
+    want = {k: v.detach() for k, v in single.model.state_dict().items()}
+    for k in want:
+        torch.testing.assert_close(got[0]["params"][k], got[1]["params"][k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(got[0]["params"][k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert got[0]["stats"] == got[1]["stats"] == single.regate.token_stats() | {"steps": got[0]["stats"]["steps"]}

@@ -180,7 +180,8 @@ def _build(tm, order: str, ckpt: bool, bf16: bool, mesh, sparse: bool):
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
-    cfg = regate_fx.SparsifyConfig(execution="gathered")
+    # sparsified before sharding: "auto" (it sees the per-layer sharding at the call and picks "gathered")
+    cfg = regate_fx.SparsifyConfig(execution="auto" if order == "sparsify_then_shard" else "gathered")
 
     def shard():
         for layer in model.model.layers:

@@ -182,6 +182,11 @@ def test_4d_mask_is_refused():
     assert "2-D" in str(info.value) or "keep_mask" in str(info.value)
 
 
+def test_auto_is_the_rewrite_without_per_module_sharding():
+    model = regate_fx.sparsify(BY_NAME["llama"](), SparsifyConfig(execution="auto"), backend="eager")
+    assert regate_fx.sparse_forward(model).execution(model) == "rewrite"
+
+
 def test_config_rejects_an_unknown_execution():
     with pytest.raises(ValueError, match="execution"):
         SparsifyConfig(execution="layerwise")
