@@ -76,7 +76,9 @@ class SparsifyConfig:
             module hook stays in place (FSDP2 per layer, ZeRO-3, checkpointing, hub kernels), so
             communication is unchanged; a model the proof does not cover is refused with the
             reasons. ``backend``, ``layout``, ``dynamic`` do not apply to it (the kept tokens are
-            always padded to (B, K); compile the layers yourself if you want). ``"auto"``:
+            always padded to (B, K); compile the layers yourself if you want). Its outputs are the
+            rewrite's: ``loss``, ``token_loss`` (B, T), and ``logits`` scattered back to (B, T, V)
+            (zero at pruned positions) as ``return_logits`` asks. ``"auto"``:
             ``"gathered"`` when the model has per-module sharding (FSDP2 ``fully_shard`` below
             the root, DeepSpeed ZeRO-3), ``"rewrite"`` otherwise.
     """
