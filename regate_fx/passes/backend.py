@@ -61,11 +61,12 @@ def _counted(compiled: Callable, runs: SparseRuns) -> Callable:
 
     # As dynamo does with a backend's result, which it can no longer see through the wrapper:
     # generate a lazy graph module's code now and call its real forward.
+    owner = getattr(compiled, "__self__", None)  # a bound method's module
     if isinstance(compiled, _LazyGraphModule):
         _LazyGraphModule.force_recompile(compiled)
-    elif isinstance(getattr(compiled, "__self__", None), _LazyGraphModule) and compiled.__name__ == "_lazy_forward":
-        _LazyGraphModule.force_recompile(compiled.__self__)
-        compiled = compiled.__self__.forward
+    elif isinstance(owner, _LazyGraphModule) and compiled.__name__ == "_lazy_forward":
+        _LazyGraphModule.force_recompile(owner)
+        compiled = owner.forward
 
     def rewritten_graph(*args, **kwargs):
         runs.count += 1
@@ -233,6 +234,8 @@ def _outside_text(outside: list[OutsideRecord]) -> str:
 
 
 def _refusal_text(refused: list[BranchRecord]) -> str:
-    return "\n".join(
-        f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}" for b in refused
-    )
+    lines = []
+    for b in refused:
+        assert b.reason is not None  # a branch that is not rewritten names its reason
+        lines.append(f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}")
+    return "\n".join(lines)

@@ -211,12 +211,12 @@ def _merge_rank_files(root: Path, manifest: dict, num_batches: int) -> None:
                 f"teacher cache rank file {f} is not valid JSON ({e}); delete {root} and recompute"
             ) from e
         _check_shard_list(root, {"shards": entries}, num_batches)
-        manifest["shards"].extend(e for e in entries if e["file"] not in listed)
-        listed.update(e["file"] for e in entries)
+        manifest["shards"].extend(entry for entry in entries if entry["file"] not in listed)
+        listed.update(entry["file"] for entry in entries)
     manifest["shards"].sort(key=lambda e: e["batches"][0])
     done = np.zeros(num_batches, dtype=np.int64)
-    for e in manifest["shards"]:
-        done[e["batches"][0] : e["batches"][1]] += 1
+    for shard in manifest["shards"]:
+        done[shard["batches"][0] : shard["batches"][1]] += 1
     if (done > 1).any():
         raise CacheCorruptError(f"the teacher cache shards in {root} overlap; delete {root} and recompute")
     _write_manifest(root, manifest)
@@ -341,8 +341,8 @@ class _Computation:
                 raise CacheCorruptError(f"the shards in {self.root} do not cover the dataset; delete it and recompute")
             out.flush()
             del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, self.root / _VALUES)
         fsync_dir(self.root)
         atomic_write(
