@@ -25,6 +25,10 @@ Integer and boolean token-indexed values (attention masks, position ids, placeho
 exemption: `Judge` gives every node a verdict along the token axis and the batch axis from the op
 table, plus the few constructs it proves exact from the graph (the padding mask's cumsum as
 position ids, an image-placeholder masked_scatter). In-place writes are new values (`Ancestry`).
+
+About 450 lines: the analysis's records (`Branch`, `Region`, `Tail`, `Analysis`) and the steps
+that fill them in order (branches, regions, tail, coverage) read as one pass; the parts that stand
+alone are in stream.py, judge.py and sizes.py.
 """
 
 from __future__ import annotations

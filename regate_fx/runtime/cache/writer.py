@@ -8,6 +8,10 @@ runs the teacher on every batch of the plan that no listed shard holds, writes e
 ``values.bin`` and ``index.npz``, then the complete manifest, and only then deletes the shards.
 Data-parallel, every rank computes a balanced share of the batches and lists its shards in its
 own ``shards-rank*.json``; rank 0 folds them in (:func:`_merge_rank_files`) and finalises.
+
+Over 450 lines on purpose: the lock, the manifest's states, the shards and the rank files are one
+crash-safety protocol (what a killed writer leaves, what the next one removes, when a shard counts),
+which reads best in one file; the format, the fingerprint and the reader are apart.
 """
 
 from __future__ import annotations
