@@ -11,9 +11,10 @@ import copy
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
+import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from regate_fx.capture import Capture, capture_error, mark_token_axes
@@ -100,8 +101,9 @@ class SparseForward:
         self._compiled_kinds: set[str] = set()  # "sparse" once the first sparse call compiled
         self._first_sizes: tuple | None = None  # sizes of the first sparse call (seq and layout)
         self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
-        model = getattr(original, "__self__", None)  # the module whose forward this replaces
-        self._capture = Capture(model, config.capture, self._use_cache_kw)
+        # the module whose forward this replaces (sparsify() passes a module's bound forward)
+        model = getattr(original, "__self__", None)
+        self._capture = Capture(cast(nn.Module, model), config.capture, self._use_cache_kw)
         self.gathered = GatheredStep(model, original, config.capture, self._use_cache_kw)  # execution="gathered"
         self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
         regate_backend = make_backend(
@@ -269,7 +271,9 @@ class SparseForward:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (LayoutRefused, KeepMaskError, RewriteError)):  # refused: the layout's, or the pass's
                 raise inner.with_traceback(None) from None
-            raise capture_error(e, self._capture.model, self._capture.mode) from e
+            err = capture_error(e, self._capture.model, self._capture.mode)
+            assert err is not None  # BackendCompilerFailed is one of the failures it names
+            raise err from e
         except (KeepMaskError, RewriteError):
             raise
         except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
@@ -324,9 +328,9 @@ class SparseForward:
             return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
         check_no_inner_fsdp(model)
         # The whole model, or its decoder + head on eagerly computed inputs (regate_fx/capture.py).
-        target, inputs, seq = self._capture.prepare(inputs, seq)
-        if target is model:
-            target = self.original  # the model's own forward, not this one (no recursion)
+        prepared, inputs, seq = self._capture.prepare(inputs, seq)
+        # the model's own forward, not this one (no recursion)
+        target: Callable[..., Any] = self.original if prepared is model else prepared
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
         layout = self._layout(keep_mask)
