@@ -56,6 +56,25 @@ class MLP(nn.Module):
             h = h + h.max(dim=1, keepdim=True).values  # (B, 1, 2D) broadcast over tokens
         elif self.mix == "absmax":
             h = h / h.abs().max(dim=1, keepdim=True).values
+        elif self.mix == "blocked":  # each token copied twice in place, then summed back: token-wise
+            b, t, e = h.shape
+            h = h.repeat_interleave(2, dim=1).view(b, t, 2, e).sum(2) / 2  # (B, 2T, 2D) -> (B, T, 2D)
+        elif self.mix == "slots":  # MoE's slots: (B*T, 2D) rows, k=2 copies each, flattened and back
+            b, t, e = h.shape
+            rows = h.reshape(b * t, e).repeat_interleave(2, dim=0)  # (B*T*2, 2D), token-major
+            gate = torch.softmax(rows[:, :2].view(b * t, 2, 2).sum(-1), dim=-1).reshape(-1, 1)  # (B*T*2, 1)
+            h = (rows * gate).view(b * t, 2, e).sum(1).view(b, t, e)  # (B*T, 2, 2D) -> (B, T, 2D)
+        elif self.mix == "slots_minor":  # the same rows read slot-major: token i's slot meets token i+1's
+            b, t, e = h.shape
+            rows = h.reshape(b * t, e).repeat_interleave(2, dim=0)  # (B*T*2, 2D)
+            h = rows.view(2, b * t, e)[0].view(b, t, e)  # (B*T, 2D) rows 0..BT-1 of the blocked axis: mixed
+        elif self.mix == "router":  # each token's top-2 scores scattered into its row of 4 experts
+            top = h[..., :4].topk(2, dim=-1)  # (B, T, 2)
+            dense = torch.zeros_like(h[..., :4]).scatter(-1, top.indices, top.values.softmax(-1))  # (B, T, 4)
+            h = h * (1 + dense @ torch.arange(4.0))[..., None]
+        elif self.mix == "scatter_tokens":  # writes each row to another token's place: mixes
+            idx = (torch.arange(h.shape[1]) + 1) % h.shape[1]  # (T,)
+            h = torch.zeros_like(h).scatter(1, idx[None, :, None].expand_as(h), h)
         elif self.mix == "flip":
             b, t, e = h.shape
             h = h.unflatten(1, (t // 2, 2)).flip(2).flatten(1, 2)  # (B, T/2, 2, E): swaps neighbours
