@@ -290,12 +290,12 @@ def reduce(c: Call) -> Verdict:
         if c.name in ("sort", "argsort") and any(
             (token_block(c.sym.canon(c.x.shape[d]), c.sym) or 1) > 1 for d in set(dims) & set(c.x_tok)
         ):
-            # Sorting (token, slot) pairs by expert is transformers' default (grouped_mm) MoE dispatch:
-            # per token in effect, but not proven so from the graph; the batched experts are.
+            # A proven sorted expert dispatch never gets here (judge.py asks dispatch.py first).
             return _mix(
-                f"{c.name} along the token axis: an expert dispatch that sorts the (token, slot) pairs by "
-                "expert is not proven per token; load the model with experts_implementation='batched_mm' "
-                "(the same experts, computed per (token, slot) pair), which runs on kept tokens"
+                f"{c.name} along the token axis: sorts (token, slot) rows but is not a proven expert dispatch "
+                "(topk keys over E experts, rows read by the permutation and put back by its inverse, group "
+                "ends from histc over E bins: regate_fx/passes/dispatch.py); a MoE model loaded with "
+                "experts_implementation='batched_mm' computes each (token, slot) row on its own"
             )
         return _mix(f"{c.name} along the token axis")
     return OK

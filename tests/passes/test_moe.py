@@ -1,10 +1,16 @@
-"""Token-choice mixture of experts (issue 20, item 1): the router scores each token on its own, the
-batched experts copy each token once per slot ((B*T, D) -> (B*T*k, D), a *blocked* token axis) and
-sum the slots back. The pass proves that per token from the graph (reshapes judged by memory order,
-`repeat_interleave` in place), so router and experts run on kept tokens only.
+"""Token-choice mixture of experts (issue 20, item 1): the router scores each token on its own and
+the experts run on every token's k (token, slot) rows ((B*T, D) -> (B*T*k, D), a *blocked* token
+axis). Both of transformers' implementations are proven per token from the graph, so router and
+experts run on kept tokens only:
 
-transformers' default experts sort the (token, slot) pairs by expert (grouped_mm): refused, with
-the fix named. Negative: the same slots read slot-major mix tokens and are refused.
+- `grouped_mm` (the default): rows sorted by expert, a grouped matmul, the inverse permutation
+  (passes/dispatch.py);
+- `batched_mm`: each row repeated in place and multiplied by its expert's weights (reshapes judged
+  by memory order, `repeat_interleave` in place, `scatter` along the expert axis).
+
+Negatives: the slots read slot-major, a scatter along the tokens, and hand-written sorted dispatches
+that break one step of the proof (un-permuted by the permutation itself, weights left in token
+order, groups counted from the wrong bins) are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ MOE = {
 }
 
 
-def _moe(name: str, experts: str = "batched_mm") -> TinyModel:
+def _moe(name: str, experts: str = "grouped_mm") -> TinyModel:
     config_cls, model_cls, kw = MOE[name]
 
     def build(attn):
@@ -46,14 +52,16 @@ def _sparse(model, layout: str):
     return regate_fx.sparsify(model, SparsifyConfig(return_logits=True, layout=layout), backend="eager")
 
 
-@pytest.mark.parametrize("name,layout", [
-    ("mixtral", "padded"), ("qwen2_moe", "packed"),
-    pytest.param("mixtral", "packed", marks=pytest.mark.slow),
-    pytest.param("olmoe", "padded", marks=pytest.mark.slow),
-    pytest.param("qwen3_moe", "packed", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,experts,layout", [
+    ("mixtral", "grouped_mm", "padded"), ("qwen2_moe", "grouped_mm", "packed"), ("olmoe", "batched_mm", "padded"),
+    pytest.param("mixtral", "grouped_mm", "packed", marks=pytest.mark.slow),
+    pytest.param("mixtral", "batched_mm", "packed", marks=pytest.mark.slow),
+    pytest.param("olmoe", "grouped_mm", "padded", marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", "grouped_mm", "packed", marks=pytest.mark.slow),
+    pytest.param("qwen2_moe", "batched_mm", "padded", marks=pytest.mark.slow),
 ])
-def test_moe_matches_oracle(name, layout):
-    tm = _moe(name)
+def test_moe_matches_oracle(name, experts, layout):
+    tm = _moe(name, experts)
     model = tm()
     smodel = _sparse(model, layout)
     batch = make_batch(tm, 3, 12, pad="left", seed=1)
@@ -69,20 +77,24 @@ def test_moe_matches_oracle(name, layout):
 
 
 class _ExpertRows(TorchDispatchMode):
-    """Records the rows of every batched expert matmul: bmm(W[ids] (S, F, D), x (S, D, 1)) or
-    bmm(x (S, 1, D), W[ids] (S, D, F))."""
+    """Records the rows each expert matmul gets: the grouped matmul's (S, D) input, or the batched
+    experts' bmm(W[ids] (S, F, D), x (S, D, 1)) / bmm(x (S, 1, D), W[ids] (S, D, F))."""
 
     def __init__(self):
         super().__init__()
         self.rows: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default and 1 in (args[0].shape[1], args[1].shape[-1]):
+        name = func.name()
+        if "grouped_mm" in name and "backward" not in name:
+            self.rows.append(int(args[0].shape[0]))
+        elif func is torch.ops.aten.bmm.default and 1 in (args[0].shape[1], args[1].shape[-1]):
             self.rows.append(int(args[0].shape[0]))
         return func(*args, **(kwargs or {}))
 
 
-def test_experts_receive_only_kept_tokens():
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_experts_receive_only_kept_tokens(experts):
     count = _ExpertRows()
 
     def counting(gm, example_inputs):  # the backend after the pass: runs the rewritten graph under the count
@@ -91,7 +103,7 @@ def test_experts_receive_only_kept_tokens():
                 return gm.forward(*args)
         return run
 
-    tm = _moe("mixtral")
+    tm = _moe("mixtral", experts)
     model = tm()
     smodel = regate_fx.sparsify(model, SparsifyConfig(layout="packed"), backend=counting)
     batch = make_batch(tm, 3, 12, pad="left", seed=1)
@@ -104,17 +116,6 @@ def test_experts_receive_only_kept_tokens():
     assert count.rows == [K * int(keep.sum())] * 4, count.rows  # sparse: only the kept tokens' slots
 
 
-def test_default_sorted_dispatch_is_refused_with_the_fix():
-    tm = _moe("mixtral", experts="grouped_mm")
-    model = tm()
-    batch = make_batch(tm, 2, 10, seed=1)
-    with pytest.raises(RewriteError) as err:
-        _sparse(model, "padded")(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
-    refused = err.value.report.refused
-    assert [r.reason for r in refused] == [Reason.TOKEN_MIXING] * 2
-    assert all("sort" in r.detail and "experts_implementation='batched_mm'" in r.detail for r in refused)
-
-
 def _toy_batch():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (2, 10), generator=g)
@@ -123,7 +124,7 @@ def _toy_batch():
     return ids, keep
 
 
-@pytest.mark.parametrize("mix", ["blocked", "slots", "router"])
+@pytest.mark.parametrize("mix", ["blocked", "slots", "router", "moe_sorted"])
 def test_blocked_token_axis_is_token_wise(mix):
     model = ToyLM([mix, None]).eval()
     smodel = regate_fx.sparsify(model, backend="eager")
@@ -135,14 +136,19 @@ def test_blocked_token_axis_is_token_wise(mix):
         assert_close(out.logits[b, pos], model(ids[b:b + 1, pos]).logits[0], f"sample {b}")
 
 
-@pytest.mark.parametrize("mix,needle", [("slots_minor", "moves tokens"), ("scatter_tokens", "scatter")])
-def test_token_moving_slots_and_scatters_are_refused(mix, needle):
+@pytest.mark.parametrize("mix,needle", [
+    ("slots_minor", "moves tokens"), ("scatter_tokens", "scatter"),
+    ("moe_sorted_perm", "indexing"), ("moe_sorted_unsorted", "not a proven expert dispatch"),
+    ("moe_sorted_bins", "not a proven expert dispatch"),
+])
+def test_token_moving_slots_and_broken_dispatches_are_refused(mix, needle):
     model = ToyLM([None, mix]).eval()
     ids, keep = _toy_batch()
     with pytest.raises(RewriteError) as err:
         regate_fx.sparsify(model, backend="eager")(input_ids=ids, keep_mask=keep)
-    (refused,) = err.value.report.refused
-    assert refused.reason is Reason.TOKEN_MIXING and needle in refused.detail
+    report = err.value.report
+    found = [(r.reason, r.detail) for r in report.refused] + [(o.reason, o.detail) for o in report.sparse_graph.outside]
+    assert any(reason is Reason.TOKEN_MIXING and needle in detail for reason, detail in found), found
 
 
 # More MoE families, through `regate-fx inspect` (tiny from their configs, checked against the oracle):
@@ -153,5 +159,5 @@ def test_token_moving_slots_and_scatters_are_refused(mix, needle):
 def test_more_moe_families_are_exact(family):
     from regate_fx.inspect import inspect_model
 
-    res = inspect_model(family, experts="batched_mm", time_limit=300)
+    res = inspect_model(family, time_limit=300)  # transformers' default experts (grouped_mm)
     assert res.verdict == "exact-sparse", (res.verdict, res.error, res.reasons)
