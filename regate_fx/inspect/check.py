@@ -203,7 +203,14 @@ def inspect_model(
     Never raises for a model problem: the verdict is ``"error"`` with the message.
     """
     kw = dict(
-        seq=seq, batch=batch, rho=rho, seed=seed, shrink=shrink, time_limit=time_limit, atol=atol, rtol=rtol,
+        seq=seq,
+        batch=batch,
+        rho=rho,
+        seed=seed,
+        shrink=shrink,
+        time_limit=time_limit,
+        atol=atol,
+        rtol=rtol,
         experts=experts,
     )
     res = _inspect_once(target, keep_head_dim=False, **kw)

@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 r = _from_jsonl(json.loads(line))
                 done[r.target] = r
-    kw = dict(
-        seq=args.seq, seed=args.seed, shrink=not args.no_shrink, time_limit=args.time_limit, experts=args.experts
-    )
+    kw = dict(seq=args.seq, seed=args.seed, shrink=not args.no_shrink, time_limit=args.time_limit, experts=args.experts)
     results: list[InspectResult] = []
     skipped: list[str] = []
     t0 = time.time()

@@ -87,7 +87,7 @@ def _getitems(n: fx.Node) -> dict[int, fx.Node] | None:
 
 def _expert_count(keys: fx.Node) -> int | None:
     """E when `keys` is a topk's indices over an axis of E experts, flattened or cast."""
-    n = keys
+    n: Any = keys
     for _ in range(8):
         if op_name(n) in _PLACE and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
@@ -95,7 +95,7 @@ def _expert_count(keys: fx.Node) -> int | None:
         break
     if op_name(n) != "getitem" or n.args[1] != 1 or op_name(n.args[0]) != "topk":
         return None
-    top = n.args[0]
+    top: Any = n.args[0]
     x = _value(top.args[0])
     dim = top.args[2] if len(top.args) > 2 else top.kwargs.get("dim", -1)
     if not isinstance(x, torch.Tensor) or not isinstance(dim, int):
@@ -169,7 +169,9 @@ def _inverse(buf: fx.Node, perm: fx.Node, rows: Any, sym: TokenSymbols) -> tuple
     (w,) = writes
     a = w.args[2] if len(w.args) > 2 else None
     av = _value(a)
-    if w.args[0] is not buf or w.args[1] is not perm or op_name(a) != "arange" or not isinstance(av, torch.Tensor):
+    if not isinstance(a, fx.Node) or w.args[0] is not buf or w.args[1] is not perm or op_name(a) != "arange":
+        return None
+    if not isinstance(av, torch.Tensor):
         return None
     if len(a.args) != 1 or a.kwargs.get("start", 0) != 0 or a.kwargs.get("step", 1) != 1:
         return None

@@ -166,8 +166,10 @@ def scatter(c: Call) -> Verdict:
         ov = node_value(other) if isinstance(other, fx.Node) else None
         if not isinstance(ov, torch.Tensor):
             continue
-        if ov.dim() != c.nd or c.sym.token_dims(ov) != c.x_tok or any(
-            c.sym.canon(ov.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok
+        if (
+            ov.dim() != c.nd
+            or c.sym.token_dims(ov) != c.x_tok
+            or any(c.sym.canon(ov.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok)
         ):
             return _mix(f"{c.name} with a {key} that does not cover the token axis position for position")
     return OK
