@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 import torch.nn as nn
@@ -207,7 +207,7 @@ class Capture:
                 f"to return submodules of {type(model).__name__} (got {type(dec).__name__} and "
                 f"{type(head).__name__}); use SparsifyConfig(capture='model') to capture the whole model"
             )
-        return dec, dec_path, head_path
+        return cast(nn.Module, dec), dec_path, head_path  # a module: it has a path
 
     @property
     def wrapper(self) -> _DecoderHead:
@@ -302,7 +302,10 @@ class Capture:
             seen.get("head_out"),
         )
         same = (
-            all(isinstance(t, torch.Tensor) for t in (logits, hidden, head_in, head_out))
+            isinstance(logits, torch.Tensor)
+            and isinstance(hidden, torch.Tensor)
+            and isinstance(head_in, torch.Tensor)
+            and isinstance(head_out, torch.Tensor)
             and head_in.shape == hidden.shape
             and torch.equal(head_in, hidden)
             and logits.shape == head_out.shape

@@ -25,10 +25,13 @@ import contextlib
 import functools
 import glob
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, cast
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "UnsupportedEnvironment",
@@ -265,14 +268,15 @@ def reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # another transformers: nothing renamed
         return
-    conv = get_model_conversion_mapping(target)
+    conv = get_model_conversion_mapping(cast("PreTrainedModel", target))  # it has base_model_prefix
     renamings = [c for c in conv if isinstance(c, WeightRenaming)]
     converters = [c for c in conv if isinstance(c, WeightConverter)]
     own = target.state_dict()
+    prefix: str = getattr(target, "base_model_prefix")
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
         for k, v in load_file(f, device="cpu").items():
-            loaded[rename_source_key(k, renamings, converters, target.base_model_prefix, own)[0]] = v
+            loaded[rename_source_key(k, renamings, converters, prefix, own)[0]] = v
     missing = sorted(k for k in own if k not in loaded and not _tied(target, k))
     unknown = sorted(set(loaded) - set(own))
     if missing or unknown:

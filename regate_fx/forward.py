@@ -11,9 +11,10 @@ import copy
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
+import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from regate_fx.capture import Capture, capture_error, mark_token_axes
@@ -92,8 +93,9 @@ class SparseForward:
         self._compiled_kinds: set[str] = set()  # "sparse" once the first sparse call compiled
         self._first_sizes: tuple | None = None  # sizes of the first sparse call (seq and layout)
         self._output_hooks = False  # transformers' output hooks installed by a capture that needed them
-        model = getattr(original, "__self__", None)  # the module whose forward this replaces
-        self._capture = Capture(model, config.capture, self._use_cache_kw)
+        # the module whose forward this replaces (sparsify() passes a module's bound forward)
+        model = getattr(original, "__self__", None)
+        self._capture = Capture(cast(nn.Module, model), config.capture, self._use_cache_kw)
         self._runs = SparseRuns()  # calls of a rewritten graph: each sparse call checks that one ran
         regate_backend = make_backend(
             resolve_backend(backend),
@@ -260,7 +262,9 @@ class SparseForward:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (LayoutRefused, KeepMaskError, RewriteError)):  # refused: the layout's, or the pass's
                 raise inner.with_traceback(None) from None
-            raise capture_error(e, self._capture.model, self._capture.mode) from e
+            err = capture_error(e, self._capture.model, self._capture.mode)
+            assert err is not None  # BackendCompilerFailed is one of the failures it names
+            raise err from e
         except (KeepMaskError, RewriteError):
             raise
         except Exception as e:  # a capture dynamo could not complete: name the module, say what to do
@@ -303,9 +307,9 @@ class SparseForward:
             # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
             inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
         # The whole model, or its decoder + head on eagerly computed inputs (regate_fx/capture.py).
-        target, inputs, seq = self._capture.prepare(inputs, seq)
-        if target is model:
-            target = self.original  # the model's own forward, not this one (no recursion)
+        prepared, inputs, seq = self._capture.prepare(inputs, seq)
+        # the model's own forward, not this one (no recursion)
+        target: Callable[..., Any] = self.original if prepared is model else prepared
         # Batch and token axes symbolic from the first capture, so new shapes do not recompile.
         mark_token_axes([inputs, labels], seq.shape[0], seq.shape[1])
         layout = self._layout(keep_mask)

@@ -96,7 +96,7 @@ def sparsify(
     target = _unwrap(model)
     fwd = sparse_forward(target)
     if fwd is not None:  # again: a new configuration, a fresh capture; wrappers of fwd see it too
-        fwd.__init__(fwd.original, config, backend)
+        type(fwd).__init__(fwd, fwd.original, config, backend)
     else:
         fwd = SparseForward(target.forward, config, backend)
         target.__dict__["forward"] = fwd
@@ -117,12 +117,12 @@ def unsparsify(model: nn.Module) -> nn.Module:
     fwd = sparse_forward(target)
     if fwd is None:
         return model
+    original = fwd.original
     if target.__dict__.get("forward") is not fwd:
         raise RuntimeError(
             "model.forward was replaced after regate_fx.sparsify (by "
             f"{getattr(target.forward, '__qualname__', target.forward)!r}); undo that first"
         )
-    original = fwd.original
     bound_class_forward = (
         getattr(original, "__func__", None) is getattr(type(target), "forward", None)
         and getattr(original, "__self__", None) is target

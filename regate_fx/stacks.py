@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import inspect
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -41,12 +42,12 @@ def gc_frozen():
 
 @functools.lru_cache(maxsize=None)
 def _forward_accepts(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.forward).parameters
+    return name in inspect.signature(getattr(cls, "forward")).parameters
 
 
 def accepts(model: nn.Module, name: str) -> bool:
     """Whether the model's forward names the keyword argument `name` (not merely **kwargs)."""
-    return _forward_accepts(type(model), name)
+    return _forward_accepts(cast(type, type(model)), name)  # a class is hashable; the stubs say Module's may not be
 
 
 _REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")

@@ -21,7 +21,7 @@ are split into documents, each run alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ def _decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, 
     features merged in (their autograd graph reaches the vision tower) and the position ids it
     computed (M-RoPE's (3, B, T) ones included). The run stops there."""
     seen = {}
-    decoder = model.get_decoder()
+    decoder = getattr(model, "get_decoder")()  # a transformers model's
 
     def hook(_module, args, kwargs):
         seen.update(kwargs)
@@ -147,7 +147,9 @@ def oracle(
             and v.size(0) == bsz
         }
     )
-    logits_out, total, count = [], 0.0, 0
+    logits_out: list[torch.Tensor] = []
+    total: torch.Tensor | float = 0.0
+    count = 0
     for b in range(bsz):
         pieces = []
         for pos in _documents(batch, b, keep[b].nonzero().flatten()):  # (K_d,) kept positions
@@ -174,4 +176,4 @@ def oracle(
         if m.any():
             total = total + F.cross_entropy(logits[m].float(), t[m], reduction="sum")
             count += int(m.sum())
-    return logits_out, total / max(count, 1)
+    return logits_out, cast(torch.Tensor, total) / max(count, 1)  # a tensor once a sample ran

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import regate_fx
-from regate_fx import KeepMaskError, SparsifyConfig, kept_layout
+from regate_fx import KeepMaskError, SparsifyConfig
+from regate_fx.layouts.padded import kept_layout
 from tests.helpers import make_batch, random_keep
 from tests.models import BY_NAME
 

@@ -126,7 +126,7 @@ def _kept_flop_fraction(res: InspectResult, flops: dict[str, int] | None) -> flo
     total = sum(flops.get(layer, 0) for layer in layers)
     if total <= 0 or any(b.flops is None for b in res.branches):
         return None
-    kept = sum(b.flops for b in res.branches if b.rewritten)
+    kept = sum(b.flops for b in res.branches if b.rewritten and b.flops is not None)  # (all set: checked above)
     return min(kept / total, 1.0)
 
 
@@ -142,7 +142,8 @@ def _takes_position_ids(model) -> bool:
 def _model_flop_fraction(res: InspectResult, model, flops: dict[str, int] | None) -> float | None:
     if not flops or res.kept_flop_fraction is None or not flops.get(""):
         return None
-    kept = sum(b.flops for b in res.branches if b.rewritten)
+    # a kept fraction means every branch has its flops (_kept_flop_fraction)
+    kept = sum(b.flops for b in res.branches if b.rewritten and b.flops is not None)
     if res.tail_on_kept:
         head = model.get_output_embeddings()
         name = next((n for n, m in model.named_modules() if m is head), None)
@@ -202,7 +203,7 @@ def inspect_model(
 
     Never raises for a model problem: the verdict is ``"error"`` with the message.
     """
-    kw = dict(
+    kw: dict[str, Any] = dict(
         seq=seq,
         batch=batch,
         rho=rho,

@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jsonl and Path(args.jsonl).exists():
         for line in Path(args.jsonl).read_text().splitlines():
             if line.strip():
-                r = _from_jsonl(json.loads(line))
-                done[r.target] = r
+                prior = _from_jsonl(json.loads(line))
+                done[prior.target] = prior
     kw = dict(seq=args.seq, seed=args.seed, shrink=not args.no_shrink, time_limit=args.time_limit, experts=args.experts)
     results: list[InspectResult] = []
     skipped: list[str] = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -108,20 +108,26 @@ class _CarrySampleIds:
         return batch
 
 
-def _pad_token_id(processing_class: Any, model: nn.Module) -> int:
+def _pad_token_id(processing_class: Any, model: nn.Module | None) -> int:
     for src in (processing_class, getattr(processing_class, "tokenizer", None)):
         v = getattr(src, "pad_token_id", None)
         if isinstance(v, int):
             return v
     cfg = getattr(model, "config", None)
-    for c in (cfg.get_text_config() if hasattr(cfg, "get_text_config") else None, cfg):
+    for c in (cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else None, cfg):
         v = getattr(c, "pad_token_id", None)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return 0
 
 
-class ReGateTrainerMixin:
+if TYPE_CHECKING:  # the type checker sees the Trainer the mixin is mixed into
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class ReGateTrainerMixin(_TrainerBase):
     """Mix into a ``transformers.Trainer`` subclass (``class T(ReGateTrainerMixin, SFTTrainer)``) to
     train with ReGATE: see the module docstring for what it changes.
 
@@ -175,9 +181,12 @@ class ReGateTrainerMixin:
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        assert model is not None  # the Trainer has its model by now
         names = list(inspect.signature(model.forward).parameters)
         keep = [self._regate_key, "visual_mask", "protected_mask", *names]
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *keep]))
+        columns = cast(list, self._signature_columns)  # a list once the parent set it (just above)
+        # transformers declares the attribute as None (it starts unset)
+        self._signature_columns = list(dict.fromkeys([*columns, *keep]))  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ keep masks and normaliser
     def _regate_check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -245,7 +254,9 @@ class ReGateTrainerMixin:
                 f"the model returned a {type(outputs).__name__} for a call with keep_mask, so the mask was ignored: "
                 f"sparsify the model that the trainer calls (regate_fx.sparsify(model) before the trainer)"
             )
-        self.regate.update(inputs, outputs.token_loss.detach(), keep)
+        token_loss = outputs.token_loss
+        assert token_loss is not None  # the batch has labels (checked above): the step returns per-token losses
+        self.regate.update(inputs, token_loss.detach(), keep)
         if num_items_in_batch is None:
             num_items_in_batch = counted_predictions(keep, inputs["labels"]).sum()
             scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
@@ -253,8 +264,8 @@ class ReGateTrainerMixin:
             scale = 1.0
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 scale = float(self.accelerator.num_processes)  # DDP averages gradients over ranks
-        denom = torch.as_tensor(num_items_in_batch, device=outputs.token_loss.device).clamp(min=1)
-        loss = outputs.token_loss.sum() / denom * scale
+        denom = torch.as_tensor(num_items_in_batch, device=token_loss.device).clamp(min=1)
+        loss = token_loss.sum() / denom * scale
         return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -296,7 +307,9 @@ class ReGateTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reload_renamed_weights(self.model if model is None else model, resume_from_checkpoint)
+        target = self.model if model is None else model
+        assert target is not None  # the Trainer has its model by now
+        reload_renamed_weights(target, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -21,7 +21,8 @@ from regate_fx.integrations.trainer import ReGateTrainerMixin
 __all__ = ["ReGateSFTTrainer"]
 
 
-class ReGateSFTTrainer(ReGateTrainerMixin, SFTTrainer):
+# TRL's base class declares `loss_is_scaled_for_ga = None` (inferred as the type None), which no bool overrides
+class ReGateSFTTrainer(ReGateTrainerMixin, SFTTrainer):  # type: ignore[misc]
     """``trl.SFTTrainer`` with ReGATE (see :class:`~regate_fx.ReGateTrainerMixin` for the arguments).
 
     TRL's own collator is kept (and made to carry ``sample_id``) unless you pass one; for a

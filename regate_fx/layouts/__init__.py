@@ -45,4 +45,7 @@ def choose_layout(setting: str, keep: torch.Tensor, min_waste: float, report) ->
     if setting == "auto":
         return PACKED if not PACKED.refusal(report) and PACKED.worth(keep, min_waste) else PADDED
     kind = BY_NAME[setting]
-    return kind if kind.applies(keep) else kind.fallback
+    if kind.applies(keep):
+        return kind
+    assert kind.fallback is not None, f"the {kind.name} layout may not apply, so it names a fallback"
+    return kind.fallback

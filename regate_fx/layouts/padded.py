@@ -154,7 +154,7 @@ class PaddedGraph(GraphLayout):
 _VALUE_KEEPING = {"dropout", "to", "type_as", "contiguous", "float", "half", "bfloat16", "clone", "detach"}
 
 
-def _from_softmax(w: fx.Node, sym: TokenSymbols) -> bool:
+def _from_softmax(w: fx.node.Argument, sym: TokenSymbols) -> bool:
     """Whether attention weights are a (key-masked) softmax, through dropout and casts only."""
     while isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and op_name(w) in _VALUE_KEEPING:
         w = w.args[0]

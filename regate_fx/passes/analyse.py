@@ -25,6 +25,10 @@ Integer and boolean token-indexed values (attention masks, position ids, placeho
 exemption: `Judge` gives every node a verdict along the token axis and the batch axis from the op
 table, plus the few constructs it proves exact from the graph (the padding mask's cumsum as
 position ids, an image-placeholder masked_scatter). In-place writes are new values (`Ancestry`).
+
+About 450 lines: the analysis's records (`Branch`, `Region`, `Tail`, `Analysis`) and the steps
+that fill them in order (branches, regions, tail, coverage) read as one pass; the parts that stand
+alone are in stream.py, judge.py and sizes.py.
 """
 
 from __future__ import annotations
@@ -137,7 +141,10 @@ class Analysis:
     """Verdicts along the token and batch axes (see `Judge`)."""
 
     def verdict(self, n: fx.Node) -> Verdict:
-        return self.judge.verdict(n) if self.judge is not None else classify(n, self.sym)
+        if self.judge is not None:
+            return self.judge.verdict(n)
+        assert self.sym is not None  # only an analysis that found the token axis judges nodes
+        return classify(n, self.sym)
 
 
 def _label(nodes: list[fx.Node]) -> tuple[str, str]:
@@ -147,9 +154,9 @@ def _label(nodes: list[fx.Node]) -> tuple[str, str]:
     for n in (projections or nodes) if not paths else ():  # no nn_module_stack: parameter names
         for a in n.all_input_nodes:
             if a.op == "placeholder":
-                p = param_path(a.name)
-                if p:
-                    paths.append(p.split(".")[:-1])
+                path = param_path(a.name)
+                if path:
+                    paths.append(path.split(".")[:-1])
     if not paths:
         return "?", "?"
     prefix = paths[0]
@@ -243,6 +250,7 @@ def analyse(
             if v.attention:
                 br.attention.append((n, v.attention))
             if not v.ok:
+                assert v.reason is not None  # every refusing verdict names its reason
                 br.refuse(v.reason, f"{v.detail} (node '{n.name}')")
         br.layer, br.module = _label(nodes)
         br.kind = _kind(br, anc)
@@ -304,6 +312,7 @@ def _check_coverage(
         if v.ok:  # attention the stream search did not reach runs on every token
             reason, detail = Reason.TOKEN_MIXING, "attention outside the rewritten branches runs on all tokens"
         else:
+            assert v.reason is not None  # every refusing verdict names its reason
             reason, detail = v.reason, v.detail
         out.append(Outside(n, module_path(n) or "<model>", reason, f"{detail} (node '{n.name}')"))
     return out
@@ -394,6 +403,7 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
             if n not in checked and n not in stream:
                 v = analysis.verdict(n)  # a node shared with a branch outside the region
                 if not v.ok:
+                    assert v.reason is not None  # every refusing verdict names its reason
                     _owner(n, region, branches).refuse(v.reason, f"{v.detail} (node '{n.name}')")
             # Intermediates may not escape; (B, T, D) stream values may (they are scattered back).
             if n is not region.end and not (n in stream and is_stream_value(node_value(n), sym, flat_ok=False)):
@@ -442,6 +452,7 @@ def find_tail(graph: fx.Graph, analysis: Analysis, anc: Ancestry) -> tuple[Tail 
     if not nodes:
         return None, "the output does not depend on the end of the stream"
     members = set(nodes)
+    assert sym is not None  # an analysis with a stream found the token axis
     for n in nodes:
         v = analysis.verdict(n)
         if not v.ok or v.attention:

@@ -61,11 +61,12 @@ def _counted(compiled: Callable, runs: SparseRuns) -> Callable:
 
     # As dynamo does with a backend's result, which it can no longer see through the wrapper:
     # generate a lazy graph module's code now and call its real forward.
+    owner = getattr(compiled, "__self__", None)  # a bound method's module
     if isinstance(compiled, _LazyGraphModule):
         _LazyGraphModule.force_recompile(compiled)
-    elif isinstance(getattr(compiled, "__self__", None), _LazyGraphModule) and compiled.__name__ == "_lazy_forward":
-        _LazyGraphModule.force_recompile(compiled.__self__)
-        compiled = compiled.__self__.forward
+    elif isinstance(owner, _LazyGraphModule) and compiled.__name__ == "_lazy_forward":
+        _LazyGraphModule.force_recompile(owner)
+        compiled = owner.forward
 
     def rewritten_graph(*args, **kwargs):
         runs.count += 1
@@ -129,28 +130,31 @@ def make_backend(
 
     def regate_backend(gm: fx.GraphModule, example_inputs):
         nonlocal static_left
-        counters["graphs"] += 1
         found = _find_roles(gm, example_inputs, roles)
         name = f"graph_{len(report.graphs)}"
         kind = next((k for k in LAYOUT_KINDS if k.roles[0] in found), None)  # the kept layout among the inputs
         if kind is None:  # a dense call (keep_mask=None): nothing to rewrite
+            counters["graphs"] += 1
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
-        counters["sparse_graphs"] += 1
-        try:  # checkpointed layers: flatten into the graph, tagged for recompute in the backward
-            checkpointed = inline_activation_checkpoints(gm)
-        except CheckpointError as e:
-            raise RewriteError(str(e), report=report) from None
-        counters["checkpoints_inlined"] += checkpointed
-        seq = found.get("seq")
-        if seq is None or not isinstance(node_value(seq), torch.Tensor):
-            raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
-        layout = [found[k] for k in kind.roles]
-        analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)
-        why = kind.problem(analysis)
-        if why:  # nothing reported or counted: the fallback layout's capture reports this graph
-            counters["graphs"] -= 1
-            counters["sparse_graphs"] -= 1
+        why: str | None = None  # the layout's refusal, a value: only then is this graph neither reported nor counted
+        try:
+            try:  # checkpointed layers: flatten into the graph, tagged for recompute in the backward
+                checkpointed = inline_activation_checkpoints(gm)
+            except CheckpointError as e:
+                raise RewriteError(str(e), report=report) from None
+            counters["checkpoints_inlined"] += checkpointed
+            seq = found.get("seq")
+            if seq is None or not isinstance(node_value(seq), torch.Tensor):
+                raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
+            layout = [found[k] for k in kind.roles]
+            analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)
+            why = kind.problem(analysis)
+        finally:
+            if not why:  # counted whether it is rewritten or raises; a refused layout's graph is not
+                counters["graphs"] += 1
+                counters["sparse_graphs"] += 1
+        if why:  # dynamo's only way out of a compile: SparseForward runs the fallback layout, whose capture reports
             counters[f"{kind.name}_refused"] += 1
             raise LayoutRefused(kind, why)
         g = GraphReport(
@@ -233,6 +237,8 @@ def _outside_text(outside: list[OutsideRecord]) -> str:
 
 
 def _refusal_text(refused: list[BranchRecord]) -> str:
-    return "\n".join(
-        f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}" for b in refused
-    )
+    lines = []
+    for b in refused:
+        assert b.reason is not None  # a branch that is not rewritten names its reason
+        lines.append(f"  - branch {b.index} ({b.module}, {b.kind.value}): {b.reason.value}: {b.detail}")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 import torch.fx as fx
@@ -75,23 +75,25 @@ def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
 
 
 def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
-    body_module = getattr(gm, node.args[0].target)
+    body_attr = cast(fx.Node, node.args[0])  # the get_attr of the checkpointed body
+    body_name = cast(str, body_attr.target)
+    body_module = getattr(gm, body_name)
     if node.kwargs.get("context_fn") is not None or body_module.meta.get("_checkpoint_context_fn") is not None:
         raise CheckpointError(
             "regate_fx: a checkpointed call uses selective activation checkpointing (context_fn); its "
             "per-op policy cannot be kept inside a sparsified model. Use plain checkpointing "
             "(model.gradient_checkpointing_enable(), or checkpoint(...) without context_fn)"
         )
-    body_attr, *args = node.args
-    body: fx.GraphModule = getattr(gm, body_attr.target)
-    env: dict[fx.Node, object] = {}
+    args = node.args[1:]
+    body: fx.GraphModule = getattr(gm, body_name)
+    env: dict[fx.Node, fx.node.Argument] = {}
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
         raise CheckpointError(
             f"regate_fx: checkpointed call {node.name} passes {len(args)} inputs to a body with {len(placeholders)}"
         )
     env.update(zip(placeholders, args))
-    outputs = None
+    outputs: fx.node.Argument = None
     with gm.graph.inserting_before(node):
         for bn in body.graph.nodes:
             if bn.op == "placeholder":
@@ -100,7 +102,7 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
                 outputs = fx.node.map_arg(bn.args[0], lambda n: env[n])
                 break
             if bn.op == "get_attr":  # a constant or a nested body: move it into gm under a fresh name
-                name = _fresh_attr(gm, f"{body_attr.target}_{bn.target}")
+                name = _fresh_attr(gm, f"{body_name}_{bn.target}")
                 setattr(gm, name, getattr(body, bn.target))
                 new = gm.graph.get_attr(name)
                 new.meta = dict(bn.meta)
@@ -115,7 +117,8 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, graph_id: int) -> None:
                 f"regate_fx: the result of checkpointed call {node.name} is used as a "
                 f"whole by {user.name}; expected one getitem per output"
             )
-        user.replace_all_uses_with(outputs[user.args[1]])
+        assert isinstance(outputs, (tuple, list))  # checked just above
+        user.replace_all_uses_with(cast(fx.Node, outputs[cast(int, user.args[1])]))
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
     if not body_attr.users:
@@ -155,7 +158,7 @@ def carry_recompute_tags(graph: fx.Graph) -> Iterator[None]:
         pairs.append((node, new))
         return new
 
-    graph.node_copy = node_copy
+    setattr(graph, "node_copy", node_copy)  # an instance attribute shadowing the method, deleted below
     try:
         yield
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 import torch.fx as fx
@@ -404,7 +404,8 @@ class Ancestry:
             if op_name(n) in VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
                 base[n] = base.get(n.args[0], n.args[0])
             if mutates(n):
-                root = base.get(n.args[0], n.args[0])
+                target = cast(fx.Node, n.args[0])  # a mutating op's first argument is the tensor it writes
+                root = base.get(target, target)
                 written[root] = written.get(root, 0) | bits | (1 << self.index[n])
 
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:

@@ -41,7 +41,7 @@ class Judge:
 
     def __init__(self, graph: fx.Graph, sym: TokenSymbols, anc: Ancestry, seq: fx.Node, padding: fx.Node | None):
         self.sym, self.anc = sym, anc
-        b_syms = getattr(sym.batch, "free_symbols", set())
+        b_syms: set = getattr(sym.batch, "free_symbols", set())
         self.sym_b = (
             TokenSymbols(sym.shape_env, sym.seq, sym.batch) if b_syms and not (b_syms & sym.seq.free_symbols) else None
         )
@@ -104,7 +104,7 @@ class Judge:
             out |= (members - placed) | {c}  # placements of the ids are judged as any getitem
         return out
 
-    def _from_only(self, n: fx.Node, source: fx.Node | None, others: int) -> bool:
+    def _from_only(self, n: fx.node.Argument, source: fx.Node | None, others: int) -> bool:
         if source is None or not isinstance(n, fx.Node):
             return False
         bits = self.data.ancestors(n) | self.data.bit(n)
@@ -151,7 +151,7 @@ class Judge:
             x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             if x is not None and same_place(node_value(x), node_value(n), self.sym, "batch"):
                 return v
-            vb = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
+            vb: Verdict | None = Verdict(False, reason=Reason.TOKEN_MIXING, detail=f"{op_name(n)} moves samples")
         elif self._construct(n):
             return v
         elif role_free(n):  # same rule on either axis; only a number derived from B differs
@@ -162,6 +162,7 @@ class Judge:
             vb = classify(n, self.sym_b)
             if vb.token_wise:
                 return v
+        assert vb is not None  # each branch above returned or set it
         return Verdict(
             False,
             reason=Reason.BATCH_MIXING,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Any, Callable, cast
 
 import torch
 import torch.fx as fx
@@ -199,9 +200,9 @@ def _torch_varlen(q, k, v, cu, max_len, scale, enable_gqa):
             kw["enable_gqa"] = True
     else:
         kw["is_causal"] = True
-    nhd = [x[0].transpose(0, 1) for x in (q, k, v)]  # (N, H, d)
-    o = varlen_attn(*nhd, cu, cu, max_len, max_len, **kw)  # (N, H, d)
-    return o.transpose(0, 1).unsqueeze(0)  # (1, H, N, d)
+    qn, kn, vn = (x[0].transpose(0, 1) for x in (q, k, v))  # (N, H, d)
+    o = varlen_attn(qn, kn, vn, cu, cu, max_len, max_len, **kw)  # (N, H, d)
+    return cast(torch.Tensor, o).transpose(0, 1).unsqueeze(0)  # (1, H, N, d); a tuple only with return_aux
 
 
 # CPU varlen attention: an opaque custom op (AOTAutograd and inductor do not trace into it; its
@@ -347,4 +348,5 @@ def mark_cacheable(node: fx.Node) -> None:
     AOTAutograd's cache accepts (``autograd_cache.check_node_safe``); aot_autograd still traces
     through it, so inductor fuses the kernel's ops with their neighbours."""
     node.meta["is_wrapped"] = True
-    node.meta["user_cache_hash"] = f"regate_fx.kernels.{node.target.__name__}.{_source_hash()}"
+    name = cast(Callable[..., Any], node.target).__name__  # one of KERNELS: a function
+    node.meta["user_cache_hash"] = f"regate_fx.kernels.{name}.{_source_hash()}"

@@ -37,6 +37,7 @@ def _where(n: fx.Node) -> str:
 
 def _attention_problem(n: fx.Node, analysis: Analysis) -> str | None:
     sym = analysis.sym
+    assert sym is not None  # packed_problem checked it
     mask = sdpa_arg(n, "attn_mask")
     key = node_value(sdpa_arg(n, "key"))
     if not (isinstance(key, torch.Tensor) and sym.token_dims(key)):
@@ -54,6 +55,7 @@ def _attention_problem(n: fx.Node, analysis: Analysis) -> str | None:
 
 def _side_problem(a: fx.Node, analysis: Analysis, sym_b: TokenSymbols) -> str | None:
     sym, v = analysis.sym, node_value(a)
+    assert sym is not None  # packed_problem checked it
     if isinstance(v, torch.Tensor):
         if a in analysis.causal_masks:
             return None  # dropped: attention is causal on the packed tokens
@@ -71,7 +73,8 @@ def _side_problem(a: fx.Node, analysis: Analysis, sym_b: TokenSymbols) -> str | 
 def packed_problem(analysis: Analysis) -> str | None:
     """Why the graph of `analysis` cannot run on the packed layout, or None when it can."""
     sym = analysis.sym
-    batch_syms = getattr(sym.batch, "free_symbols", set())
+    assert sym is not None  # asked only of an analysis that found the token axis
+    batch_syms: set = getattr(sym.batch, "free_symbols", set())
     if not batch_syms:
         return f"the batch size was specialised to {sym.batch} while tracing"
     if batch_syms & sym.seq.free_symbols:
@@ -80,8 +83,8 @@ def packed_problem(analysis: Analysis) -> str | None:
     pieces = [(r.nodes, r.side_inputs) for r in analysis.regions]
     if analysis.tail is not None:
         tail = set(analysis.tail.nodes)
-        sides = {a: None for n in analysis.tail.nodes for a in n.all_input_nodes if a not in tail}
-        pieces.append((analysis.tail.nodes, [a for a in sides if a is not analysis.tail.end]))
+        tail_sides = {a: None for n in analysis.tail.nodes for a in n.all_input_nodes if a not in tail}
+        pieces.append((analysis.tail.nodes, [a for a in tail_sides if a is not analysis.tail.end]))
     # a proven expert dispatch is per (token, slot) row, so per sample too (dispatch.py)
     dispatch = analysis.judge.dispatch if analysis.judge is not None else set()
     for nodes, sides in pieces:

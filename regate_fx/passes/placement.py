@@ -19,7 +19,7 @@ from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 __all__ = ["identity_index", "is_full_stop", "role_strides", "same_place", "token_block"]
 
 
-def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset] | None:
+def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset | tuple[()]] | None:
     """Where the token axis (`role` "seq") or the batch axis ("batch") of a contiguous tensor lies in
     memory: the sorted strides of its dims of that axis, one entry per way of reading a merged B*T
     dim (batch outer or token outer). None when a dim merges the axis in another way.
@@ -37,19 +37,19 @@ def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset] | None
     return out
 
 
-def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozenset] | None:
+def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozenset | tuple[()]] | None:
     import sympy
 
     seq, batch = sym.seq, sym.batch
     sizes = [sym.canon(s) for s in v.shape]
     if not any(getattr(s, "free_symbols", None) for s in sizes):
-        return [()]  # static shape: neither axis
-    role_syms = getattr(seq if role == "seq" else batch, "free_symbols", set())
-    other_syms = getattr(batch if role == "seq" else seq, "free_symbols", set())
+        return [()]  # static shape: neither axis (a tuple: it matches only another static shape)
+    role_syms: set = getattr(seq if role == "seq" else batch, "free_symbols", set())
+    other_syms: set = getattr(batch if role == "seq" else seq, "free_symbols", set())
     options: list[list] = [[]]
     stride = sympy.Integer(1)
     for size in reversed(sizes):
-        free = getattr(size, "free_symbols", set())
+        free: set = getattr(size, "free_symbols", set())
         block = _block(size, seq, batch)
         if block is not None and block[1] and role_syms:
             # a merged B*T axis, each token a block of `block[0]` rows (MoE's (B*T*k, D) slots)

@@ -13,6 +13,7 @@ layout's: this module asks the `GraphLayout` (`regate_fx/layouts/`) and never wh
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -39,7 +40,8 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *, fill: 
         The names of the token-indexed side inputs that were gathered.
     """
     graph = gm.graph
-    sym = analysis.sym
+    # None only for an analysis that found no token axis, hence no regions and no tail: nothing reads it
+    sym = cast(TokenSymbols, analysis.sym)
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_placeholder):
         k_node = kept.length(graph)  # K padded, N packed
@@ -87,7 +89,7 @@ class _Replay:
     def scatter_stream(self, start: fx.Node, kept_value: fx.Node) -> fx.Node:
         return self.kept.scatter_stream(self.graph, start, kept_value)
 
-    def lookup(self, a: fx.Node, at: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    def lookup(self, a: fx.Node, at: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node | int:
         """The kept-token version of input `a` of a node replayed just before `at`."""
         if a in env:
             return env[a]
@@ -114,7 +116,7 @@ class _Replay:
         graph = self.graph
         for n in nodes:
             with graph.inserting_after(n):
-                new = graph.node_copy(n, lambda a, n=n: self.lookup(a, n, env))
+                new = graph.node_copy(n, lambda a: self.lookup(a, n, env))  # called right here, for this n
             new.meta = value_free_meta(n.meta)  # values recorded for T, not K: refilled at the end
             env[n] = self.kept.attention(graph, n, new, self.sym, self.causal_masks)
 
@@ -179,7 +181,7 @@ def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> N
     scattered = [u for u in end_k.users if u.target in replay.kept.scatters]
     env = {s: end_k for s in scattered}  # the tail reads the scattered stream; read the gathered one
     replay.run(tail.nodes, env)
-    rows = env[tail.take.args[0]]  # (B, K, V) padded, (1, N, V) packed
+    rows = env[cast(fx.Node, tail.take.args[0])]  # (B, K, V) padded, (1, N, V) packed
     rows = replay.kept.tail_rows(graph, rows)
     tail.take.replace_all_uses_with(rows)
     graph.erase_node(tail.take)

@@ -8,7 +8,7 @@ models a rule exists for. ops.py maps op names to these rules and resolves the o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, cast
 
 import torch
 import torch.fx as fx
@@ -314,7 +314,7 @@ def cat(c: Call) -> Verdict:
         return OK if isinstance(dim, int) else unsupported("stack with a symbolic dim")
     dims = _dims(dim, nd)
     toks: set[int] = set()
-    for t in seq or ():
+    for t in cast(Iterable[fx.node.Argument], seq or ()):  # cat's first argument: a list of tensors
         if isinstance(t, fx.Node):
             toks |= set(c.sym.token_dims(node_value(t)))
     if dims is None or set(dims) & toks:

@@ -90,8 +90,8 @@ def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple
     best: list[fx.Node] = []
     for h in heads:
         chain, cur = [h], h
-        while next_of.get(cur) is not None:
-            cur = next_of[cur]
+        while (nxt := next_of.get(cur)) is not None:
+            cur = nxt
             chain.append(cur)
         if len(chain) > len(best):
             best = chain

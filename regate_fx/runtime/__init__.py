@@ -1,4 +1,9 @@
-"""ReGATE runtime: scoring, the dual-cycle schedule, selection and the teacher cache."""
+"""ReGATE runtime: scoring, the dual-cycle schedule, selection and the teacher cache.
+
+``__all__`` is the runtime API docs/runtime.md documents (regate_fx re-exports it); every other name
+is importable from its module (``regate_fx.runtime.regate.parse_batch``,
+``regate_fx.runtime.cache.dataset_fingerprint``, ...).
+"""
 
 from regate_fx.runtime.atomic import load_checkpoint, save_checkpoint
 from regate_fx.runtime.cache import (
@@ -7,12 +12,10 @@ from regate_fx.runtime.cache import (
     CacheIncompleteError,
     CacheMismatchError,
     TeacherCache,
-    dataset_fingerprint,
-    token_checksums,
 )
 from regate_fx.runtime.config import ReGateConfig
 from regate_fx.runtime.data import ReGateCollator, collate, model_inputs
-from regate_fx.runtime.regate import ReGate, ReGateStateError, parse_batch
+from regate_fx.runtime.regate import ReGate, ReGateStateError
 from regate_fx.runtime.schedule import (
     constant_rho,
     dual_cycle_rho,
@@ -30,10 +33,7 @@ from regate_fx.runtime.teacher import (
     TextTeacher,
     causal_lm_teacher,
     check_same_vocab,
-    marker_token_ids_from_config,
     text_only_teacher,
-    visual_token_ids_from_config,
-    weights_fingerprint,
 )
 
 __all__ = [
@@ -53,20 +53,14 @@ __all__ = [
     "check_same_vocab",
     "collate",
     "constant_rho",
-    "dataset_fingerprint",
     "dual_cycle_rho",
     "keep_from_scores",
     "load_checkpoint",
-    "marker_token_ids_from_config",
     "mean_rho",
     "model_inputs",
-    "parse_batch",
     "random_scores",
     "save_checkpoint",
     "schedule_rho",
     "select_topk",
     "text_only_teacher",
-    "token_checksums",
-    "visual_token_ids_from_config",
-    "weights_fingerprint",
 ]

@@ -143,4 +143,5 @@ class ReGateConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"ReGateConfig.from_dict: unknown fields {unknown}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kwargs)

@@ -232,6 +232,7 @@ class ReGate:
         if lam == 0.0:
             # Student only: a position never observed is tried first.
             return torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+        assert self.teacher_cache is not None  # lam > 0 needs one: __init__ checked
         r = self.teacher_cache.lookup(pb.sample_ids, pb.positions, pb.candidates).to(dev)  # (B, T)
         if torch.isnan(r[pb.candidates]).any():
             raise ValueError(

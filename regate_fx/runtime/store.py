@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ class DifficultyStore:
             grown[: self._used] = self._values[: self._used]
             self._values = grown
             return
-        self._values.flush()
+        cast(np.memmap, self._values).flush()  # a file-backed store maps its values
         del self._values
         with open(self.path, "r+b") as f:
             f.truncate(new_cap * 4)

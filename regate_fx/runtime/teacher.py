@@ -292,7 +292,7 @@ class TextTeacher:
     def _hidden_or_logits(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
         if self.mode == "model":
             return self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-        out = self.model.get_decoder()(input_ids=ids, attention_mask=am, use_cache=False)
+        out = getattr(self.model, "get_decoder")()(input_ids=ids, attention_mask=am, use_cache=False)
         return out.last_hidden_state
 
     def reference_losses(
@@ -328,7 +328,7 @@ class TextTeacher:
         b_idx, p_idx = sup.nonzero(as_tuple=True)  # (n,), (n,)
         with torch.no_grad(), _eval_mode(self.model):
             z = self._hidden_or_logits(x, real.long())  # (B, T, V) or (B, T, H)
-            head = self.model.get_output_embeddings() if self.mode == "decoder" else None
+            head = getattr(self.model, "get_output_embeddings")() if self.mode == "decoder" else None
             losses = []
             for s in range(0, b_idx.numel(), _CE_CHUNK):
                 zb = z[b_idx[s : s + _CE_CHUNK], p_idx[s : s + _CE_CHUNK]]  # (c, V|H)
@@ -348,7 +348,7 @@ def _resolve_pad(model: torch.nn.Module, pad_token_id: int | None, tokenizer: An
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
         return int(tokenizer.pad_token_id)
     cfg = getattr(model, "config", None)
-    for c in (cfg.get_text_config() if hasattr(cfg, "get_text_config") else None, cfg):
+    for c in (cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else None, cfg):
         v = getattr(c, "pad_token_id", None)
         if isinstance(v, int) and not isinstance(v, bool):
             return v

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import regate_fx
-from regate_fx import BranchKind, KeepMaskError, Reason, RewriteError, SparsifyConfig
+from regate_fx import KeepMaskError, Reason, RewriteError, SparsifyConfig
+from regate_fx.report import BranchKind
 from tests.helpers import assert_close, random_keep
 from tests.toy import NoStreamLM, ToyLM
 

@@ -154,7 +154,7 @@ def _named_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Te
     seen: set[int] = set()
     for prefix in sorted(modules):
         mod = modules[prefix]
-        tensors = dict(mod.named_parameters(recurse=not prefix.startswith("direct:")))
+        tensors: dict[str, torch.Tensor] = dict(mod.named_parameters(recurse=not prefix.startswith("direct:")))
         tensors.update({f"buffer:{k}": v for k, v in mod.named_buffers(recurse=not prefix.startswith("direct:"))})
         for name in sorted(tensors):
             t = tensors[name]
@@ -259,7 +259,7 @@ def _check_teacher(manifest: dict, root: Path, teacher: ReferenceTeacher, how: s
         raise ValueError(f"verify_teacher must be one of {VERIFY_TEACHER}, got {how!r}")
     recorded = manifest.get("teacher_probe")
     probe = _teacher_probe(teacher) if how == "probe" and isinstance(recorded, str) else None
-    if probe is not None:
+    if probe is not None and isinstance(recorded, str):  # (recorded is a str whenever probe is set)
         if probe != recorded:
             raise CacheMismatchError(
                 f"the teacher cache at {root} was computed with another teacher (its weights differ from "

@@ -8,6 +8,10 @@ runs the teacher on every batch of the plan that no listed shard holds, writes e
 ``values.bin`` and ``index.npz``, then the complete manifest, and only then deletes the shards.
 Data-parallel, every rank computes a balanced share of the batches and lists its shards in its
 own ``shards-rank*.json``; rank 0 folds them in (:func:`_merge_rank_files`) and finalises.
+
+Over 450 lines on purpose: the lock, the manifest's states, the shards and the rank files are one
+crash-safety protocol (what a killed writer leaves, what the next one removes, when a shard counts),
+which reads best in one file; the format, the fingerprint and the reader are apart.
 """
 
 from __future__ import annotations
@@ -211,12 +215,12 @@ def _merge_rank_files(root: Path, manifest: dict, num_batches: int) -> None:
                 f"teacher cache rank file {f} is not valid JSON ({e}); delete {root} and recompute"
             ) from e
         _check_shard_list(root, {"shards": entries}, num_batches)
-        manifest["shards"].extend(e for e in entries if e["file"] not in listed)
-        listed.update(e["file"] for e in entries)
+        manifest["shards"].extend(entry for entry in entries if entry["file"] not in listed)
+        listed.update(entry["file"] for entry in entries)
     manifest["shards"].sort(key=lambda e: e["batches"][0])
     done = np.zeros(num_batches, dtype=np.int64)
-    for e in manifest["shards"]:
-        done[e["batches"][0] : e["batches"][1]] += 1
+    for shard in manifest["shards"]:
+        done[shard["batches"][0] : shard["batches"][1]] += 1
     if (done > 1).any():
         raise CacheCorruptError(f"the teacher cache shards in {root} overlap; delete {root} and recompute")
     _write_manifest(root, manifest)
@@ -341,8 +345,8 @@ class _Computation:
                 raise CacheCorruptError(f"the shards in {self.root} do not cover the dataset; delete it and recompute")
             out.flush()
             del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, self.root / _VALUES)
         fsync_dir(self.root)
         atomic_write(
