@@ -171,7 +171,7 @@ def scatter(c: Call) -> Verdict:
             or c.sym.token_dims(ov) != c.x_tok
             or any(c.sym.canon(ov.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok)
         ):
-            return _mix(f"{c.name} with a {key} that does not cover the token axis position for position")
+            return _mix(f"{c.name} with an {key} that does not cover the token axis position for position")
     return OK
 
 

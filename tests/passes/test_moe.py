@@ -161,3 +161,18 @@ def test_more_moe_families_are_exact(family):
 
     res = inspect_model(family, time_limit=300)  # transformers' default experts (grouped_mm)
     assert res.verdict == "exact-sparse", (res.verdict, res.error, res.reasons)
+
+
+def test_router_aux_loss_is_refused_not_silently_wrong():
+    """output_router_logits=True: the load-balancing loss is a batch-level statistic over every
+    token's routing, computed outside the decoder: refused (the kept-token version is not built yet)."""
+    config_cls, model_cls, kw = MOE["mixtral"]
+    cfg = config_cls(**{**COMMON, "num_key_value_heads": 2, "num_experts_per_tok": K, **kw, "output_router_logits": True})
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    tm = TinyModel("mixtral_aux", lambda attn: model)
+    batch = make_batch(tm, 2, 10, seed=1)
+    with pytest.raises(RewriteError) as err:
+        _sparse(model, "padded")(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
+    outside = err.value.report.sparse_graph.outside
+    assert outside and all(o.reason is Reason.TOKEN_MIXING for o in outside)
