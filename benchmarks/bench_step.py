@@ -99,6 +99,8 @@ IGNORE = -100
 
 def model_config(args) -> dict:
     cfg = dict(PRESETS[args.preset])
+    if getattr(args, "family", "llama") == "mixtral":
+        cfg.update(family="mixtral", experts=args.num_experts, top_k=2, experts_impl=args.experts_impl)
     for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -108,13 +110,19 @@ def model_config(args) -> dict:
 def build_model(args, device: torch.device) -> torch.nn.Module:
     c = model_config(args)
     torch.manual_seed(args.seed)
-    cfg = tf.LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-                         num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                         num_key_value_heads=c["kv_heads"], max_position_embeddings=max(max(args.seqs), 2048),
-                         pad_token_id=0, tie_word_embeddings=c["tie"])
+    common = dict(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
+                  num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                  num_key_value_heads=c["kv_heads"], max_position_embeddings=max(max(args.seqs), 2048),
+                  pad_token_id=0, tie_word_embeddings=c["tie"])
+    if args.family == "mixtral":  # token-choice MoE: --num-experts experts, top-2, each expert the preset's MLP
+        cfg = tf.MixtralConfig(**common, num_local_experts=args.num_experts, num_experts_per_tok=2)
+        cfg._experts_implementation = args.experts_impl
+        model_cls = tf.MixtralForCausalLM
+    else:
+        cfg, model_cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
     cfg._attn_implementation = args.attn
     with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg)
+        model = model_cls(cfg)
     return model.to(DTYPES[args.dtype]).train()
 
 
@@ -710,6 +718,11 @@ def compile_time(args, console: Console) -> list[dict]:
 def parse(argv):
     ap = argparse.ArgumentParser(description="training step: dense vs ReGATE-sparse vs oracle (time, memory, compile)")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape (default: small)")
+    ap.add_argument("--family", default="llama", choices=["llama", "mixtral"],
+                    help="llama (dense MLP) or mixtral (token-choice MoE, top-2 of --num-experts)")
+    ap.add_argument("--num-experts", type=int, default=8, help="--family mixtral: experts per layer")
+    ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "batched_mm"],
+                    help="--family mixtral: transformers' experts implementation (default: its own default)")
     for k in ("hidden", "layers", "heads", "kv-heads", "intermediate", "vocab"):
         ap.add_argument(f"--{k}", type=int, default=None, help="override the preset")
     ap.add_argument("--batch", type=int, default=None, help="default 2 (4 with --lengths mixed)")

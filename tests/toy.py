@@ -45,6 +45,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(2 * d, d)
         if mix == "conv":
             self.conv = nn.Conv1d(2 * d, 2 * d, kernel_size=3, padding=2, groups=2 * d)
+        if mix is not None and mix.startswith("moe_sorted"):
+            self.experts = nn.Parameter(torch.randn(4, 2 * d, 2 * d) / (2 * d) ** 0.5)  # (experts, in, out)
 
     def forward(self, x):
         h = F.gelu(self.up(x))  # (B, T, 2D)
@@ -56,10 +58,54 @@ class MLP(nn.Module):
             h = h + h.max(dim=1, keepdim=True).values  # (B, 1, 2D) broadcast over tokens
         elif self.mix == "absmax":
             h = h / h.abs().max(dim=1, keepdim=True).values
+        elif self.mix == "blocked":  # each token copied twice in place, then summed back: token-wise
+            b, t, e = h.shape
+            h = h.repeat_interleave(2, dim=1).view(b, t, 2, e).sum(2) / 2  # (B, 2T, 2D) -> (B, T, 2D)
+        elif self.mix == "slots":  # MoE's slots: (B*T, 2D) rows, k=2 copies each, flattened and back
+            b, t, e = h.shape
+            rows = h.reshape(b * t, e).repeat_interleave(2, dim=0)  # (B*T*2, 2D), token-major
+            gate = torch.softmax(rows[:, :2].view(b * t, 2, 2).sum(-1), dim=-1).reshape(-1, 1)  # (B*T*2, 1)
+            h = (rows * gate).view(b * t, 2, e).sum(1).view(b, t, e)  # (B*T, 2, 2D) -> (B, T, 2D)
+        elif self.mix == "slots_minor":  # the same rows read slot-major: token i's slot meets token i+1's
+            b, t, e = h.shape
+            rows = h.reshape(b * t, e).repeat_interleave(2, dim=0)  # (B*T*2, 2D)
+            h = rows.view(2, b * t, e)[0].view(b, t, e)  # (B*T, 2D) rows 0..BT-1 of the blocked axis: mixed
+        elif self.mix == "router":  # each token's top-2 scores scattered into its row of 4 experts
+            top = h[..., :4].topk(2, dim=-1)  # (B, T, 2)
+            dense = torch.zeros_like(h[..., :4]).scatter(-1, top.indices, top.values.softmax(-1))  # (B, T, 4)
+            h = h * (1 + dense @ torch.arange(4.0))[..., None]
+        elif self.mix == "scatter_tokens":  # writes each row to another token's place: mixes
+            idx = (torch.arange(h.shape[1]) + 1) % h.shape[1]  # (T,)
+            h = torch.zeros_like(h).scatter(1, idx[None, :, None].expand_as(h), h)
+        elif self.mix is not None and self.mix.startswith("moe_sorted"):
+            h = self._sorted_experts(h)
         elif self.mix == "flip":
             b, t, e = h.shape
             h = h.unflatten(1, (t // 2, 2)).flip(2).flatten(1, 2)  # (B, T/2, 2, E): swaps neighbours
         return self.down(h)
+
+
+    def _sorted_experts(self, h):
+        """transformers' grouped_mm MoE dispatch, written out (integrations/moe.py), 4 experts, top-2.
+        Variants that break one step of the proof: '_perm' un-permutes with perm instead of its
+        inverse, '_unsorted' weights rows in expert order by weights in token order, '_bins'
+        counts rows into shifted groups."""
+        from transformers.integrations.moe import _grouped_mm
+
+        b, t, e = h.shape
+        x = h.reshape(b * t, e)  # (N, E2)
+        top = torch.softmax(x[:, :4], dim=-1).topk(2, dim=-1)  # (N, 2)
+        weights, keys = top.values.reshape(-1), top.indices.reshape(-1)  # (S,) = (N*2,)
+        sorted_keys, perm = torch.sort(keys)
+        x_g = x[perm // 2]  # (S, E2): rows in expert order
+        w_g = weights if self.mix == "moe_sorted_unsorted" else weights[perm]  # (S,)
+        lo = 1 if self.mix == "moe_sorted_bins" else 0  # bins [1, 4]: expert 0's rows counted nowhere
+        offs = torch.cumsum(torch.histc(sorted_keys.float(), bins=4, min=lo, max=lo + 3), dim=0, dtype=torch.int32)
+        y_g = _grouped_mm(x_g, self.experts, offs=offs) * w_g[:, None]  # (S, E2)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        y = y_g[perm if self.mix == "moe_sorted_perm" else inv]  # (S, E2) in (token, slot) order
+        return y.view(b * t, 2, e).sum(1).view(b, t, e)
 
 
 class Block(nn.Module):

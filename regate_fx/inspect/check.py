@@ -182,6 +182,7 @@ def inspect_model(
     time_limit: float | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    experts: str | None = None,
 ) -> InspectResult:
     """Build ``target`` tiny with random weights, sparsify it and check one sparse step against the oracle.
 
@@ -197,11 +198,21 @@ def inspect_model(
         time_limit: seconds for each attempt (a timer signal; main thread only): past it the
             verdict is ``"error"``.
         atol, rtol: tolerance of the oracle comparison (float32).
+        experts: a mixture-of-experts model's ``experts_implementation`` (transformers' default is
+            ``"grouped_mm"``, which sorts tokens by expert and is refused; ``"batched_mm"`` runs sparse).
 
     Never raises for a model problem: the verdict is ``"error"`` with the message.
     """
     kw: dict[str, Any] = dict(
-        seq=seq, batch=batch, rho=rho, seed=seed, shrink=shrink, time_limit=time_limit, atol=atol, rtol=rtol
+        seq=seq,
+        batch=batch,
+        rho=rho,
+        seed=seed,
+        shrink=shrink,
+        time_limit=time_limit,
+        atol=atol,
+        rtol=rtol,
+        experts=experts,
     )
     res = _inspect_once(target, keep_head_dim=False, **kw)
     if (
@@ -232,6 +243,7 @@ def _inspect_once(
     time_limit: float | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    experts: str | None = None,
 ) -> InspectResult:
     import torch
 
@@ -248,6 +260,11 @@ def _inspect_once(
             res.config_class = type(config).__name__
             if shrink:
                 shrink_config(config, keep_head_dim=keep_head_dim)
+            if experts is not None:
+                for sub in (config, getattr(config, "text_config", None)):
+                    if sub is not None:
+                        sub._experts_implementation = experts
+                res.notes.append(f"experts_implementation={experts!r}")
             auto, cls = model_class(config)
             res.auto_class, res.model_class = auto, cls.__name__
             torch.manual_seed(seed)

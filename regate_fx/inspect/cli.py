@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="append each result to PATH as one JSON line (resumable sweeps: families already in PATH are skipped)",
     )
+    i.add_argument(
+        "--experts",
+        default=None,
+        metavar="IMPL",
+        help="mixture-of-experts models: the experts_implementation to build with (e.g. batched_mm)",
+    )
     i.add_argument("--seq", type=int, default=16)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--no-shrink", action="store_true", help="build the config at its own sizes")
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 prior = _from_jsonl(json.loads(line))
                 done[prior.target] = prior
-    kw = dict(seq=args.seq, seed=args.seed, shrink=not args.no_shrink, time_limit=args.time_limit)
+    kw = dict(seq=args.seq, seed=args.seed, shrink=not args.no_shrink, time_limit=args.time_limit, experts=args.experts)
     results: list[InspectResult] = []
     skipped: list[str] = []
     t0 = time.time()

@@ -260,7 +260,7 @@ def analyse(
     # Regions, refining until no region has a problem that only shows at region level.
     for _ in range(2 * len(branches) + 2):
         before = sum(b.ok for b in branches)
-        analysis.regions = _regions(branches, anc, sym)
+        analysis.regions = _regions(branches, anc, sym, judge.dispatch)
         _check_regions(analysis, anc, sym, stream_set)
         if sum(b.ok for b in branches) == before:
             break
@@ -338,7 +338,7 @@ def _feeds_only_ours(graph: fx.Graph, anc: Ancestry, ours: int) -> int:
     return out
 
 
-def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[Region]:
+def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols, dispatch: set[fx.Node]) -> list[Region]:
     out: list[Region] = []
     i = 0
     while i < len(branches):
@@ -356,7 +356,14 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
             i = j + 1
             continue
         bits = anc.descendants_of_any([start]) & (anc.ancestors(end) | anc.bit(end))
-        out.append(Region(i, j, start, end, _with_inplace(anc.members(bits), anc)))
+        nodes = anc.members(bits)
+        # a proven expert dispatch's `arange(S)` (its inverse permutation) is built from sizes
+        # alone: replayed with the kept rows' S, not read at full length (dispatch.py)
+        members = set(nodes)
+        sized = {a for n in nodes if n in dispatch for a in n.all_input_nodes if a in dispatch and a not in members}
+        if sized:
+            nodes = sorted(members | sized, key=lambda n: anc.index[n])
+        out.append(Region(i, j, start, end, _with_inplace(nodes, anc)))
         i = j + 1
     return out
 

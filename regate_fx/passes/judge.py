@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from regate_fx.passes.dispatch import expert_dispatch
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name
 from regate_fx.passes.ops import OK, Verdict, classify, length_scalar_problem, role_free
 from regate_fx.passes.placement import same_place
@@ -62,6 +63,7 @@ class Judge:
         self.not_padding = sum(data.bit(n) for n in sources if n is not padding)
         self._memo: dict[fx.Node, Verdict] = {}
         self.documents = self._document_ids(graph)
+        self.dispatch = expert_dispatch(graph, sym)  # sorted MoE dispatch, proven per token (dispatch.py)
 
     def _document_ids(self, graph: fx.Graph) -> set[fx.Node]:
         """Document ids from position restarts, compared only for equality (transformers'
@@ -127,7 +129,7 @@ class Judge:
         return v
 
     def _verdict(self, n: fx.Node) -> Verdict:
-        if n in self.documents:
+        if n in self.documents or n in self.dispatch:
             return OK
         v = classify(n, self.sym)
         if not v.ok and v.reason is Reason.TOKEN_MIXING and self._construct(n):

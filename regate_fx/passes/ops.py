@@ -92,6 +92,7 @@ RULES: dict[str, Rule] = {
     "repeat": rules.repeat,
     **dict.fromkeys(_names("tril triu"), rules.tril),
     **dict.fromkeys(_names("masked_scatter masked_scatter_"), rules.masked_scatter),
+    **dict.fromkeys(_names("scatter scatter_ scatter_add scatter_add_ scatter_reduce scatter_reduce_"), rules.scatter),
     "getitem": rules.getitem,
     "setitem": rules.setitem,
     "where": rules.where,

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import TokenSymbols, node_value, op_name
 
-__all__ = ["identity_index", "is_full_stop", "role_strides", "same_place"]
+__all__ = ["identity_index", "is_full_stop", "role_strides", "same_place", "token_block"]
 
 
 def role_strides(v: Any, sym: TokenSymbols, role: str) -> list[frozenset | tuple[()]] | None:
@@ -50,19 +50,39 @@ def _role_strides(v: torch.Tensor, sym: TokenSymbols, role: str) -> list[frozens
     stride = sympy.Integer(1)
     for size in reversed(sizes):
         free: set = getattr(size, "free_symbols", set())
-        if size == batch * seq and role_syms:
-            options = [o + [stride] for o in options] + [
-                o + [stride * (seq if role == "batch" else batch)] for o in options
+        block = _block(size, seq, batch)
+        if block is not None and block[1] and role_syms:
+            # a merged B*T axis, each token a block of `block[0]` rows (MoE's (B*T*k, D) slots)
+            c = block[0]
+            options = [o + [stride * c] for o in options] + [
+                o + [stride * c * (seq if role == "batch" else batch)] for o in options
             ]
         elif role_syms and free & role_syms:
             rest = size / (seq if role == "seq" else batch)  # a product: sympy cancels the factor
             if role == "seq" and rest != 1:
-                return None
+                if block is None:
+                    return None
+                rest = block[0]  # (B, T*k, D): each token a block of k rows, in token order
             if role == "batch" and (getattr(rest, "free_symbols", set()) & (role_syms | other_syms)):
                 return None
             options = [o + [stride * rest] for o in options]
         stride = stride * size
     return [frozenset(Counter(o).items()) for o in options]  # products of symbols: canonical in sympy
+
+
+def _block(size: Any, seq: Any, batch: Any) -> tuple[int, bool] | None:
+    """A token axis of `size` = c*T or c*B*T with c a constant: (c, merged with B), else None.
+
+    c > 1 is a blocked token axis: every token owns c consecutive rows, in token order
+    (`repeat_interleave(h, k, dim=0)` over MoE's (B*T, D) rows, or (B*T, k) slots flattened);
+    its unit in memory is c rows, which `_role_strides` uses as the token axis' stride."""
+    import sympy
+
+    for merged, unit in ((True, batch * seq), (False, seq)):
+        c = sympy.simplify(size / unit)
+        if c.is_Integer and int(c) >= 1:
+            return int(c), merged
+    return None
 
 
 def _same_strides(a, b) -> bool:
@@ -134,3 +154,10 @@ def is_full_stop(stop: Any, size: Any, sym: TokenSymbols) -> bool:
         return sym.canon(stop) == sym.canon(size) or (isinstance(stop, int) and stop >= 2**62)
     except Exception:
         return False
+
+
+def token_block(size: Any, sym: TokenSymbols) -> int | None:
+    """How many consecutive rows each token owns along a token axis of `size`: 1 for T and B*T,
+    c for c*T and c*B*T (c a constant), None for any other size (a split or a foreign merge)."""
+    block = _block(size, sym.seq, sym.batch)
+    return None if block is None else block[0]

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from regate_fx.passes.graph import TokenSymbols, node_value
-from regate_fx.passes.placement import identity_index, is_full_stop, same_place
+from regate_fx.passes.placement import identity_index, is_full_stop, same_place, token_block
 from regate_fx.report import Reason
 
 __all__ = ["OK", "Call", "Verdict"]  # and one function per rule, named by what it judges
@@ -101,8 +101,8 @@ def reshape(c: Call) -> Verdict:
         return unsupported(f"{c.name} of a non-tensor")
     for v in (c.x, out):
         for d in sym.token_dims(v):
-            size = sym.canon(v.shape[d])
-            if size != sym.seq and size != sym.batch * sym.seq:
+            # T, B*T, or a blocked c*T / c*B*T (every token owns c consecutive rows: MoE's slots)
+            if token_block(sym.canon(v.shape[d]), sym) is None:
                 return _mix(f"{c.name} splits or merges the token axis (a dim of size {v.shape[d]})")
     if not same_place(c.x, out, sym, "seq"):
         return _mix(
@@ -151,6 +151,30 @@ def gather(c: Call) -> Verdict:
     return OK
 
 
+def scatter(c: Call) -> Verdict:
+    """`x.scatter(dim, index, src)` (and `scatter_add`, `scatter_reduce`, in place or not):
+    out[..., index[..., j], ...] = src[..., j], the same coordinate elsewhere. A write per position
+    when `dim` is not a token axis and index and src cover every token where `x` has it: the routers
+    of Llama 4, GLM-4-MoE and PhiMoE scatter each token's top-k scores into its row of experts."""
+    dims = _dims(arg(c.node, 1, "dim"), c.nd)
+    if dims is None:
+        return unsupported(f"{c.name} with a symbolic dim")
+    if set(dims) & set(c.x_tok):
+        return _mix(f"{c.name} writes other positions along the token axis")
+    for key, pos in (("index", 2), ("src", 3), ("value", 3)):
+        other = arg(c.node, pos, key)
+        ov = node_value(other) if isinstance(other, fx.Node) else None
+        if not isinstance(ov, torch.Tensor):
+            continue
+        if (
+            ov.dim() != c.nd
+            or c.sym.token_dims(ov) != c.x_tok
+            or any(c.sym.canon(ov.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok)
+        ):
+            return _mix(f"{c.name} with an {key} that does not cover the token axis position for position")
+    return OK
+
+
 def matmul(c: Call) -> Verdict:
     n = c.node
     if c.name in ("addmm", "baddbmm", "addbmm"):
@@ -189,6 +213,7 @@ def softmax(c: Call) -> Verdict:
         and dims == [c.nd - 1]
         and c.x_tok[-1] == c.nd - 1
         and c.sym.is_batch(x.shape[0])
+        and c.sym.is_seq(x.shape[-1])  # keys are the tokens themselves, not a blocked c*T axis
     ):
         return Verdict(True, attention="softmax")
     return _mix(f"{c.name} over the token axis outside an attention score matrix")
@@ -264,6 +289,16 @@ def reduce(c: Call) -> Verdict:
     if dims is None:
         return unsupported(f"{c.name} with a symbolic dim")
     if set(dims) & set(c.x_tok):
+        if c.name in ("sort", "argsort") and any(
+            (token_block(c.sym.canon(c.x.shape[d]), c.sym) or 1) > 1 for d in set(dims) & set(c.x_tok)
+        ):
+            # A proven sorted expert dispatch never gets here (judge.py asks dispatch.py first).
+            return _mix(
+                f"{c.name} along the token axis: sorts (token, slot) rows but is not a proven expert dispatch "
+                "(topk keys over E experts, rows read by the permutation and put back by its inverse, group "
+                "ends from histc over E bins: regate_fx/passes/dispatch.py); a MoE model loaded with "
+                "experts_implementation='batched_mm' computes each (token, slot) row on its own"
+            )
         return _mix(f"{c.name} along the token axis")
     return OK
 
@@ -306,6 +341,10 @@ def split(c: Call) -> Verdict:
     if c.name == "repeat_interleave" and dim is None:
         return _mix("repeat_interleave flattens the token axis")
     dims = _dims(dim, c.nd)
+    if c.name == "repeat_interleave" and dims is not None and isinstance(arg(c.node, 1, "repeats"), int):
+        # every row repeated k times in place (MoE's batched experts copy each token once per
+        # slot, (B*T, D) -> (B*T*k, D)): a blocked token axis, each token's k rows in token order
+        return OK
     if dims is None or set(dims) & set(c.x_tok):
         return _mix(f"{c.name} along the token axis")
     return OK
@@ -323,7 +362,9 @@ def pad(c: Call) -> Verdict:
 
 def repeat(c: Call) -> Verdict:
     n = c.node
-    reps = list(n.args[1:]) if len(n.args) > 2 else list(arg(n, 1, "sizes") or [])
+    sizes = arg(n, 1, "sizes")
+    # x.repeat(a, b, ...) or x.repeat((a, b, ...)); a single repeat count may be a symbolic size
+    reps = list(n.args[1:]) if len(n.args) > 2 or not isinstance(sizes, (list, tuple)) else list(sizes)
     lead = len(reps) - c.nd
     if any(reps[lead + d] != 1 for d in c.x_tok if 0 <= lead + d < len(reps)):
         return _mix("repeat tiles the token axis")
