@@ -36,6 +36,7 @@ ALL_RUNS = {
 }
 DEFAULT_RUNS = ["dense", "regate", "random"]
 SWEPT = ("dense", "regate")
+GRID = [3e-4, 1e-3, 3e-3]
 # The lrs the full study's sweep chose (docs/results/full/summary.json, "tuned_lr"); the default run uses them.
 TUNED_LR = {"dense": 1e-3, "regate": 1e-3}
 
@@ -54,7 +55,7 @@ def parse(argv=None):
         help="run the lr sweep first (default: with --full / --quick)",
     )
     ap.add_argument("--sweep-seed", type=int, default=100, help="the sweep's seed (never a reported one)")
-    ap.add_argument("--lr-grid", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=list(GRID))
     ap.add_argument(
         "--sweep-lrs",
         type=float,
@@ -78,16 +79,17 @@ def parse(argv=None):
     ap.add_argument("--patience", type=int, default=8, help="evaluations without a new best before stopping")
     ap.add_argument("--lr-warmup", type=int, default=20, help="linear lr warm-up steps (then constant)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--warm-batches", type=int, default=3, help="batches of capture / first calls before timing")
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--val-size", type=int, default=192)
     ap.add_argument("--test-size", type=int, default=512)
     ap.add_argument("--gen-samples", type=int, default=128, help="test samples whose answers are generated")
     ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=96)
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=288)
+    ap.add_argument("--intermediate", type=int, default=192)
     ap.add_argument("--backbone-steps", type=int, default=300)
     ap.add_argument("--vision-steps", type=int, default=300)
     ap.add_argument("--backend", default="eager", choices=["eager", "aot_eager", "inductor"])
@@ -99,7 +101,7 @@ def parse(argv=None):
     args.quick_base = {}
     if args.quick:
         for k, v in dict(
-            max_steps=24,
+            max_steps=16,
             eval_every=4,
             patience=3,
             train_size=128,
@@ -111,11 +113,14 @@ def parse(argv=None):
             heads=2,
             kv_heads=1,
             intermediate=64,
-            backbone_steps=20,
-            vision_steps=20,
+            backbone_steps=12,
+            vision_steps=12,
             lr_warmup=4,
+            warm_batches=1,
         ).items():
             setattr(args, k, v)
+        if args.lr_grid == GRID:
+            args.lr_grid = [1e-3, 3e-3]
         args.quick_base = dict(warmup_steps=4, cycle_steps=5, dense_steps=1)
     if args.seeds is None:
         args.seeds = [0, 1, 2] if args.full else [0]

@@ -129,7 +129,9 @@ def run_group(phase: str, specs: list[RunSpec], prep: dict, out: Path, plan: Pla
     mllm = M.build_mllm(prep["backbone"], prep["tower"], prep["size"], seed)
     teacher_s = 0.0
     cache = None
-    if any(s.regate is not None for s in todo):
+    if any(
+        s.regate is not None and s.regate.get("lam", 0.5) > 0 and s.regate.get("selection") != "random" for s in todo
+    ):  # a run reads the reference loss r
         t0 = time.perf_counter()
         teacher = regate_fx.text_only_teacher(mllm)
         cdir = out / "teacher-cache" / f"{phase}-seed{seed}-{os.getpid()}"  # fresh: its time is measured
@@ -146,7 +148,9 @@ def run_group(phase: str, specs: list[RunSpec], prep: dict, out: Path, plan: Pla
     else:
         tr = None
     runs = [make_run(s, mllm, cache, len(train), args.lr_warmup, args.backend, seed) for s in todo]
-    wb = [batch_of(train, list(range(k * args.batch_size, (k + 1) * args.batch_size))) for k in range(3)]
+    wb = [
+        batch_of(train, list(range(k * args.batch_size, (k + 1) * args.batch_size))) for k in range(args.warm_batches)
+    ]
     for r in runs:
         warm_up(r, wb, seed)
     log("  compile / first calls: " + ", ".join(f"{r.spec.name} {r.warmup_s:.1f} s" for r in runs))
