@@ -36,7 +36,7 @@ ALL_RUNS = {
 }
 DEFAULT_RUNS = ["dense", "regate", "random"]
 SWEPT = ("dense", "regate")
-GRID = [3e-4, 1e-3, 3e-3]
+GRID = [3e-4, 1e-3, 3e-3, 1e-2]
 # The lrs the full study's sweep chose (docs/results/full/summary.json, "tuned_lr"); the default run uses them.
 TUNED_LR = {"dense": 1e-3, "regate": 1e-3}
 
@@ -76,6 +76,7 @@ def parse(argv=None):
     )
     ap.add_argument("--max-steps", type=int, default=800, help="the plateau rule's step cap")
     ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--min-steps", type=int, default=300, help="no plateau stop before this step")
     ap.add_argument("--patience", type=int, default=8, help="evaluations without a new best before stopping")
     ap.add_argument("--lr-warmup", type=int, default=20, help="linear lr warm-up steps (then constant)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -104,6 +105,7 @@ def parse(argv=None):
             max_steps=16,
             eval_every=4,
             patience=3,
+            min_steps=8,
             train_size=128,
             val_size=32,
             test_size=32,

@@ -154,7 +154,7 @@ def run_group(phase: str, specs: list[RunSpec], prep: dict, out: Path, plan: Pla
     for r in runs:
         warm_up(r, wb, seed)
     log("  compile / first calls: " + ", ".join(f"{r.spec.name} {r.warmup_s:.1f} s" for r in runs))
-    rules = {r.spec.name: Plateau(args.eval_every, args.patience, args.max_steps) for r in runs}
+    rules = {r.spec.name: Plateau(args.eval_every, args.patience, args.max_steps, args.min_steps) for r in runs}
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     t_start = time.perf_counter()

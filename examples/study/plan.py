@@ -44,12 +44,15 @@ class Plateau:
 
     Evaluate every ``eval_every`` steps (and at step 0). A run stops at the evaluation that is the
     ``patience``-th in a row without a new best (a new best beats the old one by more than
-    ``min_delta``), or at ``max_steps``. Its result is the best evaluation (the checkpoint there).
+    ``min_delta``), but not before ``min_steps`` (accuracy first dips while the fresh projector
+    settles, so an early stretch without progress is not a plateau), or at ``max_steps``. Its
+    result is the best evaluation (the checkpoint there).
     """
 
     eval_every: int
     patience: int
     max_steps: int
+    min_steps: int = 0
     min_delta: float = 0.0
     best: float = -1.0
     best_step: int = -1
@@ -64,7 +67,7 @@ class Plateau:
             self.best, self.best_step, self.since = acc, step, 0
         else:
             self.since += 1
-        if self.since >= self.patience:
+        if self.since >= self.patience and step >= self.min_steps:
             self.stopped = "plateau"
         elif step >= self.max_steps:
             self.stopped = "max_steps"

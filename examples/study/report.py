@@ -167,7 +167,7 @@ def summarise(plan, args, lr: dict, prep_s: dict, total_s: float) -> dict:
                 for x in args.lr_grid
             }
     teach = [main[s]["regate"]["teacher"] for s in seeds if "regate" in main[s] and main[s]["regate"]["teacher"]]
-    rule = Plateau(args.eval_every, args.patience, args.max_steps).rule()
+    rule = Plateau(args.eval_every, args.patience, args.max_steps, args.min_steps).rule()
     size = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")}
     return {
         "seeds": seeds,
