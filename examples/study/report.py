@@ -228,6 +228,10 @@ def summarise(plan, args, lr: dict, prep_s: dict, total_s: float) -> dict:
     }
 
 
+def _f2(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _pm(d: dict, f: str = ".3f") -> str:
     m, s = d["mean"], d["sd"]
     if m is None:
@@ -275,7 +279,7 @@ def table(summary: dict) -> str:
         ]
         for n, r in runs.items():
             x = r["reach_dense_best"]
-            f = lambda v: "-" if v is None else f"{v:.2f}"
+            f = _f2
             lines.append(
                 f"| `{n}` | {x['reached']} | {f(x['text_tokens_fraction'])} | {f(x['tokens_fraction'])} "
                 f"| {f(x['train_time_fraction'])} | {f(x['end_to_end_fraction'])} |"
