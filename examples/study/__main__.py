@@ -38,7 +38,7 @@ DEFAULT_RUNS = ["dense", "regate", "random"]
 SWEPT = ("dense", "regate")
 GRID = [3e-4, 1e-3, 3e-3, 1e-2]
 # The lrs the full study's sweep chose (docs/results/full/summary.json, "tuned_lr"); the default run uses them.
-TUNED_LR = {"dense": 1e-3, "regate": 1e-3}
+TUNED_LR = {"dense": 3e-4, "regate": 3e-4}
 
 
 def parse(argv=None):
@@ -74,7 +74,8 @@ def parse(argv=None):
     ap.add_argument(
         "--lr-regate", type=float, default=TUNED_LR["regate"], help="lr of ReGATE and its controls without a sweep"
     )
-    ap.add_argument("--max-steps", type=int, default=800, help="the plateau rule's step cap")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="the plateau rule's step cap (default 800 with --full, 400 for the short default run)")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--min-steps", type=int, default=300, help="no plateau stop before this step")
     ap.add_argument("--patience", type=int, default=8, help="evaluations without a new best before stopping")
@@ -124,6 +125,8 @@ def parse(argv=None):
         if args.lr_grid == GRID:
             args.lr_grid = [1e-3, 3e-3]
         args.quick_base = dict(warmup_steps=4, cycle_steps=5, dense_steps=1)
+    if args.max_steps is None:
+        args.max_steps = 800 if args.full else 400
     if args.seeds is None:
         args.seeds = [0, 1, 2] if args.full else [0]
     if args.runs is None:
