@@ -59,10 +59,12 @@ def _setting(s: dict) -> str:
         if s["lr_grid"]
         else "the full study's tuned values"
     )
+    capped = ", ".join(f"`{n}` {r['stopped'].count('max_steps')}/{len(r['stopped'])}" for n, r in s["runs"].items())
     return (
-        f"lr {lr} ({src}; every control at ReGATE's); each run stopped at its plateau (validation every "
-        f"{rule['eval_every']} steps, patience {rule['patience_evals']} evaluations, cap {rule['max_steps']} "
-        f"steps) and reported at its best checkpoint"
+        f"lr {lr} ({src}; every control at ReGATE's); each run trained until its plateau (validation every "
+        f"{rule['eval_every']} steps, patience {rule['patience_evals']} evaluations, not before step "
+        f"{rule.get('min_steps', 0)}) or the {rule['max_steps']}-step cap, and reported at its best checkpoint "
+        f"(stopped by the cap, not a plateau: {capped})"
     )
 
 
