@@ -80,6 +80,7 @@ class Plateau:
             "eval_every": self.eval_every,
             "patience_evals": self.patience,
             "patience_steps": self.patience * self.eval_every,
+            "min_steps": self.min_steps,
             "max_steps": self.max_steps,
             "min_delta": self.min_delta,
             "reported": "the best evaluation (its checkpoint is tested and generated from)",
