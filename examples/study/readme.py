@@ -99,6 +99,22 @@ def block(full: dict, demo: dict | None = None) -> str:
                 f"({', '.join(f'{x:+.3f}' for x in v['per_seed'])}; higher in {v['a_wins']}/{v['seeds']}); "
                 f"test {t['mean']:+.3f}; generated EM {g['mean']:+.3f}"
             )
+    if pr:
+        allw = [k.split(" - ")[1] for k, p in pr.items() if p["best_val_acc"]["a_wins"] == p["best_val_acc"]["seeds"]]
+        notw = [
+            f"`{k.split(' - ')[1]}` ({p['best_val_acc']['a_wins']}/{p['best_val_acc']['seeds']})"
+            for k, p in pr.items()
+            if p["best_val_acc"]["a_wins"] < p["best_val_acc"]["seeds"]
+        ]
+        out += [
+            "",
+            "In short: ReGATE's best validation accuracy is above "
+            + (", ".join(f"`{n}`" for n in allw) or "no run")
+            + " in every seed; it is **not** above "
+            + (", ".join(notw) or "-")
+            + " in every seed (seeds where it is higher in brackets). "
+            "What this means, run by run: [docs/study.md](docs/study.md#what-regate-gains-over-each-control-and-what-it-does-not).",
+        ]
     if demo is not None:
         out += [
             "",
