@@ -8,7 +8,7 @@ import torch
 import regate_fx
 from regate_fx import KeepMaskError, Reason, RewriteError, SparsifyConfig
 from regate_fx.report import BranchKind
-from tests.helpers import assert_close, random_keep
+from tests.helpers import assert_close
 from tests.toy import NoStreamLM, ToyLM
 
 
@@ -114,25 +114,5 @@ def test_returned_attention_weights_are_refused_as_escaping():
     assert "output_attentions" in refused[0].detail
 
 
-def test_moe_routing_is_refused_but_runs_exactly_when_left_dense():
-    """Mixtral's experts sort the flattened tokens by expert: a permutation of the token axis the
-    pass cannot prove token-wise, so the MoE branches are refused. Left dense (strict=False) they
-    see every token, but dropless routing is per token, so kept positions still match the oracle."""
-    import transformers as tf
-
-    from tests.helpers import check_against_oracle, make_batch
-    from tests.models import TinyModel, _causal
-
-    tm = TinyModel("mixtral", _causal(tf.MixtralConfig, tf.MixtralForCausalLM, num_key_value_heads=2,
-                                      num_local_experts=4, num_experts_per_tok=2))
-    model = tm("sdpa")
-    batch = make_batch(tm, 2, 12, pad="left", seed=1)
-    keep = random_keep(batch, 0.5, seed=2)
-    with pytest.raises(RewriteError, match="token axis"):
-        regate_fx.sparsify(model, backend="eager")(**batch, keep_mask=keep)
-    smodel = regate_fx.sparsify(model, SparsifyConfig(strict=False), backend="eager")
-    with pytest.warns(UserWarning, match="stay dense"):
-        check_against_oracle(smodel, model, batch, keep)
-    report = smodel.regate_report
-    assert [(b.kind, b.rewritten) for b in report.branches] == [(BranchKind.ATTENTION, True), (BranchKind.MLP, False)] * 2
-    assert {b.reason for b in report.refused} == {Reason.TOKEN_MIXING}
+# Mixture of experts used to be refused here (the sorted dispatch); it now runs on kept tokens:
+# tests/passes/test_moe.py, with its own negatives (broken dispatches).
