@@ -50,7 +50,7 @@ from regate_fx.passes.kernels import MARKERS
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import Verdict, classify, higher_order_detail
 from regate_fx.passes.sizes import side_input_problem
-from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_root
+from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_start
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Judge", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -222,12 +222,12 @@ def analyse(
             reason=Reason.NO_STREAM,
             detail="no residual add over (batch, tokens, hidden) tensors was found; is this a transformer decoder?",
         )
-    stream_nodes = [stream_root(chain[0][1])]
+    stream_nodes = [stream_start(chain[0][1], chain[0][2], sym, anc)]
     for k, (add, carry, _) in enumerate(chain):
-        if k:  # re-views and token-wise links (post-norm) between the previous add and this carry
-            prev = chain[k - 1][0]
-            bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
-            stream_nodes.extend(anc.members(bits))
+        # re-views and token-wise links (post-norm, a scaled carry) between the previous add and this carry
+        prev = chain[k - 1][0] if k else stream_nodes[0]
+        bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
+        stream_nodes.extend(anc.members(bits))
         stream_nodes.append(add)
     stream_set = set(stream_nodes)
     stream_dep = anc.descendants_of_any([stream_nodes[0]])
@@ -339,7 +339,8 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols) -> list[R
         j = i
         while j + 1 < len(branches) and branches[j + 1].ok:
             j += 1
-        start, end = stream_root(branches[i].carry), stream_3d(branches[j].add, sym)
+        start = stream_start(branches[i].carry, branches[i].output, sym, anc)
+        end = stream_3d(branches[j].add, sym)
         if end is None or not is_stream_value(node_value(start), sym, flat_ok=False):
             branches[j if end is None else i].refuse(
                 Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here"
@@ -403,7 +404,9 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
                     side[a] = None
         for a in side:
             problem = side_input_problem(a, sym)
-            mutated = next((u for u in a.users if _mutates(u, a)), None)
+            # the start is gathered where it is computed and its in-place writes are region
+            # members, replayed on the gathered stream (and judged like any member)
+            mutated = next((u for u in a.users if _mutates(u, a) and not (a is region.start and u in members)), None)
             if problem is None and mutated is not None and sym.token_dims(node_value(a)):
                 # it is gathered where it is computed: a later in-place change would be missed
                 problem = (
