@@ -370,6 +370,34 @@ def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
     return sorted(members | set(extra), key=lambda n: anc.index[n])
 
 
+def _escape_detail(n: fx.Node, user: fx.Node, sym: TokenSymbols) -> str:
+    """What an intermediate escaping its region is, for the refusal: a write into a buffer made
+    outside the region, attention weights (queries x keys), a value the graph returns, or another use."""
+    where = f" ({module_path(user)})" if module_path(user) else ""
+    v = node_value(n)
+    if isinstance(v, torch.Tensor) and v.dim() >= 3 and sym.token_dims(v)[-2:] == (v.dim() - 2, v.dim() - 1):
+        return (
+            f"attention weights '{n.name}' (queries x keys) are also used by '{user.name}'{where} outside the "
+            "decoder stream (returned attention weights?): pass output_attentions=False"
+        )
+    if mutates(user) and user.args and user.args[0] is not n:
+        buf = user.args[0]
+        return (
+            f"'{n.name}' is written in place by '{user.name}'{where} into '{getattr(buf, 'name', buf)}', a buffer "
+            "created outside the rewritten branches (e.g. new_empty / zeros filled slice by slice): build the "
+            "value from the branch's own tensors (torch.cat) or keep the branch dense (strict=False)"
+        )
+    if user.op == "output":
+        return (
+            f"'{n.name}' is returned by the graph (attention weights, router logits, an auxiliary output): "
+            "turn that output off (output_attentions=False, output_router_logits=False) or keep the branch dense"
+        )
+    return (
+        f"'{n.name}' is also used by '{user.name}' ({op_name(user)}){where} outside the decoder stream: that use "
+        "would read kept tokens only"
+    )
+
+
 def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:
     for b in branches[region.first : region.last + 1]:
         if n in b.nodes or n is b.add:
@@ -393,11 +421,7 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
             if n is not region.end and not (n in stream and is_stream_value(node_value(n), sym, flat_ok=False)):
                 for u in n.users:
                     if u not in members:
-                        _owner(n, region, branches).refuse(
-                            Reason.ESCAPING_VALUE,
-                            f"'{n.name}' is also used by '{u.name}' outside the decoder stream "
-                            "(e.g. returned attention weights); pass output_attentions=False",
-                        )
+                        _owner(n, region, branches).refuse(Reason.ESCAPING_VALUE, _escape_detail(n, u, sym))
                         break
             for a in n.all_input_nodes:
                 if a not in members:
