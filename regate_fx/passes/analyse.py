@@ -54,7 +54,7 @@ from regate_fx.passes.kernels import MARKERS
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import Verdict, classify, higher_order_detail
 from regate_fx.passes.sizes import side_input_problem
-from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_root
+from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_start
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Judge", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -229,12 +229,12 @@ def analyse(
             reason=Reason.NO_STREAM,
             detail="no residual add over (batch, tokens, hidden) tensors was found; is this a transformer decoder?",
         )
-    stream_nodes = [stream_root(chain[0][1])]
+    stream_nodes = [stream_start(chain[0][1], chain[0][2], sym, anc)]
     for k, (add, carry, _) in enumerate(chain):
-        if k:  # re-views and token-wise links (post-norm) between the previous add and this carry
-            prev = chain[k - 1][0]
-            bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
-            stream_nodes.extend(anc.members(bits))
+        # re-views and token-wise links (post-norm, a scaled carry) between the previous add and this carry
+        prev = chain[k - 1][0] if k else stream_nodes[0]
+        bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
+        stream_nodes.extend(anc.members(bits))
         stream_nodes.append(add)
     stream_set = set(stream_nodes)
     stream_dep = anc.descendants_of_any([stream_nodes[0]])
@@ -348,7 +348,8 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols, dispatch:
         j = i
         while j + 1 < len(branches) and branches[j + 1].ok:
             j += 1
-        start, end = stream_root(branches[i].carry), stream_3d(branches[j].add, sym)
+        start = stream_start(branches[i].carry, branches[i].output, sym, anc)
+        end = stream_3d(branches[j].add, sym)
         if end is None or not is_stream_value(node_value(start), sym, flat_ok=False):
             branches[j if end is None else i].refuse(
                 Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here"
@@ -385,6 +386,34 @@ def _with_inplace(nodes: list[fx.Node], anc: Ancestry) -> list[fx.Node]:
     return sorted(members | set(extra), key=lambda n: anc.index[n])
 
 
+def _escape_detail(n: fx.Node, user: fx.Node, sym: TokenSymbols) -> str:
+    """What an intermediate escaping its region is, for the refusal: a write into a buffer made
+    outside the region, attention weights (queries x keys), a value the graph returns, or another use."""
+    where = f" ({module_path(user)})" if module_path(user) else ""
+    v = node_value(n)
+    if isinstance(v, torch.Tensor) and v.dim() >= 3 and sym.token_dims(v)[-2:] == (v.dim() - 2, v.dim() - 1):
+        return (
+            f"attention weights '{n.name}' (queries x keys) are also used by '{user.name}'{where} outside the "
+            "decoder stream (returned attention weights?): pass output_attentions=False"
+        )
+    if mutates(user) and user.args and user.args[0] is not n:
+        buf = user.args[0]
+        return (
+            f"'{n.name}' is written in place by '{user.name}'{where} into '{getattr(buf, 'name', buf)}', a buffer "
+            "created outside the rewritten branches (e.g. new_empty / zeros filled slice by slice): build the "
+            "value from the branch's own tensors (torch.cat) or keep the branch dense (strict=False)"
+        )
+    if user.op == "output":
+        return (
+            f"'{n.name}' is returned by the graph (attention weights, router logits, an auxiliary output): "
+            "turn that output off (output_attentions=False, output_router_logits=False) or keep the branch dense"
+        )
+    return (
+        f"'{n.name}' is also used by '{user.name}' ({op_name(user)}){where} outside the decoder stream: that use "
+        "would read kept tokens only"
+    )
+
+
 def _owner(n: fx.Node, region: Region, branches: list[Branch]) -> Branch:
     for b in branches[region.first : region.last + 1]:
         if n in b.nodes or n is b.add:
@@ -409,18 +438,16 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
             if n is not region.end and not (n in stream and is_stream_value(node_value(n), sym, flat_ok=False)):
                 for u in n.users:
                     if u not in members:
-                        _owner(n, region, branches).refuse(
-                            Reason.ESCAPING_VALUE,
-                            f"'{n.name}' is also used by '{u.name}' outside the decoder stream "
-                            "(e.g. returned attention weights); pass output_attentions=False",
-                        )
+                        _owner(n, region, branches).refuse(Reason.ESCAPING_VALUE, _escape_detail(n, u, sym))
                         break
             for a in n.all_input_nodes:
                 if a not in members:
                     side[a] = None
         for a in side:
             problem = side_input_problem(a, sym)
-            mutated = next((u for u in a.users if _mutates(u, a)), None)
+            # the start is gathered where it is computed and its in-place writes are region
+            # members, replayed on the gathered stream (and judged like any member)
+            mutated = next((u for u in a.users if _mutates(u, a) and not (a is region.start and u in members)), None)
             if problem is None and mutated is not None and sym.token_dims(node_value(a)):
                 # it is gathered where it is computed: a later in-place change would be missed
                 problem = (

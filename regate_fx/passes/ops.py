@@ -89,6 +89,8 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(_names("cat concat concatenate stack"), rules.cat),
     **dict.fromkeys(tuple(rules.SPLIT_DIM), rules.split),
     "pad": rules.pad,
+    "batch_norm": rules.batch_norm,
+    **dict.fromkeys(_names("scatter scatter_ scatter_add scatter_add_ scatter_reduce scatter_reduce_"), rules.scatter),
     "repeat": rules.repeat,
     **dict.fromkeys(_names("tril triu"), rules.tril),
     **dict.fromkeys(_names("masked_scatter masked_scatter_"), rules.masked_scatter),
@@ -100,7 +102,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(
         _names(
             "conv1d conv2d conv3d conv_transpose1d conv_transpose2d avg_pool1d max_pool1d adaptive_avg_pool1d"
-            " adaptive_max_pool1d unfold fold pixel_shuffle interpolate upsample batch_norm group_norm instance_norm"
+            " adaptive_max_pool1d unfold fold pixel_shuffle interpolate upsample group_norm instance_norm"
         ),
         rules.always_mixing,
     ),

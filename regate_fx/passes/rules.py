@@ -216,7 +216,22 @@ def softmax(c: Call) -> Verdict:
         and c.sym.is_seq(x.shape[-1])  # keys are the tokens themselves, not a blocked c*T axis
     ):
         return Verdict(True, attention="softmax")
+    if c.nd == 3 and dims == [2] and c.x_tok == (1, 2) and _merges_batch(x.shape[0], c.sym):
+        return Verdict(
+            False,
+            reason=Reason.ATTENTION_FORM,
+            detail=f"{c.name} over attention scores laid out (batch*heads, queries, keys) (bmm attention, as "
+            "XGLM's): the rewrite masks padding-slot keys only in (batch, heads, queries, keys) scores; "
+            "use an attention implementation with 4-D scores or SDPA, or keep the branch dense (strict=False)",
+        )
     return _mix(f"{c.name} over the token axis outside an attention score matrix")
+
+
+def _merges_batch(size: Any, sym: TokenSymbols) -> bool:
+    """Whether a size is the batch times a constant (batch*heads), not the batch itself."""
+    size = sym.canon(size)
+    b_syms = getattr(sym.batch, "free_symbols", set())
+    return bool(b_syms) and size != sym.batch and b_syms <= getattr(size, "free_symbols", set())
 
 
 def sdpa(c: Call) -> Verdict:
@@ -256,6 +271,48 @@ def norm(c: Call) -> Verdict:
     n = len(shape) if isinstance(shape, (list, tuple)) else 1
     if set(range(c.nd - n, c.nd)) & set(c.x_tok):
         return _mix(f"{c.name} normalises over the token axis")
+    return OK
+
+
+def batch_norm(c: Call) -> Verdict:
+    """`batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`: in eval mode
+    with running statistics, `(x - mean) / sqrt(var + eps) * w + b` per element with per-channel
+    constants: token-wise (and per sample) unless the channel axis (1) is the token axis. In training
+    mode (or without running statistics) it normalises over the batch and every other axis: the
+    samples are coupled, even dense."""
+    training = arg(c.node, 5, "training", False)
+    running = arg(c.node, 1, "running_mean")
+    if training is not False or running is None:
+        return Verdict(
+            False,
+            reason=Reason.BATCH_MIXING,
+            detail=f"{c.name} in training mode normalises with statistics over the batch (and the tokens): it "
+            "couples samples; put the norm in eval mode (running statistics) or use a per-token norm",
+        )
+    if c.nd > 1 and 1 in c.x_tok:
+        return _mix(f"{c.name}'s channel axis is the token axis (statistics per position)")
+    return OK
+
+
+def scatter(c: Call) -> Verdict:
+    """`scatter(x, dim, index, src | value)` (and `scatter_add`, `scatter_reduce`, in place or not):
+    along `dim`, x[..., index[..., j], ...] = src[..., j, ...], the same coordinate elsewhere. Per
+    row when `dim` is not a token axis and index and src sit on the same token axes as x (an MoE
+    router's top-k mask: Llama 4's `router_scores`, GLM-4-MoE's group mask)."""
+    dims = _dims(arg(c.node, 1, "dim"), c.nd)
+    if dims is None:
+        return unsupported(f"{c.name} with a symbolic dim")
+    if set(dims) & set(c.x_tok):
+        return _mix(f"{c.name} writes along the token axis")
+    for key, pos in (("index", 2), ("src", 3)):
+        v = arg(c.node, pos, key)
+        v = node_value(v) if isinstance(v, fx.Node) else v
+        if isinstance(v, torch.Tensor) and (
+            v.dim() != c.nd
+            or c.sym.token_dims(v) != c.x_tok
+            or any(c.sym.canon(v.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok)
+        ):
+            return _mix(f"{c.name}'s {key} is not on the token axes of its target")
     return OK
 
 

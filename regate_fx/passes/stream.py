@@ -16,7 +16,7 @@ import torch.fx as fx
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name
 from regate_fx.passes.ops import classify
 
-__all__ = ["find_stream", "is_stream_value", "stream_3d", "stream_root"]
+__all__ = ["find_stream", "is_stream_value", "scaled_source", "stream_3d", "stream_root", "stream_start"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -80,6 +80,10 @@ def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple
             adds[n] = (b, a)
         elif (stream_root(a) in adds) != (stream_root(b) in adds):  # Cohere: (h + attn) + mlp
             adds[n] = (a, b) if stream_root(a) in adds else (b, a)
+        elif _scales_an_ancestor(a, b, sym, anc):  # MiniMax, Doge: h = alpha * h + f(h)
+            adds[n] = (a, b)
+        elif _scales_an_ancestor(b, a, sym, anc):
+            adds[n] = (b, a)
     # Link adds whose carry is (a token-wise function of) the previous add into chains; keep the longest.
     next_of: dict[fx.Node, fx.Node | None] = {}
     prev_of = {n: _previous_add(carry, adds, sym, anc) for n, (carry, _) in adds.items()}
@@ -99,6 +103,44 @@ def find_stream(graph: fx.Graph, sym: TokenSymbols, anc: Ancestry) -> list[tuple
 
 
 _PROJECTIONS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "embedding"}
+_SCALES = {"mul", "mul_", "__mul__", "__rmul__", "div", "truediv", "to", "float", "type_as"}
+
+
+def scaled_source(carry: fx.Node, branch: fx.Node, sym: TokenSymbols, anc: Ancestry, depth: int = 4) -> fx.Node | None:
+    """The value a scaled residual carry scales, when `branch` is computed from it: `carry` is
+    elementwise scalings of one token-indexed value by constants or parameters (`alpha * h`,
+    MiniMax's `residual * attn_alpha_factor`, Doge's `input_residual * residual`). Else None."""
+    n = carry
+    for _ in range(depth):
+        if n.op not in ("call_function", "call_method") or op_name(n) not in _SCALES:
+            return None
+        tokened = [a for a in n.all_input_nodes if sym.token_dims(node_value(a))]
+        if len(tokened) != 1 or not classify(n, sym).token_wise:
+            return None
+        n = tokened[0]
+        if anc.is_ancestor(n, branch):
+            return n
+    return None
+
+
+def _scales_an_ancestor(carry: fx.Node, branch: fx.Node, sym: TokenSymbols, anc: Ancestry) -> bool:
+    return scaled_source(carry, branch, sym, anc) is not None
+
+
+def stream_start(carry: fx.Node, branch: fx.Node, sym: TokenSymbols, anc: Ancestry) -> fx.Node:
+    """The (B, T, D) value a stream starts from at the add `carry + branch`: the carry's root
+    through re-views (OPT's flattened stream), the value a scaled carry scales (`alpha * h + f(h)`:
+    h), or the carry itself when its root is not (B, T, D) (a stem ending in a per-token reshape,
+    `x.view(B, T, H, d).transpose(2, 3).reshape(B, T, D)`)."""
+    source = scaled_source(carry, branch, sym, anc)
+    if source is not None and is_stream_value(node_value(stream_root(source)), sym, flat_ok=False):
+        return stream_root(source)
+    root = stream_root(carry)
+    if not is_stream_value(node_value(root), sym, flat_ok=False) and is_stream_value(
+        node_value(carry), sym, flat_ok=False
+    ):
+        return carry
+    return root
 
 
 def _previous_add(carry: fx.Node, adds: dict, sym: TokenSymbols, anc: Ancestry) -> fx.Node | None:

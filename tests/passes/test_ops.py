@@ -91,6 +91,9 @@ TOKEN_WISE = {
     "index the token axis with its own arange": lambda x: x[:, torch.arange(x.shape[1])],
     "reshape heads in memory order": lambda x: x.reshape(x.shape[0], x.shape[1], 2, 4).reshape(x.shape[0], -1, 8),
     "arange over tokens (original positions)": lambda x: x + torch.arange(x.shape[1])[None, :, None],
+    # issue 18: an MoE router's top-k mask (Llama 4, GLM-4-MoE), BatchNorm with running statistics
+    "scatter along hidden (top-k mask)": lambda x: torch.zeros_like(x).scatter(2, x.topk(2, -1).indices, 1.0),
+    "batch_norm in eval mode": lambda x: F.batch_norm(x.transpose(1, 2), torch.zeros(8), torch.ones(8)),
 }
 MIXING = {
     "max over tokens (reduction overload)": lambda x: x.max(dim=1).values,
@@ -120,6 +123,8 @@ MIXING = {
     "masked_scatter numbering by a content mask": lambda x: x.masked_scatter((x[..., :1] > 0).expand_as(x),
                                                                                torch.randn(100)),
     "integer ids rolled along tokens": lambda x: (x[..., 0] > 0).long().roll(1, 1),
+    "scatter along tokens": lambda x: torch.zeros_like(x).scatter(1, torch.zeros_like(x, dtype=torch.long), x),
+    "scatter into the first token only": lambda x: x.scatter(2, torch.zeros(x.shape[0], 1, 8, dtype=torch.long), 1.0),
 }
 LENGTH = {
     "scale by 4 / T": lambda x: x * (4 / x.size(1)),
@@ -189,6 +194,13 @@ def test_masked_scatter_numbers_positions():
     assert not v.ok and v.reason is Reason.TOKEN_MIXING, v
 
 
+def test_batch_norm_in_training_mode_couples_samples():
+    v = _verdict(lambda x: F.batch_norm(x.transpose(1, 2), torch.zeros(8), torch.ones(8), training=True), BTD)
+    assert not v.ok and v.reason is Reason.BATCH_MIXING, v
+    v = _verdict(lambda x: F.batch_norm(x.transpose(1, 2), None, None, training=True), BTD)
+    assert not v.ok and v.reason is Reason.BATCH_MIXING, v
+
+
 def test_unknown_op_refuses():
     v = _verdict(lambda x: torch.fft.fft(x, dim=1).real, BTD)
     assert not v.ok and v.reason is Reason.UNSUPPORTED_OP
@@ -201,5 +213,5 @@ def test_every_rule_is_exercised():
     tested = {r.token_wise, r.reshape, r.permute, r.view_complex, r.linear, r.matmul,
               r.softmax, r.sdpa, r.norm, r.always_mixing, r.reduce, r.cat, r.split,
               r.pad, r.repeat, r.where, r.masked_scatter, r.getitem, r.tril, r.setitem,
-              r.embedding, r.gather}
+              r.embedding, r.gather, r.scatter, r.batch_norm}
     assert set(RULES.values()) <= tested
