@@ -90,7 +90,6 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(tuple(rules.SPLIT_DIM), rules.split),
     "pad": rules.pad,
     "batch_norm": rules.batch_norm,
-    **dict.fromkeys(_names("scatter scatter_ scatter_add scatter_add_ scatter_reduce scatter_reduce_"), rules.scatter),
     "repeat": rules.repeat,
     **dict.fromkeys(_names("tril triu"), rules.tril),
     **dict.fromkeys(_names("masked_scatter masked_scatter_"), rules.masked_scatter),

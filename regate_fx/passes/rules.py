@@ -151,30 +151,6 @@ def gather(c: Call) -> Verdict:
     return OK
 
 
-def scatter(c: Call) -> Verdict:
-    """`x.scatter(dim, index, src)` (and `scatter_add`, `scatter_reduce`, in place or not):
-    out[..., index[..., j], ...] = src[..., j], the same coordinate elsewhere. A write per position
-    when `dim` is not a token axis and index and src cover every token where `x` has it: the routers
-    of Llama 4, GLM-4-MoE and PhiMoE scatter each token's top-k scores into its row of experts."""
-    dims = _dims(arg(c.node, 1, "dim"), c.nd)
-    if dims is None:
-        return unsupported(f"{c.name} with a symbolic dim")
-    if set(dims) & set(c.x_tok):
-        return _mix(f"{c.name} writes other positions along the token axis")
-    for key, pos in (("index", 2), ("src", 3), ("value", 3)):
-        other = arg(c.node, pos, key)
-        ov = node_value(other) if isinstance(other, fx.Node) else None
-        if not isinstance(ov, torch.Tensor):
-            continue
-        if (
-            ov.dim() != c.nd
-            or c.sym.token_dims(ov) != c.x_tok
-            or any(c.sym.canon(ov.shape[d]) != c.sym.canon(c.x.shape[d]) for d in c.x_tok)
-        ):
-            return _mix(f"{c.name} with an {key} that does not cover the token axis position for position")
-    return OK
-
-
 def matmul(c: Call) -> Verdict:
     n = c.node
     if c.name in ("addmm", "baddbmm", "addbmm"):
