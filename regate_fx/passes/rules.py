@@ -206,7 +206,7 @@ def softmax(c: Call) -> Verdict:
 def _merges_batch(size: Any, sym: TokenSymbols) -> bool:
     """Whether a size is the batch times a constant (batch*heads), not the batch itself."""
     size = sym.canon(size)
-    b_syms = getattr(sym.batch, "free_symbols", set())
+    b_syms: set = getattr(sym.batch, "free_symbols", set())
     return bool(b_syms) and size != sym.batch and b_syms <= getattr(size, "free_symbols", set())
 
 
