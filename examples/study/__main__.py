@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_sweep = len(sweep_specs(args)) if args.sweep else 0
-    plan = Plan(out, n_sweep + len(args.runs) * len(args.seeds))
+    plan = Plan(out, n_sweep + len(args.runs) * len(args.seeds), max_steps=args.max_steps)
     pipeline.log(
         f"plan: {n_sweep} sweep runs (seed {args.sweep_seed}) + {len(args.runs)} runs x seeds "
         f"{args.seeds}; {plan.progress()}"

@@ -2,7 +2,10 @@
 
 Records live in ``OUT/runs/<phase>/seed<seed>/<name>.json``. A run is either finished (its record
 exists, complete) or not started: an interrupted run leaves no record and is redone from scratch on
-the next invocation (its seed's other unfinished runs with it, in lockstep). The plateau rule
+the next invocation (its seed's other unfinished runs with it, in lockstep). A run that stopped at the
+step cap is redone when the cap is raised (training is deterministic and every run of a seed reads
+the same batch order, so its first steps repeat exactly and it goes on to its plateau); a run that
+stopped at its plateau is kept. The plateau rule
 (:class:`Plateau`) is the study's early-stopping rule, the same for every run.
 """
 
@@ -90,8 +93,9 @@ class Plateau:
 class Plan:
     """The study's runs as records on disk: ``done``, ``load``, ``save``, and a progress line."""
 
-    def __init__(self, out: Path, total: int) -> None:
+    def __init__(self, out: Path, total: int, max_steps: int | None = None) -> None:
         self.root = Path(out) / "runs"
+        self.max_steps = max_steps
         self.total = total
         self.t0 = time.perf_counter()
         self.finished_now = 0
@@ -104,9 +108,13 @@ class Plan:
         if not p.exists():
             return False
         try:
-            return bool(json.loads(p.read_text()).get("finished"))
+            rec = json.loads(p.read_text())
         except (ValueError, OSError):
             return False
+        if not rec.get("finished"):
+            return False
+        capped = rec.get("stopped") == "max_steps" and self.max_steps is not None
+        return not (capped and int(rec.get("stopped_step", 0)) < self.max_steps)
 
     def load(self, phase: str, seed: int, name: str) -> dict:
         return json.loads(self.path(phase, seed, name).read_text())
@@ -116,7 +124,8 @@ class Plan:
         self.finished_now += 1
 
     def count_done(self) -> int:
-        return sum(1 for p in self.root.glob("*/seed*/*.json") if p.name[0] != ".")
+        recs = (p for p in self.root.glob("*/seed*/*.json") if p.name[0] != ".")
+        return sum(1 for p in recs if self.done(p.parent.parent.name, int(p.parent.name[4:]), p.stem))
 
     def progress(self) -> str:
         n = self.count_done()

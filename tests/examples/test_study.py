@@ -118,6 +118,17 @@ def test_write_atomic(tmp_path: Path) -> None:
     assert json.loads(p.read_text()) == {"x": 2} and [q.name for q in p.parent.iterdir()] == ["b.json"]
 
 
+def test_plan_redoes_capped_runs_when_the_cap_is_raised(tmp_path: Path) -> None:
+    from examples.study.plan import Plan
+
+    Plan(tmp_path, 3).save("main", 0, "capped", {"stopped": "max_steps", "stopped_step": 800})
+    Plan(tmp_path, 3).save("main", 0, "plateau", {"stopped": "plateau", "stopped_step": 600})
+    same, raised = Plan(tmp_path, 3, max_steps=800), Plan(tmp_path, 3, max_steps=2400)
+    assert same.done("main", 0, "capped") and same.done("main", 0, "plateau") and same.count_done() == 2
+    assert not raised.done("main", 0, "capped") and raised.done("main", 0, "plateau") and raised.count_done() == 1
+    assert not raised.done("main", 0, "never")
+
+
 def test_readme_block_matches_results() -> None:
     """README.md's study block is what docs/results/**/summary.json generate."""
     from examples.study import readme
