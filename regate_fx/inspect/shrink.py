@@ -160,6 +160,8 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     for k in _TOPK_KEYS:
         if _is_int(d.get(k)) and experts and d[k] > min(2, experts):
             d[k] = min(2, experts)
+        elif k in d and d[k] is None and experts:  # a routing top-k the class leaves to the checkpoint (DeepSeek-V2)
+            d[k] = min(2, experts)
     for k in ("n_group", "topk_group"):  # grouped routing (DeepSeek-V3): groups must divide the experts
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1

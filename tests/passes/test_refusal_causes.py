@@ -111,3 +111,26 @@ def test_batch_norm_in_eval_mode_is_per_token():
 
 def test_batch_norm_in_training_mode_couples_samples():
     assert Reason.BATCH_MIXING in _reasons(_NormLM().train())
+
+
+# Multi-head latent attention builds its key by in-place writes into two slices of a `new_empty`
+# buffer (the no-rope and the rope parts). Before issue 18 that read as an "escaping value" (advice:
+# output_attentions=False, already off); the functionalized analysis sees the writes: exact.
+MLA = {
+    "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                    dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                         first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16)),
+    "minicpm3": (tf.MiniCPM3Config, tf.MiniCPM3ForCausalLM, dict(q_lora_rank=16, kv_lora_rank=16)),
+}
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", pytest.param("minicpm3", marks=pytest.mark.slow)])
+def test_mla_key_written_into_new_empty_slices_is_exact(family):
+    config_cls, model_cls, kw = MLA[family]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                     qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, **kw)
+    cfg._attn_implementation = "sdpa"
+    model = model_cls(cfg).float().eval()
+    assert _exact(model).startswith("exact")
