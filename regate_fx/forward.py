@@ -33,7 +33,7 @@ from regate_fx.stacks import (
     with_keep_mask,
     without_input_require_grads,
 )
-from regate_fx.step import own_step_function
+from regate_fx.step import own_step_function, step_sources
 
 __all__ = ["ReGateOutput", "SparseForward", "check_keep_mask"]
 
@@ -249,7 +249,13 @@ class SparseForward:
                 torch._dynamo.maybe_mark_dynamic(t, d)
         roles = dict(zip(layout.roles, tensors))
         am = inputs.get("attention_mask")
-        self._roles.set(seq=seq, attention_mask=am if isinstance(am, torch.Tensor) and am.dim() == 2 else None, **roles)
+        self._roles.set(
+            step_sources(
+                layout.roles,
+                seq=next((k for k in ("input_ids", "inputs_embeds") if inputs.get(k) is seq), None),
+                attention_mask="attention_mask" if isinstance(am, torch.Tensor) and am.dim() == 2 else None,
+            )
+        )
         try:
             with (
                 capture_settings(),
@@ -284,7 +290,7 @@ class SparseForward:
                 raise
             raise err from e
         finally:
-            self._roles.set()
+            self._roles.set({})
 
     def execution(self, model) -> str:
         """The execution of a sparse step of `model`: ``"rewrite"`` or ``"gathered"``

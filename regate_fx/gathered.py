@@ -35,7 +35,7 @@ from regate_fx.gathering import gather_decoder_kwargs, kept_outputs
 from regate_fx.layouts.padded import PADDED, kept_layout
 from regate_fx.passes.proof import Proof, ProofDone, ProofFailure, meta_copy, proof_backend
 from regate_fx.stacks import gc_frozen
-from regate_fx.step import own_step_function
+from regate_fx.step import own_step_function, step_sources
 
 __all__ = ["GatheredStep"]
 
@@ -97,22 +97,20 @@ class GatheredStep:
         if seq.shape[0] == 1:  # dynamo specialises a batch of 1: prove on a batch of 2 (the proof is structural)
             meta_kwargs = {k: _batch_of_two(v, seq.shape[1]) for k, v in meta_kwargs.items()}
             keep, seq = keep.expand(2, -1), seq.expand(2, *seq.shape[1:])
-        meta_seq = (
-            meta_kwargs["inputs_embeds"] if _is_tensor(meta_kwargs.get("inputs_embeds")) else meta_kwargs["input_ids"]
-        )
         b, t = seq.shape[:2]
         tensors = tuple(x.to("meta") for x in kept_layout(keep).tensors())  # (B, K) each
         for x, dims in zip(tensors, PADDED.dynamic_dims):
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(x, d)
         mark_token_axes([meta_kwargs], b, t)
-        roles = PlaceholderRoles()
         am = meta_kwargs.get("attention_mask")
-        roles.set(
-            seq=meta_seq,
-            attention_mask=am if _is_tensor(am) and am.dim() == 2 else None,
-            position_ids=meta_kwargs.get("position_ids"),
-            **dict(zip(PADDED.roles, tensors)),
+        roles = PlaceholderRoles(
+            step_sources(
+                PADDED.roles,
+                seq="inputs_embeds" if _is_tensor(meta_kwargs.get("inputs_embeds")) else "input_ids",  # (B, T[, D])
+                attention_mask="attention_mask" if _is_tensor(am) and am.dim() == 2 else None,
+                position_ids="position_ids" if _is_tensor(meta_kwargs.get("position_ids")) else None,
+            )
         )
         fn = own_step_function()
         step = torch.compile(fn, backend=proof_backend(roles, PADDED.roles), fullgraph=True)

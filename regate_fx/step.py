@@ -1,7 +1,8 @@
 """The step function dynamo captures: the model's forward, then logits and loss at kept positions.
 
-Also what the loss counts (`counted_predictions`) and the per-model copy of the step
-(`own_step_function`, so each sparsified model has its own dynamo cache).
+Also what the loss counts (`counted_predictions`), the per-model copy of the step
+(`own_step_function`, so each sparsified model has its own dynamo cache), and where in the captured
+graph the step's tensors arrive (`step_sources`: the placeholder roles the backend reads).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from regate_fx.constants import IGNORE_INDEX
 from regate_fx.layouts.base import Layout
 
-__all__ = ["counted_predictions", "own_step_function"]
+__all__ = ["counted_predictions", "own_step_function", "step_sources"]
 
 
 def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,20 @@ def _step(
     the kept `layout` computes them from its `tensors` (its marker there brings them into the graph)."""
     logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
     return layout.outputs(logits, tensors, labels, inputs, return_logits)
+
+
+def step_sources(layout_roles: tuple[str, ...], **input_keys: str | None) -> dict[str, str]:
+    """Role -> the source dynamo records for the step argument that plays it.
+
+    The captured graph's placeholders carry where dynamo read them (``node.meta["grapharg"].source``),
+    and `_step` reads the model's inputs from ``inputs`` and the kept layout from ``tensors``, so a
+    role is named by a path, not by the identity of a tensor: ``input_keys`` maps roles to keys of
+    ``inputs`` (``seq="input_ids"``; None: the role is absent), the layout's roles are its tensors in
+    order. Must match `_step`'s parameter names (a test captures the step and checks them).
+    """
+    sources = {role: f"L['inputs'][{key!r}]" for role, key in input_keys.items() if key is not None}
+    sources.update({role: f"L['tensors'][{i}]" for i, role in enumerate(layout_roles)})
+    return sources
 
 
 _INSTANCES = itertools.count()

@@ -22,11 +22,24 @@ pytest.importorskip("deepspeed")
 LR = 0.1
 
 
-def _worker(rank: int, init: str, out: str, stage: int, execution: str = "rewrite", order: str = "sparsify_first") -> None:
+def _worker(
+    rank: int, init: str, out: str, stage: int, execution: str = "rewrite", order: str = "sparsify_first"
+) -> None:
+    _work(rank, init, out, stage, execution, order)
+    exit_rank()  # no interpreter teardown: a thread left joinable there aborts the rank now and then
+
+
+def _work(rank: int, init: str, out: str, stage: int, execution: str, order: str) -> None:
     import deepspeed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT="0", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="0",
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
@@ -34,10 +47,15 @@ def _worker(rank: int, init: str, out: str, stage: int, execution: str = "rewrit
         model = TM("sdpa").train()
         if order == "sparsify_first":
             regate_fx.sparsify(model, cfg, backend="eager")
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-                  "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                          config=config)
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+        )
         if order == "initialize_first":
             regate_fx.sparsify(engine.module, cfg, backend="eager")
         batch, keep = _rank_inputs(rank)
@@ -98,21 +116,35 @@ def _trainer_worker(rank: int, init: str, port: int, out: str) -> None:
     from tests.stacks.common import snapshot, trainer
     from tests.stacks.test_distributed_trainer import _model
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)  # the Trainer adopts it
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
-          "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
-    t, _ = trainer("llama", os.path.join(out, "run"), model=_model("llama"), max_steps=2, ddp_backend="gloo",
-                   deepspeed=ds)
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    t, _ = trainer(
+        "llama", os.path.join(out, "run"), model=_model("llama"), max_steps=2, ddp_backend="gloo", deepspeed=ds
+    )
     regate_fx.sparsify(t.model, regate_fx.SparsifyConfig(execution="auto", return_logits=False, progress=False))
     t.train()
     module = t.accelerator.unwrap_model(t.model)
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         params = snapshot(module)
-    torch.save({"params": params, "stats": t.regate.token_stats(), "wrapped": type(t.model_wrapped).__name__},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"params": params, "stats": t.regate.token_stats(), "wrapped": type(t.model_wrapped).__name__},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
     exit_rank()
 

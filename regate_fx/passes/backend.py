@@ -30,13 +30,27 @@ counters = torch._dynamo.utils.counters["regate_fx"]
 
 
 class PlaceholderRoles:
-    """Maps the tensors of the current call to their roles, so the backend can find them in the graph."""
+    """Which graph inputs play which role (the sequence, the padding mask, the kept layout's tensors).
 
-    def __init__(self) -> None:
-        self.by_id: dict[int, str] = {}
+    Carried in the graph: each placeholder of a dynamo graph records where it was read
+    (``node.meta["grapharg"].source``, e.g. ``L['tensors'][0]``), and ``by_source`` maps those
+    sources to roles (built by :func:`regate_fx.step.step_sources` from the step's arguments). A
+    graph whose placeholders carry no sources (a piece of a graph something split before the
+    backend saw it) has no roles: it runs unchanged, and the step's must-run check says so.
+    """
 
-    def set(self, **tensors: torch.Tensor | None) -> None:
-        self.by_id = {id(t): role for role, t in tensors.items() if t is not None}
+    def __init__(self, by_role: dict[str, str] | None = None) -> None:
+        self.by_source: dict[str, str] = {src: role for role, src in (by_role or {}).items()}
+
+    def set(self, by_role: dict[str, str]) -> None:
+        """The roles of the next capture: role -> source (:func:`regate_fx.step.step_sources`)."""
+        self.by_source = {src: role for role, src in by_role.items()}
+
+
+def placeholder_source(n: fx.Node) -> str | None:
+    """Where dynamo read placeholder `n` (``L['inputs']['input_ids']``), or None when not recorded."""
+    source = getattr(n.meta.get("grapharg"), "source", None)
+    return None if source is None else source.name
 
 
 class SparseRuns:
@@ -88,13 +102,13 @@ def _eager(gm: fx.GraphModule, example_inputs):
     return gm.forward
 
 
-def _find_roles(gm: fx.GraphModule, example_inputs, roles: PlaceholderRoles) -> dict[str, fx.Node]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def _find_roles(gm: fx.GraphModule, roles: PlaceholderRoles) -> dict[str, fx.Node]:
     found = {}
-    for n, t in zip(placeholders, example_inputs):
-        role = roles.by_id.get(id(t))
-        if role:
-            found[role] = n
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            role = roles.by_source.get(placeholder_source(n) or "")
+            if role:
+                found[role] = n
     return found
 
 
@@ -130,10 +144,12 @@ def make_backend(
 
     def regate_backend(gm: fx.GraphModule, example_inputs):
         nonlocal static_left
-        found = _find_roles(gm, example_inputs, roles)
+        found = _find_roles(gm, roles)
         name = f"graph_{len(report.graphs)}"
         kind = next((k for k in LAYOUT_KINDS if k.roles[0] in found), None)  # the kept layout among the inputs
-        if kind is None:  # a dense call (keep_mask=None): nothing to rewrite
+        if "seq" not in found:  # a dense call (keep_mask=None), or a piece of a graph split before this backend
+            kind = None  # (DDP's buckets): runs unchanged, and the step's must-run check names it
+        if kind is None:  # nothing to rewrite
             counters["graphs"] += 1
             report.graphs.append(GraphReport(name, sparse=False))
             return inner(gm, example_inputs)
@@ -144,8 +160,8 @@ def make_backend(
             except CheckpointError as e:
                 raise RewriteError(str(e), report=report) from None
             counters["checkpoints_inlined"] += checkpointed
-            seq = found.get("seq")
-            if seq is None or not isinstance(node_value(seq), torch.Tensor):
+            seq = found["seq"]
+            if not isinstance(node_value(seq), torch.Tensor):
                 raise KeepMaskError("regate_fx: could not find the model's input_ids / inputs_embeds in the graph")
             layout = [found[k] for k in kind.roles]
             analysis = analyse(gm, seq, padding=found.get("attention_mask"), layout=layout)

@@ -222,11 +222,11 @@ def _carries_tokens(v: Any, sym: TokenSymbols) -> bool:
 
 def proof_backend(roles: Any, layout_roles: tuple[str, ...]):
     """A dynamo backend that proves the captured graph and raises :class:`ProofDone` with the result.
-    `roles`: a ``PlaceholderRoles`` naming the current call's tensors."""
+    `roles`: a ``PlaceholderRoles`` naming the step's arguments."""
     from regate_fx.passes.backend import _find_roles
 
     def backend(gm: fx.GraphModule, example_inputs):
-        raise ProofDone(prove_graph(gm, _find_roles(gm, example_inputs, roles), layout_roles))
+        raise ProofDone(prove_graph(gm, _find_roles(gm, roles), layout_roles))
 
     return backend
 
