@@ -3,6 +3,10 @@
 Each rule takes the call (`Call`: the node, its first tensor operand and that operand's token
 axes) and returns a `Verdict`: token-wise, attention, or refused with a reason. Comments name the
 models a rule exists for. ops.py maps op names to these rules and resolves the overload called.
+
+Over 450 lines on purpose: it is a table, one small function per kind of op (index, reshape,
+reduction, scatter, attention, ...) read one at a time; splitting it by op family would spread the
+shared helpers (`Call`, the placement checks) across files for no reader's gain.
 """
 
 from __future__ import annotations
