@@ -74,11 +74,20 @@ def parse(argv=None):
     ap.add_argument(
         "--lr-regate", type=float, default=TUNED_LR["regate"], help="lr of ReGATE and its controls without a sweep"
     )
-    ap.add_argument("--max-steps", type=int, default=None,
-                    help="the plateau rule's step cap (default 800 with --full, 400 for the short default run)")
+    ap.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="the plateau rule's step cap (default 3000 with --full, 400 for the short default run)",
+    )
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--min-steps", type=int, default=300, help="no plateau stop before this step")
-    ap.add_argument("--patience", type=int, default=8, help="evaluations without a new best before stopping")
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="evaluations without a new best before stopping (default 20 with --full, 8 for the short default run)",
+    )
     ap.add_argument("--lr-warmup", type=int, default=20, help="linear lr warm-up steps (then constant)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--warm-batches", type=int, default=3, help="batches of capture / first calls before timing")
@@ -126,7 +135,9 @@ def parse(argv=None):
             args.lr_grid = [1e-3, 3e-3]
         args.quick_base = dict(warmup_steps=4, cycle_steps=5, dense_steps=1)
     if args.max_steps is None:
-        args.max_steps = 800 if args.full else 400
+        args.max_steps = 3000 if args.full else 400
+    if args.patience is None:  # accuracy can sit flat for a few hundred steps and then climb again
+        args.patience = 20 if args.full else 8
     if args.seeds is None:
         args.seeds = [0, 1, 2] if args.full else [0]
     if args.runs is None:
@@ -162,13 +173,14 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from . import pipeline, report
-    from .plan import Plan
+    from .plan import Plan, Plateau
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_sweep = len(sweep_specs(args)) if args.sweep else 0
-    plan = Plan(out, n_sweep + len(args.runs) * len(args.seeds), max_steps=args.max_steps)
+    rule = Plateau(args.eval_every, args.patience, args.max_steps, args.min_steps).rule()
+    plan = Plan(out, n_sweep + len(args.runs) * len(args.seeds), rule)
     pipeline.log(
         f"plan: {n_sweep} sweep runs (seed {args.sweep_seed}) + {len(args.runs)} runs x seeds "
         f"{args.seeds}; {plan.progress()}"

@@ -2,10 +2,11 @@
 
 Records live in ``OUT/runs/<phase>/seed<seed>/<name>.json``. A run is either finished (its record
 exists, complete) or not started: an interrupted run leaves no record and is redone from scratch on
-the next invocation (its seed's other unfinished runs with it, in lockstep). A run that stopped at the
-step cap is redone when the cap is raised (training is deterministic and every run of a seed reads
-the same batch order, so its first steps repeat exactly and it goes on to its plateau); a run that
-stopped at its plateau is kept. The plateau rule
+the next invocation (its seed's other unfinished runs with it, in lockstep). Each record keeps the
+plateau rule it ran under: a run is redone when the rule changes (patience, floor, evaluation
+interval), and when the step cap is raised past a run that stopped at the old cap (training is
+deterministic and every run of a seed reads the same batch order, so its first steps repeat exactly
+and it goes on to its plateau); a run that stopped at its plateau within the new cap is kept. The plateau rule
 (:class:`Plateau`) is the study's early-stopping rule, the same for every run.
 """
 
@@ -93,9 +94,9 @@ class Plateau:
 class Plan:
     """The study's runs as records on disk: ``done``, ``load``, ``save``, and a progress line."""
 
-    def __init__(self, out: Path, total: int, max_steps: int | None = None) -> None:
+    def __init__(self, out: Path, total: int, rule: dict | None = None) -> None:
         self.root = Path(out) / "runs"
-        self.max_steps = max_steps
+        self.rule = rule  # Plateau.rule() of this invocation: records made under another rule are redone
         self.total = total
         self.t0 = time.perf_counter()
         self.finished_now = 0
@@ -113,14 +114,23 @@ class Plan:
             return False
         if not rec.get("finished"):
             return False
-        capped = rec.get("stopped") == "max_steps" and self.max_steps is not None
-        return not (capped and int(rec.get("stopped_step", 0)) < self.max_steps)
+        return self.rule is None or self._same_run_under(rec)
+
+    def _same_run_under(self, rec: dict) -> bool:
+        """Whether a record is what this invocation's rule would produce: the same stopping rule, and
+        a stop this cap allows (a plateau within it, or the same cap)."""
+        assert self.rule is not None
+        old = rec.get("plateau_rule")
+        if old is not None and any(old.get(k) != self.rule[k] for k in ("eval_every", "patience_evals", "min_steps", "min_delta")):
+            return False
+        cap, stop = self.rule["max_steps"], int(rec.get("stopped_step", 0))
+        return stop <= cap and (rec.get("stopped") != "max_steps" or stop == cap)
 
     def load(self, phase: str, seed: int, name: str) -> dict:
         return json.loads(self.path(phase, seed, name).read_text())
 
     def save(self, phase: str, seed: int, name: str, record: dict) -> None:
-        write_json(self.path(phase, seed, name), dict(record, finished=True))
+        write_json(self.path(phase, seed, name), dict(record, plateau_rule=self.rule, finished=True))
         self.finished_now += 1
 
     def count_done(self) -> int:

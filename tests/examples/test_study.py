@@ -118,15 +118,20 @@ def test_write_atomic(tmp_path: Path) -> None:
     assert json.loads(p.read_text()) == {"x": 2} and [q.name for q in p.parent.iterdir()] == ["b.json"]
 
 
-def test_plan_redoes_capped_runs_when_the_cap_is_raised(tmp_path: Path) -> None:
-    from examples.study.plan import Plan
+def test_plan_redoes_runs_the_rule_would_not_produce(tmp_path: Path) -> None:
+    from examples.study.plan import Plan, Plateau
 
-    Plan(tmp_path, 3).save("main", 0, "capped", {"stopped": "max_steps", "stopped_step": 800})
-    Plan(tmp_path, 3).save("main", 0, "plateau", {"stopped": "plateau", "stopped_step": 600})
-    same, raised = Plan(tmp_path, 3, max_steps=800), Plan(tmp_path, 3, max_steps=2400)
+    def rule(patience=8, cap=800):
+        return Plateau(eval_every=20, patience=patience, max_steps=cap, min_steps=300).rule()
+
+    Plan(tmp_path, 3, rule()).save("main", 0, "capped", {"stopped": "max_steps", "stopped_step": 800})
+    Plan(tmp_path, 3, rule()).save("main", 0, "plateau", {"stopped": "plateau", "stopped_step": 600})
+    same, raised, lowered = Plan(tmp_path, 3, rule()), Plan(tmp_path, 3, rule(cap=2400)), Plan(tmp_path, 3, rule(cap=500))
     assert same.done("main", 0, "capped") and same.done("main", 0, "plateau") and same.count_done() == 2
     assert not raised.done("main", 0, "capped") and raised.done("main", 0, "plateau") and raised.count_done() == 1
-    assert not raised.done("main", 0, "never")
+    assert not lowered.done("main", 0, "plateau") and not lowered.done("main", 0, "capped")
+    assert Plan(tmp_path, 3, rule(patience=20)).count_done() == 0  # another stopping rule: everything redone
+    assert not same.done("main", 0, "never")
 
 
 def test_readme_block_matches_results() -> None:
