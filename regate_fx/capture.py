@@ -21,7 +21,8 @@ Two modes (``SparsifyConfig.capture``):
   which autograd connects across the compiled region. Before the first decoder-mode step, one
   dense forward checks that the model's logits are exactly its LM head applied to its decoder's
   output (no soft-capping or scaling in between); a model that post-processes its logits is
-  refused in this mode.
+  refused in this mode. The gathered execution checks the same on its first step's own forward
+  (``Capture.head_probe``), running no forward of its own.
 - ``"auto"`` (default): ``"decoder"`` for multimodal models (a config with a separate text
   config, e.g. ``config.text_config``), ``"model"`` otherwise.
 
@@ -31,10 +32,11 @@ the decoder's forward signature and the shapes of what it receives.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
-from typing import Any, Iterable, cast
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import torch
 import torch.nn as nn
@@ -277,6 +279,18 @@ class Capture:
 
     def _check_head(self, inputs: dict) -> None:
         """One dense forward: the model's logits must be exactly head(decoder output)."""
+        devices = [d for d in {p.device for p in self.model.parameters()} if d.type == "cuda"]
+        with self.head_probe() as check:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                out = self.model(**inputs, **self._use_cache_kw)
+        check(out)
+
+    @contextlib.contextmanager
+    def head_probe(self) -> Iterator[Callable[[Any], None]]:
+        """Hooks on the decoder and the LM head while the block runs; yields ``check(out)``, which
+        raises a RewriteError unless ``out.logits`` is exactly the head applied to the decoder's
+        output in that run. Runs no forward of its own: a caller can probe the forward it runs
+        anyway (the gathered step probes its sparse step, so no module runs twice)."""
         wrapper = self.wrapper
         dec, head = wrapper._get(wrapper._decoder_path), wrapper._get(wrapper._head_path)
         seen: dict[str, Any] = {}
@@ -287,30 +301,35 @@ class Capture:
         def on_head(_m, args, out):
             seen["head_in"], seen["head_out"] = args[0] if args else None, out
 
+        def check(out: Any) -> None:
+            self._verify_head(out, seen)
+
         handles = [dec.register_forward_hook(on_decoder), head.register_forward_hook(on_head)]
-        devices = [d for d in {p.device for p in self.model.parameters()} if d.type == "cuda"]
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                out = self.model(**inputs, **self._use_cache_kw)
+            yield check
         finally:
             for h in handles:
                 h.remove()
+
+    def _verify_head(self, out: Any, seen: dict) -> None:
+        wrapper = self.wrapper
         logits, hidden, head_in, head_out = (
             getattr(out, "logits", None),
             seen.get("hidden"),
             seen.get("head_in"),
             seen.get("head_out"),
         )
-        same = (
-            isinstance(logits, torch.Tensor)
-            and isinstance(hidden, torch.Tensor)
-            and isinstance(head_in, torch.Tensor)
-            and isinstance(head_out, torch.Tensor)
-            and head_in.shape == hidden.shape
-            and torch.equal(head_in, hidden)
-            and logits.shape == head_out.shape
-            and torch.equal(logits, head_out.to(logits.dtype))
-        )
+        with torch.no_grad():
+            same = (
+                isinstance(logits, torch.Tensor)
+                and isinstance(hidden, torch.Tensor)
+                and isinstance(head_in, torch.Tensor)
+                and isinstance(head_out, torch.Tensor)
+                and head_in.shape == hidden.shape
+                and torch.equal(head_in, hidden)
+                and logits.shape == head_out.shape
+                and torch.equal(logits, head_out.to(logits.dtype))
+            )
         if not same:
             raise RewriteError(
                 f"regate_fx: {type(self.model).__name__}'s logits are not its LM head "

@@ -153,9 +153,6 @@ class GatheredStep:
                 # the oracle's positions: each token's index in its row
                 inputs["position_ids"] = torch.arange(t, device=seq.device).expand(b, t)  # (B, T)
             self._prove(_signature(inputs), "model", inputs, seq, keep)
-        elif not self._head_checked:
-            self.capture._check_head(inputs)  # logits are exactly head(decoder output)
-            self._head_checked = True
         decoder = self.capture.wrapper._get(self.capture.wrapper._decoder_path)
         sig = inspect.signature(decoder.forward)
         ran: list[int] = []
@@ -200,9 +197,16 @@ class GatheredStep:
             ran.append(1)
             return (), new
 
+        # decoder mode, first step: the logits must be exactly head(decoder output). Checked on this
+        # step's own forward, not on a dense forward of its own: a second call of the model inside
+        # the root's forward would run every layer's FSDP2 / ZeRO-3 hooks twice (all-gathers), and
+        # FSDP2's post-forward of the nested root call leaves the root group idle, so the outer
+        # post-forward reshards it and the backward all-gathers it again.
+        probe = self.capture.head_probe() if mode != "model" and not self._head_checked else contextlib.nullcontext()
         handle = decoder.register_forward_pre_hook(gather, with_kwargs=True, prepend=True)
         try:
-            out = self.original(**inputs, **self.use_cache_kw)
+            with probe as check_head:
+                out = self.original(**inputs, **self.use_cache_kw)
         finally:
             handle.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]  # (B, K, V)
@@ -212,6 +216,9 @@ class GatheredStep:
                 f"(decoder calls: {len(ran)}, logits {tuple(logits.shape)}, kept layout {tuple(gather_idx.shape)}); "
                 "its result is discarded"
             )
+        if check_head is not None:
+            check_head(out)
+            self._head_checked = True
         self.calls += 1
         return kept_outputs(logits, gather_idx, scatter_idx, valid, labels, t, return_logits)
 

@@ -113,6 +113,34 @@ def test_multimodal_gathered_equals_oracle(name):
     assert vision and any(float(g_sparse[n].abs().max()) > 0 for n in vision), "no gradient reached the vision side"
 
 
+def test_gathered_checks_the_head_on_the_steps_own_forward():
+    """A decoder-mode model's first gathered step checks that its logits are exactly head(decoder
+    output) with hooks on its own forward: the model runs once (a dense forward of its own, nested
+    in the root's, all-gathered every FSDP2 layer twice and the root's group again for the
+    backward), and a model that changes its logits after the head is still refused."""
+    model, inputs, keep = _mm_case("llava")
+    runs = []
+    model.get_decoder().register_forward_pre_hook(lambda _m, _a: runs.append("decoder"))
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, _a: runs.append("head"))
+    smodel = _gathered(model)
+    smodel(**inputs, keep_mask=keep).loss.backward()
+    assert runs == ["decoder", "head"]
+    assert smodel._regate_forward.gathered._head_checked
+
+    model, inputs, keep = _mm_case("llava")
+
+    class Scaled(type(model)):  # logits scaled after the head, inside the forward
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    model.__class__ = Scaled
+    smodel = _gathered(model)
+    with pytest.raises(RewriteError, match=r"logits are not its LM head \(lm_head\).*capture='model'"):
+        smodel(**inputs, keep_mask=keep)
+
+
 def test_qwen2_vl_positions_are_3d_mrope():
     """The decoder of Qwen2-VL receives (3, B, T) (or (4, B, T)) positions: they are gathered as such."""
     fam = MM["qwen2_vl"]
