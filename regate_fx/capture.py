@@ -26,6 +26,9 @@ Two modes (``SparsifyConfig.capture``):
 - ``"auto"`` (default): ``"decoder"`` for multimodal models (a config with a separate text
   config, e.g. ``config.text_config``), ``"model"`` otherwise.
 
+Just over 450 lines on purpose: the two modes share the hooks, the head check and the capture
+errors; split by mode, each half would need the other's.
+
 Nothing here knows a model family: the hooks are ``get_decoder()``, ``get_output_embeddings()``,
 the decoder's forward signature and the shapes of what it receives.
 """
