@@ -38,7 +38,7 @@ DEFAULT_RUNS = ["dense", "regate", "random"]
 SWEPT = ("dense", "regate")
 GRID = [3e-4, 1e-3, 3e-3, 1e-2]
 # The lrs the full study's sweep chose (docs/results/full/summary.json, "tuned_lr"); the default run uses them.
-TUNED_LR = {"dense": 3e-4, "regate": 3e-4}
+TUNED_LR = {"dense": 1e-3, "regate": 3e-4}
 
 
 def parse(argv=None):
