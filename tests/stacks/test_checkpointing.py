@@ -15,9 +15,17 @@ import regate_fx
 from regate_fx.passes.backend import counters
 from tests.helpers import LOSS_ATOL, assert_close, assert_grads_close
 from tests.mm_models import BY_NAME as MM
-from tests.stacks.common import (QWEN2_VL_PER_SAMPLE, GradCapture, args, dataset, protecting_config, qwen2_vl_samples,
-                                 regate_config, tokenizer)
 from tests.runtime.runtime_helpers import tiny_llama
+from tests.stacks.common import (
+    QWEN2_VL_PER_SAMPLE,
+    GradCapture,
+    args,
+    dataset,
+    protecting_config,
+    qwen2_vl_samples,
+    regate_config,
+    tokenizer,
+)
 
 STEPS = 2
 PER_SAMPLE = QWEN2_VL_PER_SAMPLE

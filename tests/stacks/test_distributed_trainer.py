@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-
 import torch.distributed as dist
 
 import regate_fx
