@@ -36,6 +36,32 @@ def build(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.train()
 
 
+def qwen2_vl_samples(model, n: int = 4) -> list[dict]:
+    """Unpadded Qwen2-VL samples with sample ids, one image each: its patches (16, 24), its grid (1, 3),
+    the token types and the visual mask (the collator needs :data:`QWEN2_VL_PER_SAMPLE`)."""
+    from tests.mm_models import BY_NAME as MM
+    from tests.mm_models import make_mm_batch
+
+    out = []
+    for i in range(n):
+        b = make_mm_batch(MM["qwen2_vl"], model, [["image"]], text=3 + i % 2, seed=10 + i)
+        out.append({"input_ids": b["input_ids"][0], "labels": b["labels"][0], "visual_mask": b["visual_mask"][0],
+                    "mm_token_type_ids": b["mm_token_type_ids"][0], "pixel_values": b["pixel_values"],
+                    "image_grid_thw": b["image_grid_thw"], "sample_id": i})
+    return out
+
+
+# Qwen2-VL: the patch rows of all images of a batch, one grid row each (equal-sized images would stack)
+QWEN2_VL_PER_SAMPLE = {"pixel_values": "cat", "image_grid_thw": "cat"}
+
+
+def protecting_config(model, **kw) -> regate_fx.ReGateConfig:
+    """:func:`regate_config`'s schedule with the model's visual tokens and their markers protected."""
+    base = dict(warmup_steps=0, cycle_steps=3, dense_steps=1, rho_min=0.5, lam=0.0)
+    base.update(kw)
+    return regate_fx.ReGateConfig.for_model(model, **base)
+
+
 def regate_config(**kw) -> regate_fx.ReGateConfig:
     """Sparse from step 0 (no warm-up, no dense steps) unless overridden; student-only (no cache)."""
     base = dict(warmup_steps=0, cycle_steps=3, dense_steps=1, rho_min=0.5, lam=0.0, visual_token_ids=(IMAGE_ID,))
@@ -63,14 +89,15 @@ class GradCapture(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def trainer(kind: str, out, *, model=None, data=None, rg=None, backend: str = "eager", eval_data=None, **kw):
+def trainer(kind: str, out, *, model=None, data=None, rg=None, backend: str = "eager", eval_data=None, collator=None,
+            **kw):
     model = build(kind) if model is None else model
     regate_fx.sparsify(model, regate_fx.SparsifyConfig(return_logits=False, progress=False), backend=backend)
     data = dataset(kind) if data is None else data
     rg = regate_fx.ReGate(regate_config(), num_samples=len(data)) if rg is None else rg
     cap = GradCapture()
     t = regate_fx.ReGateTrainer(model=model, args=args(out, **kw), train_dataset=data, eval_dataset=eval_data,
-                                regate=rg, callbacks=[cap])
+                                regate=rg, callbacks=[cap], data_collator=collator)
     return t, cap
 
 
@@ -78,8 +105,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-__all__ = ["GradCapture", "IMAGE_ID", "N", "PAD", "VOCAB", "args", "build", "copy", "dataset", "regate_config",
-           "snapshot", "trainer"]
+__all__ = ["GradCapture", "IMAGE_ID", "N", "PAD", "QWEN2_VL_PER_SAMPLE", "VOCAB", "args", "build", "copy", "dataset",
+           "protecting_config", "qwen2_vl_samples", "regate_config", "snapshot", "trainer"]
 
 
 def tokenizer():

@@ -15,12 +15,20 @@ import regate_fx
 from regate_fx.passes.backend import counters
 from tests.helpers import LOSS_ATOL, assert_close, assert_grads_close
 from tests.mm_models import BY_NAME as MM
-from tests.mm_models import make_mm_batch
-from tests.stacks.common import GradCapture, args, dataset, regate_config, tokenizer
 from tests.runtime.runtime_helpers import tiny_llama
+from tests.stacks.common import (
+    QWEN2_VL_PER_SAMPLE,
+    GradCapture,
+    args,
+    dataset,
+    protecting_config,
+    qwen2_vl_samples,
+    regate_config,
+    tokenizer,
+)
 
 STEPS = 2
-PER_SAMPLE = {"pixel_values": "cat", "image_grid_thw": "cat"}  # Qwen2-VL: patch rows of all images, one grid each
+PER_SAMPLE = QWEN2_VL_PER_SAMPLE
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -31,20 +39,13 @@ def _samples(kind: str, model, n: int = 4) -> list[dict]:
     """Unpadded samples with sample ids; Qwen2-VL ones carry one image each (its patches and grid)."""
     if kind == "llama":
         return [{**s, "sample_id": i} for i, s in enumerate(dataset("llama", n))]
-    out = []
-    for i in range(n):
-        b = make_mm_batch(MM["qwen2_vl"], model, [["image"]], text=3 + i % 2, seed=10 + i)
-        out.append({"input_ids": b["input_ids"][0], "labels": b["labels"][0], "visual_mask": b["visual_mask"][0],
-                    "mm_token_type_ids": b["mm_token_type_ids"][0], "pixel_values": b["pixel_values"],
-                    "image_grid_thw": b["image_grid_thw"], "sample_id": i})
-    return out
+    return qwen2_vl_samples(model, n)
 
 
 def _rg(kind: str, model, n: int) -> regate_fx.ReGate:
     if kind == "llama":
         return regate_fx.ReGate(regate_config(), num_samples=n)
-    return regate_fx.ReGate(regate_fx.ReGateConfig.for_model(model, warmup_steps=0, cycle_steps=3, dense_steps=1,
-                                                             rho_min=0.5, lam=0.0), num_samples=n)
+    return regate_fx.ReGate(protecting_config(model), num_samples=n)
 
 
 def _sparsify(model):
