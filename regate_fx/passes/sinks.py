@@ -85,7 +85,11 @@ def scores_operand(join: fx.Node, sym: TokenSymbols) -> int | None:
 
 
 def _token_free(t: fx.Node, sym: TokenSymbols) -> bool:
-    """A per-head (or per-sample) constant spread over the queries: no token axis before the spread."""
+    """A per-head (or per-sample) constant spread over the queries: no token axis before the spread,
+    and none along the joined axis after it (columns spread to T would follow K, not each sample's
+    keys)."""
+    if 3 in sym.token_dims(node_value(t)):
+        return False
     while t.op in ("call_function", "call_method") and op_name(t) in _SPREAD | _CAST and t.args:
         if not isinstance(t.args[0], fx.Node):
             return False
