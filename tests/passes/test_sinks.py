@@ -52,6 +52,16 @@ def test_gpt_oss_matches_oracle(pad):
     assert len(attn) == 2 and all(b.attention == "eager" for b in attn)
 
 
+def test_gpt_oss_aot_eager_and_every_token_kept():
+    """Through AOTAutograd (the static first graph, then the symbolic one), and at rho = 1."""
+    model = GPT_OSS("eager")
+    smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=True, progress=False), backend="aot_eager")
+    batch = make_batch(GPT_OSS, 3, 12, pad="left", seed=5)
+    check_against_oracle(smodel, model, batch, random_keep(batch, 0.3, seed=5), window=WINDOW)
+    batch = make_batch(GPT_OSS, 2, 16, pad="right", seed=6)
+    check_against_oracle(smodel, model, batch, batch["attention_mask"].bool(), window=WINDOW)
+
+
 def test_gpt_oss_sink_gradients_are_the_oracles():
     """The sinks' own gradients (a separate check: they reach the loss only through the join)."""
     model = GPT_OSS("eager")
