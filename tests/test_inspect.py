@@ -73,22 +73,22 @@ def test_cli_config_dir_and_file(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def gpt_oss_result():
-    # refused: its attention sinks join a learned logit column to the scores (a cat along the keys)
-    return rinspect.inspect_model("gpt_oss", seq=8)
+def refused_result():
+    # refused: Llama 4's MoE feed-forward tiles the tokens with `repeat` (one copy per expert)
+    return rinspect.inspect_model("llama4_text", seq=8)
 
 
-def test_rich_output(gpt_oss_result, capsys):
+def test_rich_output(refused_result, capsys):
     """The default output is a rich rendering with the verdict; a refusal names its reasons."""
     import io
 
     from rich.console import Console
 
     console = Console(record=True, width=160, file=io.StringIO())
-    console.print(gpt_oss_result)
+    console.print(refused_result)
     text = console.export_text()
-    assert gpt_oss_result.exit_code == 1
-    assert "verdict: refused" in text and "TOKEN_MIXING" in text and "model.layers.0.self_attn" in text
+    assert refused_result.exit_code == 1
+    assert "verdict: refused" in text and "TOKEN_MIXING" in text and "model.layers.0.feed_forward" in text
     # the CLI's rich path (no --json), on a target that fails fast: exit code 2
     assert rinspect.main(["inspect", "no_such_family_xyz"]) == 2
     assert "verdict: error" in capsys.readouterr().out
@@ -152,10 +152,17 @@ def test_verdict_agrees_with_oracle_llama(llama_json):
     _agrees(llama_json[1]["verdict"], "llama")
 
 
-def test_verdict_agrees_with_oracle_gpt_oss(gpt_oss_result):
-    assert gpt_oss_result.verdict == "refused"
-    assert gpt_oss_result.reasons and all(r.reason in regate_fx.Reason.__members__ for r in gpt_oss_result.reasons)
-    _agrees(gpt_oss_result.verdict, "gpt_oss")
+def test_verdict_agrees_with_oracle_llama4_text(refused_result):
+    assert refused_result.verdict == "refused"
+    assert refused_result.reasons and all(r.reason in regate_fx.Reason.__members__ for r in refused_result.reasons)
+    _agrees(refused_result.verdict, "llama4_text")
+
+
+def test_verdict_agrees_with_oracle_gpt_oss():
+    """gpt-oss (attention sinks joined to the scores, passes/sinks.py) runs exact-sparse."""
+    res = rinspect.inspect_model("gpt_oss", seq=8)
+    assert res.verdict == "exact-sparse", (res.error, res.reasons)
+    _agrees(res.verdict, "gpt_oss")
 
 
 def test_verdict_agrees_with_oracle_mixtral():

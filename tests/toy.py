@@ -13,13 +13,21 @@ from transformers.modeling_outputs import CausalLMOutput
 
 class Attention(nn.Module):
     """form: 'sdpa', or 'sigmoid' (weights sigmoid(q k^T) * mask, no softmax: nothing normalises
-    over the keys, so padding slots of the kept layout must be zeroed where weights meet values)."""
+    over the keys, so padding slots of the kept layout must be zeroed where weights meet values), or
+    'sink' (gpt-oss's eager attention with sinks: a per-head logit joined to the scores along the
+    keys, shifted by the row max, softmaxed, sliced back to the keys) and variants outside that form:
+    'sink_token_column' (the joined column is computed from each query: it carries a token axis),
+    'sink_unsliced' (the sink column's probability is also read), 'sink_keeps_column' (the slice
+    keeps the sink column and drops key 0), 'sink_max_reused' (the row max is also added to the
+    output)."""
 
     def __init__(self, d: int, heads: int, form: str = "sdpa"):
         super().__init__()
         self.heads, self.form = heads, form
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
+        if form.startswith("sink"):
+            self.sinks = nn.Parameter(torch.randn(heads))
 
     def forward(self, x, mask=None):
         b, t, d = x.shape
@@ -29,9 +37,31 @@ class Attention(nn.Module):
                 mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
             w = torch.sigmoid(q @ k.transpose(-1, -2) / 4.0) * mask  # (B, H, T, T)
             y = w @ v  # (B, H, T, hd)
+        elif self.form.startswith("sink"):
+            y = self._sink_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+    def _sink_attention(self, q, k, v, mask):
+        b, h, t, _ = q.shape
+        s = q @ k.transpose(-1, -2) / 4.0  # (B, H, T, T)
+        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None] if mask is None else mask
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        col = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, -1)  # (B, H, T, 1)
+        if self.form == "sink_token_column":
+            col = (q * q).sum(-1, keepdim=True)  # (B, H, T, 1), from each query
+        joined = torch.cat([s, col], dim=-1)  # (B, H, T, T + 1)
+        m = joined.max(dim=-1, keepdim=True).values  # (B, H, T, 1)
+        probs = torch.softmax(joined - m, dim=-1)
+        w = probs[..., 1:] if self.form == "sink_keeps_column" else probs[..., :-1]  # (B, H, T, T)
+        y = w @ v  # (B, H, T, hd)
+        if self.form == "sink_unsliced":
+            y = y * (1 - probs[..., -1:])
+        elif self.form == "sink_max_reused":
+            y = y + m
+        return y
 
 
 class MLP(nn.Module):

@@ -15,6 +15,7 @@ the stream leaving a region is scattered back (`passes/rewrite.py` drives it, `b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -32,6 +33,7 @@ from regate_fx.passes.kernels import (
     sdpa_key_mask,
 )
 from regate_fx.passes.ops import classify
+from regate_fx.passes.sinks import SINK, scores_operand
 
 __all__ = ["KeptLayout", "PADDED", "Padded", "PaddedGraph", "kept_layout"]
 
@@ -139,6 +141,15 @@ class PaddedGraph(GraphLayout):
                 with graph.inserting_before(new):
                     masked = graph.call_function(mask_keys_scores, (new.args[0], valid))
                 new.update_arg(0, masked)
+            elif form == SINK and op_name(n) in ("cat", "concat", "concatenate"):
+                # Attention with sinks (gpt-oss): -inf on the padding-slot keys of the scores operand
+                # before the join, so the row max and the softmax see the oracle's columns only.
+                i = scores_operand(n, sym)
+                assert i is not None  # sinks.sink_form proved the join
+                operands = list(cast(list, new.args[0]))
+                with graph.inserting_before(new):
+                    operands[i] = graph.call_function(mask_keys_scores, (operands[i], valid))  # (B, H, K, K)
+                new.update_arg(0, operands)  # joined: (B, H, K, K + c)
             elif form == "pv" and not _from_softmax(n.args[0], sym):
                 # Weights formed without a softmax (sigmoid attention, ...): zero the padding-slot
                 # keys where the weights meet the values.
@@ -155,11 +166,14 @@ _VALUE_KEEPING = {"dropout", "to", "type_as", "contiguous", "float", "half", "bf
 
 
 def _from_softmax(w: fx.node.Argument, sym: TokenSymbols) -> bool:
-    """Whether attention weights are a (key-masked) softmax, through dropout and casts only."""
+    """Whether attention weights are a (key-masked) softmax, through dropout and casts only (a sink
+    form's slice to the key columns: its scores were masked before the join)."""
     while isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and op_name(w) in _VALUE_KEEPING:
         w = w.args[0]
     return (
-        isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and classify(w, sym).attention == "softmax"
+        isinstance(w, fx.Node)
+        and w.op in ("call_function", "call_method")
+        and classify(w, sym).attention in ("softmax", SINK)
     )
 
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 from regate_fx.passes.analyse import Analysis
 from regate_fx.passes.graph import TokenSymbols, is_sdpa, module_path, node_value, sdpa_arg
 from regate_fx.passes.ops import classify
+from regate_fx.passes.sinks import SINK
 from regate_fx.passes.sizes import sym_derivable
 
 __all__ = ["packed_problem"]
@@ -96,7 +97,13 @@ def packed_problem(analysis: Analysis) -> str | None:
                 if why:
                     return why
                 continue
-            if classify(n, sym).attention:
+            form = classify(n, sym).attention
+            if form == SINK:
+                return (
+                    f"attention {_where(n)} joins sink logits to its scores (attention sinks, gpt-oss's eager "
+                    "attention): the packed layout runs SDPA attention only; the padded layout runs it exactly"
+                )
+            if form:
                 return f"attention {_where(n)} is not SDPA (eager softmax or weights @ values)"
             verdict = classify(n, sym_b)
             if not verdict.token_wise:

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from regate_fx.passes.graph import TokenSymbols, node_value
 from regate_fx.passes.placement import identity_index, is_full_stop, same_place, token_block
+from regate_fx.passes.sinks import SINK, sink_form
 from regate_fx.report import Reason
 
 __all__ = ["OK", "Call", "Verdict"]  # and one function per rule, named by what it judges
@@ -26,7 +27,8 @@ __all__ = ["OK", "Call", "Verdict"]  # and one function per rule, named by what 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Result of classifying a node. `attention` is 'sdpa', 'softmax' or 'pv' for attention pieces."""
+    """Result of classifying a node. `attention` is 'sdpa', 'cross', 'softmax', 'pv' or 'sink' (a node
+    of a proven attention-with-sinks form, sinks.py) for attention pieces."""
 
     ok: bool
     attention: str | None = None
@@ -44,6 +46,12 @@ OK = Verdict(True)
 
 def _mix(detail: str) -> Verdict:
     return Verdict(False, reason=Reason.TOKEN_MIXING, detail=detail)
+
+
+def _sink_or(c: "Call", refusal: Verdict) -> Verdict:
+    """A node of a proven attention-with-sinks form (gpt-oss: scores joined with per-head sink
+    logits, softmaxed, sliced back to the keys; sinks.py) is attention; anything else is refused."""
+    return Verdict(True, attention=SINK) if sink_form(c.node, c.sym) else refusal
 
 
 def unsupported(detail: str) -> Verdict:
@@ -204,7 +212,7 @@ def softmax(c: Call) -> Verdict:
             "XGLM's): the rewrite masks padding-slot keys only in (batch, heads, queries, keys) scores; "
             "use an attention implementation with 4-D scores or SDPA, or keep the branch dense (strict=False)",
         )
-    return _mix(f"{c.name} over the token axis outside an attention score matrix")
+    return _sink_or(c, _mix(f"{c.name} over the token axis outside an attention score matrix"))
 
 
 def _merges_batch(size: Any, sym: TokenSymbols) -> bool:
@@ -336,7 +344,7 @@ def reduce(c: Call) -> Verdict:
                 "ends from histc over E bins: regate_fx/passes/dispatch.py); a MoE model loaded with "
                 "experts_implementation='batched_mm' computes each (token, slot) row on its own"
             )
-        return _mix(f"{c.name} along the token axis")
+        return _sink_or(c, _mix(f"{c.name} along the token axis"))
     return OK
 
 
@@ -355,7 +363,7 @@ def cat(c: Call) -> Verdict:
         if isinstance(t, fx.Node):
             toks |= set(c.sym.token_dims(node_value(t)))
     if dims is None or set(dims) & toks:
-        return _mix(f"{c.name} along the token axis")
+        return _sink_or(c, _mix(f"{c.name} along the token axis"))
     return OK
 
 
@@ -473,7 +481,7 @@ def getitem(c: Call) -> Verdict:
                 and (it.stop is None or is_full_stop(it.stop, sv.shape[dim], sym))
             )
             if not whole and not (sym.is_seq(sv.shape[dim]) and identity_index(it, sym)):
-                return _mix("indexing selects a subset of the token axis")
+                return _sink_or(c, _mix("indexing selects a subset of the token axis"))
         elif isinstance(it, fx.Node) and sym.token_dims(node_value(it)):
             return _mix("indexing with a token-indexed tensor")
         dim += 1

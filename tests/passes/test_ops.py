@@ -173,6 +173,34 @@ def test_attention_pieces():
     assert not v.ok and v.reason is Reason.ATTENTION_FORM
 
 
+def _sinks(x, *, column=None, last=slice(None, -1), reuse_max=False):
+    """gpt-oss's eager attention with sinks: a per-head logit joined to the scores along the keys,
+    shifted by the row max, softmaxed, sliced back to the keys (passes/sinks.py)."""
+    s = _scores(x)  # (B, 2, T, T)
+    col = torch.ones(2).reshape(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[1], -1) if column is None else column(s)
+    joined = torch.cat([s, col], dim=-1)  # (B, 2, T, T + 1)
+    m = joined.max(dim=-1, keepdim=True).values
+    w = torch.softmax(joined - m, dim=-1)[..., last]  # (B, 2, T, T)
+    return w + m if reuse_max else w
+
+
+@pytest.mark.parametrize("op", ["cat", "max", "softmax", "getitem"])
+def test_attention_with_sinks(op):
+    """Every node of the form is attention; the same node just outside the form is refused."""
+    assert _verdict(_sinks, BTD, op=op).attention == "sink"
+    outside = [
+        lambda x: _sinks(x, column=lambda s: s[..., :1]),  # a joined column with a token axis (key 0)
+        lambda x: _sinks(x, last=slice(1, None)),  # keeps the sink column, drops key 0
+        # a constant spread along the keys too: (B, 2, T, T + 1) columns that would follow K, not T
+        lambda x: _sinks(x, column=lambda s: torch.ones(2).reshape(1, -1, 1, 1).expand(*s.shape[:3], s.shape[3] + 1),
+                         last=slice(None, x.shape[1])),
+        lambda x: _sinks(x, reuse_max=True),  # the row max also read elsewhere
+    ]
+    for fn in outside:
+        v = _verdict(fn, BTD, op=op)
+        assert not v.ok and v.reason is Reason.TOKEN_MIXING, (op, v)
+
+
 def test_cross_attention_is_token_wise_over_queries():
     """Mllama: keys and values are image tokens (no token axis); each query reads its own mask row."""
     q = lambda x: x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)  # noqa: E731  (B, 2, T, 4)
