@@ -21,7 +21,9 @@ transformer-layer auto-wrap, prepare then sparsify (`"gathered"`) and sparsify t
 which picks the gathered execution at the call); `NO_WRAP` with the rewrite, refused with an error
 naming `execution='gathered'` (accelerate 1.16 still shards the embedding, and the norm with the head,
 apart from the root). `-m slow` adds the plugin's activation checkpointing (layers wrapped in
-`CheckpointWrapper` before sharding) and `NO_WRAP` with `"auto"`, which is exact.
+`CheckpointWrapper` before sharding) and `NO_WRAP` with `"auto"`, which is exact. accelerate 1.10.1
+(the lowest supported) shards only the root with `NO_WRAP`: there the rewrite runs and must be exact,
+and `"auto"` picks it; the checks expect what the sharding calls for (passes with 1.10.1 and 1.16.0).
 """
 
 from __future__ import annotations
