@@ -120,8 +120,9 @@ def check_no_inner_fsdp(model: nn.Module | None) -> None:
     raise RewriteError(
         f"regate_fx: {count} submodules of the sparsified model are sharded with fully_shard (e.g. "
         f"{first!r}); FSDP2's per-module hooks cannot run inside the one graph the rewrite execution "
-        f"captures. {todo}; or shard the model as a whole (fully_shard(model) only; with Trainer/Accelerate: "
-        f"fsdp_config={{'auto_wrap_policy': 'NO_WRAP'}})"
+        f"captures. {todo}; or shard the model as a whole (fully_shard(model) only; the FSDP2 plugin "
+        "of accelerate 1.16 shards the input embedding and the LM head in groups of their own with every "
+        "auto_wrap_policy, NO_WRAP included)"
     )
 
 
