@@ -63,15 +63,15 @@ def _step(
     if aux and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         # one batch symbol for the ids and the padding mask the aux loss flattens with the router
         # logits ((B*T,) against (B*T, E)): dynamo may otherwise give the mask's batch its own
-        torch._check(mask.size(0) == logits_batch(inputs))
+        torch._check(mask.size(0) == _batch_size(inputs))
     out = model(**inputs, **use_cache_kw, **({"labels": labels} if aux_term else {}))
-    logits, loss, token_loss = layout.outputs(out.logits, tensors, labels, inputs, return_logits)  # (B, T, V)
+    logits, loss, token_loss = layout.outputs(out.logits, tensors, labels, inputs, return_logits)
     # the model's `coef * aux_loss` (its loss on top of our zero), added to `loss` by the caller:
     # kept apart from the step's own kept-layout code, so the pass judges it as the model's
     return logits, loss, token_loss, getattr(out, "aux_loss", None), out.loss if aux_term else None
 
 
-def logits_batch(inputs: dict) -> int:
+def _batch_size(inputs: dict) -> int:
     """The batch size of the step's sequence input (input ids or embeddings)."""
     seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
     return seq.size(0)

@@ -199,7 +199,7 @@ def _masked(n: fx.Node, padding: fx.Node | None, masked: set[fx.Node]) -> bool:
         return False
     name = op_name(n)
     first = n.args[0] if n.args else None
-    if name in _PLACEMENTS:
+    if name in _PLACEMENTS or name == "getitem" and _inserts_axes(n.args[1] if len(n.args) > 1 else None):
         return first is padding or first in masked
     if name in _PRODUCTS:
         return any(a is padding or a in masked for a in n.args if isinstance(a, fx.Node))
@@ -207,6 +207,12 @@ def _masked(n: fx.Node, padding: fx.Node | None, masked: set[fx.Node]) -> bool:
         other = n.args[2]
         return (first is padding or first in masked) and isinstance(other, (int, float)) and other == 0
     return False
+
+
+def _inserts_axes(index) -> bool:
+    """An index that only adds axes (`mask[:, None]`): every element stays where it was."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
 def _masked_reduction(n: fx.Node, sym: TokenSymbols, masked: set[fx.Node]) -> bool:

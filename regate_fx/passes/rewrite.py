@@ -183,18 +183,17 @@ def _rewrite_reductions(
     """Replay the batch-level reductions (a router's aux loss, reductions.py) on the kept layout:
     the region values they read at their kept copies, the padding mask zero at padding slots, so
     each masked sum runs over exactly the kept tokens. Their results (no token axis) replace the
-    originals, which are erased with the full-length region nodes only they kept alive."""
+    originals in the graph's output; the originals are erased with the full-length region nodes
+    only they kept alive (a node the model also reads stays, judged by the coverage check)."""
     graph = replay.graph
     env = dict(envs)
     if red.padding is not None:
         with graph.inserting_before(red.nodes[0]):  # before every replayed copy, in insertion order
             env[red.padding] = replay.kept.gather_padding(graph, red.padding)  # (B, K) padded, (1, N) packed
     replay.run(red.nodes, env)
-    members = set(red.nodes)
-    for n in red.nodes:
-        for u in [u for u in n.users if u not in members and u is not env[n]]:
-            if not replay.sym.token_dims(node_value(n)):  # a total; a token-indexed value keeps its user
-                u.replace_input_with(n, env[n])
+    for n in red.nodes:  # the graph returns the totals (the aux loss, the model's aux term)
+        for u in [u for u in n.users if u.op == "output"]:
+            u.replace_input_with(n, env[n])
     for n in reversed(red.nodes):  # in-place ones too (scatter_add_ into a buffer): exactly once
         if not n.users:
             graph.erase_node(n)

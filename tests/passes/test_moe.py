@@ -283,3 +283,73 @@ def test_router_aux_loss_refused_where_not_replayed():
     batch = make_batch(tm, 2, 10, seed=1)
     with pytest.raises(RewriteError, match="output_router_logits"):
         smodel(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
+
+
+def test_router_aux_loss_normalised_by_the_row_count_is_refused(monkeypatch):
+    """Masked sums, but divided by the number of rows of the batch (padding included): a size of the
+    batch used as a number, which on the kept layout would count its slots. Refused."""
+    import transformers.models.mixtral.modeling_mixtral as mm
+
+    def by_rows(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        flat = attention_mask.reshape(-1).float()
+        total = 0.0
+        for g in gate_logits:
+            probs = (torch.softmax(g, -1) * flat[:, None]).sum(0) / g.shape[0]  # (E,) over every row
+            total = total + (probs * probs).sum() * num_experts
+        return total
+
+    monkeypatch.setattr(mm, "load_balancing_loss_func", by_rows)
+    model, tm = _aux_model("mixtral")
+    batch = make_batch(tm, 2, 10, seed=1)
+    with pytest.raises(RewriteError) as err:
+        _sparse(model, "padded")(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
+    first = err.value.report.sparse_graph.outside[0]
+    assert first.reason is Reason.SYMBOLIC_SIZE and "router auxiliary loss" in first.detail, first
+
+
+def test_router_logits_reduced_over_the_batch_in_the_stream_are_refused(monkeypatch):
+    """Router logits centred over the batch before the top-k (inside the decoder, in the hidden
+    stream): the batch-axis rule applies there as anywhere in the stream. Refused (BATCH_MIXING)."""
+    import transformers.models.mixtral.modeling_mixtral as mm
+
+    def centred(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(hidden_states, self.weight)  # (B*T, E)
+        logits = logits - logits.mean(0, keepdim=True)  # over every token of the batch
+        top, idx = torch.topk(torch.softmax(logits.float(), -1), self.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+
+    monkeypatch.setattr(mm.MixtralTopKRouter, "forward", centred)
+    model, tm = _aux_model("mixtral")
+    batch = make_batch(tm, 2, 10, seed=1)
+    with pytest.raises(RewriteError) as err:
+        _sparse(model, "padded")(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
+    report = err.value.report
+    found = [r.reason for r in report.refused] + [o.reason for o in report.sparse_graph.outside]
+    assert Reason.BATCH_MIXING in found or Reason.TOKEN_MIXING in found, found
+
+
+def test_router_aux_loss_with_unmasked_counts_is_refused(monkeypatch):
+    """Router probabilities weighted by the mask, but the expert counts a `histc` over every row
+    (padding rows included), divided by the real-token count: the one flaw is a reduction over the
+    tokens of a value the padding mask does not zero. Refused (TOKEN_MIXING), naming it."""
+    import transformers.models.mixtral.modeling_mixtral as mm
+
+    def unmasked_counts(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        flat = attention_mask.reshape(-1).float()
+        rows = flat.sum()
+        total = 0.0
+        for g in gate_logits:
+            probs = torch.softmax(g, -1)
+            ids = torch.topk(probs, top_k, dim=-1).indices  # (B*T, k)
+            counts = torch.histc(ids.reshape(-1).float(), bins=num_experts, min=0, max=num_experts)  # every row
+            total = total + ((counts / rows) * ((probs * flat[:, None]).sum(0) / rows)).sum() * num_experts
+        return total
+
+    monkeypatch.setattr(mm, "load_balancing_loss_func", unmasked_counts)
+    model, tm = _aux_model("mixtral")
+    batch = make_batch(tm, 2, 10, seed=1)
+    with pytest.raises(RewriteError) as err:
+        _sparse(model, "padded")(**batch, keep_mask=random_keep(batch, 0.5, seed=2))
+    first = err.value.report.sparse_graph.outside[0]
+    assert first.reason is Reason.TOKEN_MIXING and "histc" in first.detail and "padding mask" in first.detail, first
