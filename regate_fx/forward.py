@@ -33,7 +33,7 @@ from regate_fx.stacks import (
     with_keep_mask,
     without_input_require_grads,
 )
-from regate_fx.step import own_step_function, step_sources
+from regate_fx.step import no_token_loss, own_step_function, step_sources
 
 __all__ = ["ReGateOutput", "SparseForward", "check_keep_mask"]
 
@@ -51,12 +51,17 @@ class ReGateOutput(ModelOutput):
         token_loss: (B, T) per-position cross-entropy of the prediction made at each position,
             zero where not computed (pruned, or next label ignored). None without labels.
         keep_mask: the (B, T) mask the step ran with (None for a dense call).
+        aux_loss: the router's auxiliary (load-balancing) loss of an MoE model asked for it
+            (``output_router_logits=True``), over the kept tokens of the batch: what the dense model
+            computes on the batch of kept subsequences, padded, with an attention mask marking them.
+            ``loss`` then includes the model's own ``router_aux_loss_coef * aux_loss``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class _NeedsOutputHooks(Exception):
@@ -242,7 +247,13 @@ class SparseForward:
         )
 
     def _run(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, layout: Layout):
-        """One call of the compiled step on the kept `layout`."""
+        """One call of the compiled step on the kept `layout`: (logits, loss, token_loss, aux_loss)."""
+        logits, loss, token_loss, aux, aux_term = self._call_step(target, inputs, seq, keep_mask, labels, layout)
+        if aux_term is not None and loss is not None:
+            loss = loss + aux_term  # the model's own `coef * aux_loss`, as its forward adds it
+        return logits, loss, token_loss, aux
+
+    def _call_step(self, target, inputs: dict, seq: torch.Tensor, keep_mask: torch.Tensor, labels, layout: Layout):
         tensors = layout.build(keep_mask)
         for t, ds in zip(tensors, layout.dynamic_dims):
             for d in ds:
@@ -264,15 +275,18 @@ class SparseForward:
                 without_input_require_grads(getattr(self.original, "__self__", None)),
                 self._sparse_graph_must_run(),
             ):
-                return self._compiled(
-                    target,
-                    inputs,
-                    self._use_cache_kw,
-                    layout,
-                    tensors,
-                    labels,
-                    self.config.wants_logits(labels is not None),
-                )
+                aux = wants_router_aux(self.original, inputs)
+                with aux_term_only(getattr(self.original, "__self__", None) if aux and labels is not None else None):
+                    return self._compiled(
+                        target,
+                        inputs,
+                        self._use_cache_kw,
+                        layout,
+                        tensors,
+                        labels,
+                        self.config.wants_logits(labels is not None),
+                        aux,
+                    )
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e.__cause__
             if isinstance(inner, (LayoutRefused, KeepMaskError, RewriteError)):  # refused: the layout's, or the pass's
@@ -327,6 +341,17 @@ class SparseForward:
             # term the pass cannot prove causal, and attention would run on a gathered (B, 1, K, K)
             # mask; with one the pass proves it and the kept tokens use SDPA's causal fast path.
             inputs["attention_mask"] = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        if wants_router_aux(self.original, inputs) and (
+            self.execution(model) == "gathered" or self._capture.mode != "model"
+        ):
+            raise RewriteError(
+                "regate_fx: output_router_logits=True: the router's auxiliary loss is computed by the model's "
+                "forward around its decoder, which only the whole-model capture with execution='rewrite' runs "
+                "on the kept tokens (this step: "
+                f"capture={self._capture.mode!r}, execution={self.execution(model)!r}); pass "
+                "output_router_logits=False, or SparsifyConfig(capture='model', execution='rewrite')",
+                report=self.report,
+            )
         if self.execution(model) == "gathered":  # the model's own modules on the kept tokens (gathered.py)
             logits, loss, token_loss = self.gathered(
                 inputs, seq, keep_mask, labels, self.config.wants_logits(labels is not None)
@@ -342,11 +367,11 @@ class SparseForward:
         layout = self._layout(keep_mask)
         try:
             try:
-                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, layout)
+                logits, loss, token_loss, aux = self._run(target, inputs, seq, keep_mask, labels, layout)
             except _NeedsOutputHooks:  # the forward asks for hidden states / attentions: hooks, then again
                 install_output_hooks(model if model is not None else self._capture.model)
                 self._output_hooks = True
-                logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, layout)
+                logits, loss, token_loss, aux = self._run(target, inputs, seq, keep_mask, labels, layout)
         except LayoutRefused as e:  # this graph cannot run on it: the layout's fallback, or why not
             e.layout.note_refusal(self.report, e.why)
             fallback = e.layout.fallback
@@ -357,8 +382,42 @@ class SparseForward:
                     f"which falls back to it).",
                     report=self.report,
                 ) from None
-            logits, loss, token_loss = self._run(target, inputs, seq, keep_mask, labels, fallback)
-        return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask)
+            logits, loss, token_loss, aux = self._run(target, inputs, seq, keep_mask, labels, fallback)
+        return ReGateOutput(loss=loss, logits=logits, token_loss=token_loss, keep_mask=keep_mask, aux_loss=aux)
+
+
+def wants_router_aux(original: Callable, inputs: dict) -> bool:
+    """Whether the model's forward will compute its router auxiliary loss: it takes
+    ``output_router_logits`` (transformers' MoE models) and the call or its config turns it on."""
+    try:
+        params = inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        return False
+    if "output_router_logits" not in params:
+        return False
+    flag = inputs.get("output_router_logits")
+    if flag is None:
+        flag = getattr(getattr(getattr(original, "__self__", None), "config", None), "output_router_logits", False)
+    return bool(flag)
+
+
+@contextlib.contextmanager
+def aux_term_only(model: Any):
+    """Around a step that passes the labels to `model` (``_step``'s ``aux_term``): the model's loss
+    function is `step.no_token_loss`, so its ``loss`` is its auxiliary term alone. Restored after."""
+    if model is None or not isinstance(model, nn.Module):
+        yield
+        return
+    own = vars(model)  # transformers' `loss_function` property reads `_loss_function` first
+    had, old = "_loss_function" in own, own.get("_loss_function")
+    own["_loss_function"] = no_token_loss
+    try:
+        yield
+    finally:
+        if had:
+            own["_loss_function"] = old
+        else:
+            del own["_loss_function"]
 
 
 def check_keep_mask(keep: torch.Tensor, seq: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from regate_fx.constants import IGNORE_INDEX
 from regate_fx.layouts.base import Layout
 
-__all__ = ["counted_predictions", "own_step_function", "step_sources"]
+__all__ = ["counted_predictions", "no_token_loss", "own_step_function", "step_sources"]
 
 
 def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,14 @@ def counted_predictions(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return keep & (target != IGNORE_INDEX)
 
 
+def no_token_loss(logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The model's ``loss_function`` during a sparse step that asks for its router auxiliary loss:
+    zero, so that the model's own ``loss = loss_function(...) + coef * aux_loss`` leaves its aux term
+    alone (whatever it names the coefficient), and the full-length cross-entropy is never computed
+    (the step computes it on the kept positions). Reads only the logits' device, not their values."""
+    return torch.zeros((), dtype=torch.float32, device=logits.device)
+
+
 def _step(
     model: nn.Module,
     inputs: dict,
@@ -40,11 +48,33 @@ def _step(
     tensors: tuple,
     labels,
     return_logits: bool = True,
+    aux: bool = False,
 ):
     """The function dynamo captures: the model's forward, then logits / loss at kept positions, as
-    the kept `layout` computes them from its `tensors` (its marker there brings them into the graph)."""
-    logits = model(**inputs, **use_cache_kw).logits  # (B, T, V)
-    return layout.outputs(logits, tensors, labels, inputs, return_logits)
+    the kept `layout` computes them from its `tensors` (its marker there brings them into the graph).
+
+    With `aux` (the model computes its router auxiliary loss, a batch-level reduction of the router
+    logits that the pass runs on the kept tokens: passes/reductions.py) and labels, the model gets the
+    labels and `no_token_loss` as its loss function (set by `SparseForward`): its ``loss`` is then its
+    own aux term, which the caller adds to the kept positions' cross-entropy.
+    """
+    aux_term = aux and labels is not None
+    mask = inputs.get("attention_mask")
+    if aux and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        # one batch symbol for the ids and the padding mask the aux loss flattens with the router
+        # logits ((B*T,) against (B*T, E)): dynamo may otherwise give the mask's batch its own
+        torch._check(mask.size(0) == _batch_size(inputs))
+    out = model(**inputs, **use_cache_kw, **({"labels": labels} if aux_term else {}))
+    logits, loss, token_loss = layout.outputs(out.logits, tensors, labels, inputs, return_logits)
+    # the model's `coef * aux_loss` (its loss on top of our zero), added to `loss` by the caller:
+    # kept apart from the step's own kept-layout code, so the pass judges it as the model's
+    return logits, loss, token_loss, getattr(out, "aux_loss", None), out.loss if aux_term else None
+
+
+def _batch_size(inputs: dict) -> int:
+    """The batch size of the step's sequence input (input ids or embeddings)."""
+    seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+    return seq.size(0)
 
 
 def step_sources(layout_roles: tuple[str, ...], **input_keys: str | None) -> dict[str, str]:

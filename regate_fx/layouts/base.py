@@ -19,6 +19,8 @@ Graph (`GraphLayout`, built by the backend for one rewrite; `passes/rewrite.py` 
     length           the kept length node (K, N), inserted after the last placeholder
     gather_side      a token-indexed side input at the kept tokens
     gather_stream    the stream value entering a region, at the kept tokens
+    gather_padding   the 2-D padding mask at the kept tokens, zero at the layout's padding slots
+                     (what a batch-level reduction outside the decoder reads: reductions.py)
     scatter_stream   a stream value leaving a region, written back into the full-length one
     scatters         the kernels `scatter_stream` inserts (the tail reads past them)
     new_size         a size the layout changes (T; B too when packed), rebuilt for the kept tokens
@@ -59,6 +61,11 @@ class GraphLayout:
 
     def gather_stream(self, graph: fx.Graph, start: fx.Node) -> fx.Node:
         raise NotImplementedError
+
+    def gather_padding(self, graph: fx.Graph, a: fx.Node) -> fx.Node:
+        """The (B, T) padding mask `a` at the kept tokens, zero at padding slots (a layout without
+        padding slots: its `gather_side`)."""
+        return self.gather_side(graph, a, (1,))
 
     def scatter_stream(self, graph: fx.Graph, start: fx.Node, kept_value: fx.Node) -> fx.Node:
         raise NotImplementedError

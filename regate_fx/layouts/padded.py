@@ -125,6 +125,10 @@ class PaddedGraph(GraphLayout):
     def gather_stream(self, graph: fx.Graph, start: fx.Node) -> fx.Node:
         return graph.call_function(gather_tokens, (start, self.gather_idx, (1,)))  # (B, K, D)
 
+    def gather_padding(self, graph: fx.Graph, a: fx.Node) -> fx.Node:
+        kept = graph.call_function(gather_tokens, (a, self.gather_idx, (1,)))  # (B, K); slots repeat a real token
+        return graph.call_function(torch.mul, (kept, self.valid))  # (B, K): zero at the padding slots
+
     def scatter_stream(self, graph: fx.Graph, start: fx.Node, kept_value: fx.Node) -> fx.Node:
         return graph.call_function(scatter_tokens, (start, kept_value, self.scatter_idx, self.valid))  # (B, T, D)
 

@@ -53,6 +53,7 @@ from regate_fx.passes.judge import Judge
 from regate_fx.passes.kernels import MARKERS
 from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import Verdict, classify, higher_order_detail
+from regate_fx.passes.reductions import Reductions, find_reductions
 from regate_fx.passes.sizes import side_input_problem
 from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_start
 from regate_fx.report import BranchKind, Reason
@@ -139,6 +140,8 @@ class Analysis:
     detail: str = ""
     judge: "Judge | None" = None
     """Verdicts along the token and batch axes (see `Judge`)."""
+    reductions: Reductions | None = None
+    """Region values reduced over the batch outside the decoder (a router's aux loss: reductions.py)."""
 
     def verdict(self, n: fx.Node) -> Verdict:
         if self.judge is not None:
@@ -258,9 +261,13 @@ def analyse(
 
     analysis = Analysis(sym, branches, judge=judge)
     # Regions, refining until no region has a problem that only shows at region level.
+    problem = None
     for _ in range(2 * len(branches) + 2):
         before = sum(b.ok for b in branches)
         analysis.regions = _regions(branches, anc, sym, judge.dispatch)
+        members = {n for r in analysis.regions for n in r.nodes}
+        analysis.reductions, found = find_reductions(graph, members, stream_set, judge.verdict, sym, padding)
+        problem = problem or found  # the first: once refused, its branches leave the regions
         _check_regions(analysis, anc, sym, stream_set)
         if sum(b.ok for b in branches) == before:
             break
@@ -272,6 +279,16 @@ def analyse(
                 analysis.causal_masks.add(mask)
     # The value entering the stream is computed at full length like any other: checked, not exempt.
     analysis.outside = _check_coverage(graph, analysis, anc, stream_set - {stream_nodes[0]}, layout or [], seq_input)
+    if problem is not None:  # the aux loss first: the escapes and outside nodes it causes follow from it
+        analysis.outside.insert(
+            0,
+            Outside(
+                problem.node,
+                module_path(problem.node) or "<model>",
+                problem.reason,
+                f"router auxiliary loss: {problem.detail}",
+            ),
+        )
     return analysis
 
 
@@ -292,6 +309,9 @@ def _check_coverage(
     for b in analysis.branches:
         if not b.ok:
             covered.update(b.nodes)  # already refused with its own reason
+    red = analysis.reductions
+    if red is not None:  # replayed on the kept layout; a node also read elsewhere stays and is judged
+        covered.update(n for n in red.nodes if all(u in red or u.op == "output" for u in n.users))
     ours = anc.descendants_of_any(layout) if layout else 0  # kept_rows, the loss on kept rows
     ours |= _feeds_only_ours(graph, anc, ours)
     # Values no output depends on (LLaVA's placeholder count, read only by a size check) cannot
@@ -437,7 +457,7 @@ def _check_regions(analysis: Analysis, anc: Ancestry, sym: TokenSymbols, stream:
             # Intermediates may not escape; (B, T, D) stream values may (they are scattered back).
             if n is not region.end and not (n in stream and is_stream_value(node_value(n), sym, flat_ok=False)):
                 for u in n.users:
-                    if u not in members:
+                    if u not in members and (analysis.reductions is None or u not in analysis.reductions):
                         _owner(n, region, branches).refuse(Reason.ESCAPING_VALUE, _escape_detail(n, u, sym))
                         break
             for a in n.all_input_nodes:

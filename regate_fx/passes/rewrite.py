@@ -22,6 +22,7 @@ from regate_fx.layouts.base import GraphLayout
 from regate_fx.passes.analyse import Analysis, Region, Tail
 from regate_fx.passes.graph import TokenSymbols, fill_values, node_value, value_free_meta
 from regate_fx.passes.kernels import KERNELS, MARKERS, mark_cacheable
+from regate_fx.passes.reductions import Reductions
 
 __all__ = ["rewrite"]
 
@@ -56,10 +57,15 @@ def rewrite(gm: fx.GraphModule, analysis: Analysis, kept: GraphLayout, *, fill: 
 
     replay = _Replay(graph, sym, kept, k_node, gathered_side, analysis.causal_masks)
     env: dict[fx.Node, fx.Node] = {}
+    envs: dict[fx.Node, fx.Node] = {}  # every region's nodes -> their kept copies
+    red = analysis.reductions
     for region in analysis.regions:
-        env = _rewrite_region(replay, region)
+        env = _rewrite_region(replay, region, red)
+        envs.update(env)
     if analysis.tail is not None:
         _rewrite_tail(replay, analysis.tail, env)
+    if red is not None:
+        _rewrite_reductions(replay, red, envs, [n for r in analysis.regions for n in r.nodes])
     # Masks replaced by is_causal=True: drop their gathers and the full (B, 1, T, T) construction.
     unused = [g for g in gathered.values() if not g.users]
     _erase_unused(graph, unused)
@@ -148,10 +154,11 @@ def _erase_unused(graph: fx.Graph, replaced) -> None:
         stack.extend((a, False) for a in inputs)
 
 
-def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
-    """Gather the stream once, replay the region on kept tokens, scatter what leaves it."""
+def _rewrite_region(replay: _Replay, region: Region, red: Reductions | None) -> dict[fx.Node, fx.Node]:
+    """Gather the stream once, replay the region on kept tokens, scatter what leaves it (not into
+    the batch-level reductions `red`, which read the kept values: `_rewrite_reductions`)."""
     graph = replay.graph
-    members = set(region.nodes)
+    members = set(region.nodes) | set(red.nodes if red is not None else ())
     start = region.start
     # A stream that starts at an input (inputs_embeds) is gathered after the last placeholder.
     with graph.inserting_after(start if start.op != "placeholder" else replay.k_node):
@@ -168,6 +175,29 @@ def _rewrite_region(replay: _Replay, region: Region) -> dict[fx.Node, fx.Node]:
             u.replace_input_with(n, full)
     _erase_unused(graph, region.nodes)
     return env
+
+
+def _rewrite_reductions(
+    replay: _Replay, red: Reductions, envs: dict[fx.Node, fx.Node], region_nodes: list[fx.Node]
+) -> None:
+    """Replay the batch-level reductions (a router's aux loss, reductions.py) on the kept layout:
+    the region values they read at their kept copies, the padding mask zero at padding slots, so
+    each masked sum runs over exactly the kept tokens. Their results (no token axis) replace the
+    originals in the graph's output; the originals are erased with the full-length region nodes
+    only they kept alive (a node the model also reads stays, judged by the coverage check)."""
+    graph = replay.graph
+    env = dict(envs)
+    if red.padding is not None:
+        with graph.inserting_before(red.nodes[0]):  # before every replayed copy, in insertion order
+            env[red.padding] = replay.kept.gather_padding(graph, red.padding)  # (B, K) padded, (1, N) packed
+    replay.run(red.nodes, env)
+    for n in red.nodes:  # the graph returns the totals (the aux loss, the model's aux term)
+        for u in [u for u in n.users if u.op == "output"]:
+            u.replace_input_with(n, env[n])
+    for n in reversed(red.nodes):  # in-place ones too (scatter_add_ into a buffer): exactly once
+        if not n.users:
+            graph.erase_node(n)
+    _erase_unused(graph, [n for n in region_nodes if not getattr(n, "_erased", False)])
 
 
 def _rewrite_tail(replay: _Replay, tail: Tail, env: dict[fx.Node, fx.Node]) -> None:

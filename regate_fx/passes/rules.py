@@ -383,6 +383,8 @@ SPLIT_DIM = {
 def split(c: Call) -> Verdict:
     pos, default = SPLIT_DIM[c.name]
     dim = arg(c.node, pos, "dim", default)
+    if c.name == "repeat_interleave" and dim is None and c.nd == 1:
+        dim = 0  # flattening a 1-D tensor moves nothing (the aux loss's `flat_mask.repeat_interleave(k)`)
     if c.name == "repeat_interleave" and dim is None:
         return _mix("repeat_interleave flattens the token axis")
     dims = _dims(dim, c.nd)
