@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     lr = {"dense": args.lr_dense, "regate": args.lr_regate}
     if args.sweep:
         sw = sweep_specs(args, args.sweep_lrs)
-        if not all(plan.done("sweep", args.sweep_seed, s.name) for s in sw):
+        if not all(plan.done("sweep", args.sweep_seed, s.name, s.lr) for s in sw):
             prep = pipeline.prepare(args.sweep_seed, out, args)
             prep_s[args.sweep_seed] = prep["prep_s"]
             pipeline.run_group("sweep", sw, prep, out, plan, args)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         )
     for seed in args.seeds:
         sp = specs(args, lr)
-        if all(plan.done("main", seed, s.name) for s in sp):
+        if all(plan.done("main", seed, s.name, s.lr) for s in sp):
             pipeline.log(f"[main seed {seed}] all {len(sp)} runs already finished: skipped")
             continue
         prep = pipeline.prepare(seed, out, args)

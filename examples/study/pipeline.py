@@ -110,7 +110,7 @@ def run_group(phase: str, specs: list[RunSpec], prep: dict, out: Path, plan: Pla
     """Train the unfinished runs of one seed in lockstep, each to its plateau; save each run's record
     (atomically) as soon as it stops. Finished runs (records on disk) are skipped."""
     seed = prep["seed"]
-    todo = [s for s in specs if not plan.done(phase, seed, s.name)]
+    todo = [s for s in specs if not plan.done(phase, seed, s.name, s.lr)]
     if not todo:
         log(f"[{phase} seed {seed}] all {len(specs)} runs already finished: skipped")
         return

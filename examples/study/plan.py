@@ -104,7 +104,9 @@ class Plan:
     def path(self, phase: str, seed: int, name: str) -> Path:
         return self.root / phase / f"seed{seed}" / f"{name}.json"
 
-    def done(self, phase: str, seed: int, name: str) -> bool:
+    def done(self, phase: str, seed: int, name: str, lr: float | None = None) -> bool:
+        """Whether the run has a finished record this invocation would reuse (same rule, and the same
+        lr when one is given: a sweep that tunes a different lr redoes the runs trained at the old one)."""
         p = self.path(phase, seed, name)
         if not p.exists():
             return False
@@ -113,6 +115,8 @@ class Plan:
         except (ValueError, OSError):
             return False
         if not rec.get("finished"):
+            return False
+        if lr is not None and rec.get("lr") is not None and abs(float(rec["lr"]) - lr) > 1e-12 * max(lr, 1.0):
             return False
         return self.rule is None or self._same_run_under(rec)
 

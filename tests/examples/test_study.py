@@ -132,6 +132,9 @@ def test_plan_redoes_runs_the_rule_would_not_produce(tmp_path: Path) -> None:
     assert not lowered.done("main", 0, "plateau") and not lowered.done("main", 0, "capped")
     assert Plan(tmp_path, 3, rule(patience=20)).count_done() == 0  # another stopping rule: everything redone
     assert not same.done("main", 0, "never")
+    Plan(tmp_path, 3, rule()).save("main", 1, "regate", {"stopped": "plateau", "stopped_step": 600, "lr": 3e-4})
+    assert same.done("main", 1, "regate", 3e-4) and same.done("main", 1, "regate")
+    assert not same.done("main", 1, "regate", 1e-3)  # the sweep tuned another lr: redone at the new one
 
 
 def test_readme_block_matches_results() -> None:
