@@ -181,3 +181,15 @@ def test_verdict_agrees_with_oracle(family):
         assert res.reasons and all(r.reason in regate_fx.Reason.__members__ for r in res.reasons)
         assert res.kept_flop_fraction is None
     _agrees(res.verdict, family)
+
+
+def test_eager_and_compiled_dense_disagree_is_diagnosed():
+    """PaliGemma (use_bidirectional_attention=True) on an unpadded text-only batch: transformers'
+    eager forward skips the all-ones causal mask and the attention (is_causal=False) then attends
+    bidirectionally, while the compiled forward is causal. The sparse step cannot equal the eager
+    oracle; inspect says why instead of blaming regate_fx (with token_type_ids the model is exact:
+    tests/test_mm_matrix.py)."""
+    res = rinspect.inspect_model("paligemma", seq=8)
+    assert res.verdict == "error"
+    assert "eager and torch.compile forwards already differ" in res.error, res.error
+    assert "a bug in regate_fx" not in res.error

@@ -171,6 +171,27 @@ def _random_batch(model, config, seq: int, batch: int, seed: int, rho: float) ->
     return out, keep
 
 
+def _eager_compiled_gap(cls, config, seed: int, batch: dict) -> float | None:
+    """Max |logit diff| between a fresh dense copy's eager and ``torch.compile`` forwards on
+    ``batch`` (None when it cannot be measured): a model whose two modes disagree has no single
+    dense result for a captured graph to equal."""
+    import torch
+
+    try:
+        torch.manual_seed(seed)
+        dense = cls._from_config(config).float().eval()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            eager = dense(**inputs, use_cache=False).logits
+            torch._dynamo.reset()
+            compiled = torch.compile(dense, backend="eager")(**inputs, use_cache=False).logits
+        return float((eager - compiled).abs().max())
+    except Exception:  # noqa: BLE001 - a diagnosis only: the verdict stands without it
+        return None
+    finally:
+        torch._dynamo.reset()
+
+
 def inspect_model(
     target,
     *,
@@ -343,6 +364,17 @@ def _inspect_once(
                     f"the sparse step differs from the oracle (max |logit diff| {diff:.3g}, "
                     f"loss diff {loss_diff:.3g}): a bug in regate_fx, please report it"
                 )
+                mode_gap = _eager_compiled_gap(cls, config, seed, b)
+                if mode_gap is not None and mode_gap > atol:
+                    res.error = (
+                        f"the sparse step differs from the oracle (max |logit diff| {diff:.3g}), but the model's "
+                        f"own eager and torch.compile forwards already differ on this batch (max |logit diff| "
+                        f"{mode_gap:.3g}): transformers takes another path when compiled (e.g. it skips an "
+                        "all-ones causal mask in eager mode, and an attention that declares is_causal=False "
+                        "then attends bidirectionally: PaliGemma's use_bidirectional_attention). The oracle "
+                        "runs eagerly and the sparse step runs the captured graph, so they cannot agree; "
+                        "batches with the model's own mask inputs (token_type_ids, padding) avoid it"
+                    )
     except Exception as e:  # noqa: BLE001 - any failure is a verdict, never a crash of the sweep
         res.verdict = "error"
         res.error = _short(e)
