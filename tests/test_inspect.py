@@ -122,6 +122,27 @@ def test_shrink_config_is_generic():
                 assert d["vocab_size"] <= shrink.VOCAB
 
 
+def test_shrink_keeps_every_kind_of_layer_and_consistent_ssm_sizes():
+    """Hybrids: the tiny model keeps one layer of each kind (Qwen3-Next's first linear-attention
+    and first full-attention layers, not its first two linear ones, which transformers cannot build
+    a mask for), layer-index lists follow (Zamba2), and a Mamba-2 mixer's heads x head dim equals
+    expand x hidden (Bamba)."""
+    from transformers import AutoConfig
+
+    full = AutoConfig.for_model("qwen3_next").layer_types
+    tiny = rinspect.shrink_config(AutoConfig.for_model("qwen3_next"))
+    assert tiny.layer_types == [t for i, t in enumerate(full) if t not in full[:i]]  # first of each kind, in order
+    assert tiny.num_hidden_layers == len(tiny.layer_types) == 2
+    z = rinspect.shrink_config(AutoConfig.for_model("zamba2"))
+    assert z.num_hidden_layers == len(z.layers_block_type) and set(z.hybrid_layer_ids) <= set(range(z.num_hidden_layers))
+    assert [z.layers_block_type[i] for i in z.hybrid_layer_ids] == ["hybrid"] * len(z.hybrid_layer_ids)
+    b = rinspect.shrink_config(AutoConfig.for_model("bamba"))
+    assert b.mamba_n_heads * b.mamba_d_head == b.mamba_expand * b.hidden_size
+    assert b.mamba_n_heads % b.mamba_n_groups == 0
+    llama = rinspect.shrink_config(AutoConfig.for_model("llama"))  # one kind: the first layers, as before
+    assert llama.num_hidden_layers == shrink.LAYERS
+
+
 # --- the verdict agrees with running the model against the oracle -------------------------------------
 
 def _build_independently(family: str, keep_head_dim: bool = False):

@@ -115,12 +115,62 @@ def _rescale_sections(d: dict, old_hd: int | None, new_hd: int | None) -> None:
                         break
 
 
+_SSM_HEADS = ("mamba_n_heads", "n_mamba_heads", "mamba_num_heads", "num_heads")
+_SSM_HEAD_DIM = ("mamba_d_head", "mamba_headdim", "mamba_head_dim", "head_dim")
+_SSM_EXPAND = ("mamba_expand", "expand")
+_SSM_GROUPS = ("mamba_n_groups", "mamba_ngroups", "n_groups")
+_SSM_STATE = ("mamba_d_state", "ssm_state_size", "state_size")
+
+
+def _shrink_ssm(d: dict, old_hidden: int | None) -> None:
+    """State-space mixers (Mamba-2, the hybrids): heads x head dim must equal expand x hidden, the
+    groups divide the heads; widths derived from the hidden size (Zamba2's attention over the
+    concatenated hidden and embeddings, 2 x hidden) keep their multiple of it."""
+    hidden = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k))), None)
+    expand = next((d[k] for k in _SSM_EXPAND if _is_int(d.get(k))), None)
+    heads_key = next((k for k in _SSM_HEADS if _is_int(d.get(k))), None)
+    dim_key = next((k for k in _SSM_HEAD_DIM if _is_int(d.get(k))), None)
+    if not (hidden and expand and heads_key and dim_key) or not any(k in d for k in _SSM_STATE):
+        return
+    if d[heads_key] > HEADS:
+        d[heads_key] = HEADS
+    if (expand * hidden) % d[heads_key] == 0:
+        d[dim_key] = expand * hidden // d[heads_key]
+    for k in _SSM_GROUPS:
+        if _is_int(d.get(k)) and d[k] > 1:
+            d[k] = 1
+    for k in _SSM_STATE:
+        if _is_int(d.get(k)) and d[k] > 16:
+            d[k] = 16
+    if old_hidden and old_hidden != hidden:
+        for k, v in list(d.items()):
+            if k.endswith("_hidden_size") and k not in _HIDDEN_KEYS and _is_int(v) and v > hidden and v % old_hidden == 0:
+                d[k] = v // old_hidden * hidden
+
+
+def _kept_layers(d: dict, old_layers: int, new_layers: int) -> list[int]:
+    """Which layers the tiny model keeps: the first `new_layers`, except that a per-layer kind list
+    (``layer_types``: a hybrid's linear and full attention, sliding and global layers) keeps one
+    layer of each kind (its first), in order, so the tiny model has every kind of layer (up to 4)."""
+    kinds = [v for k, v in d.items() if isinstance(v, list) and len(v) == old_layers and len(set(map(str, v))) > 1]
+    kinds = [v for v in kinds if all(isinstance(x, str) for x in v)]
+    if not kinds:
+        return list(range(new_layers))
+    first: dict[str, int] = {}
+    for i, x in enumerate(kinds[0]):
+        first.setdefault(x, i)
+    keep = sorted(first.values())[: max(new_layers, 4)]
+    rest = [i for i in range(old_layers) if i not in keep]
+    return sorted(keep + rest[: max(0, new_layers - len(keep))])
+
+
 def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     d = vars(cfg)
     old_layers = next((d[k] for k in _LAYER_KEYS if _is_int(d.get(k))), None)
     old_hd = _head_dim(d)
     old_heads = next((d[k] for k in _HEAD_KEYS if _is_int(d.get(k))), None)
     hidden_cap = max(HIDDEN, HEADS * old_hd) if keep_head_dim and old_hd else HIDDEN
+    old_hidden = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k))), None)
     for k in _HIDDEN_KEYS:
         if _is_int(d.get(k)) and d[k] > hidden_cap:
             d[k] = hidden_cap
@@ -173,9 +223,17 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     # per-layer lists (layer_types, mlp_only_layers as flags, ...) follow the layer count
     new_layers = next((d[k] for k in _LAYER_KEYS if _is_int(d.get(k))), None)
     if old_layers and new_layers and new_layers < old_layers:
+        keep = _kept_layers(d, old_layers, new_layers)
+        if len(keep) != new_layers:  # one layer of each kind needs more than the cap
+            for k in _LAYER_KEYS:
+                if _is_int(d.get(k)) and d[k] == new_layers:
+                    d[k] = len(keep)
         for k, v in list(d.items()):
             if isinstance(v, list) and len(v) == old_layers:
-                d[k] = v[:new_layers]
+                d[k] = [v[i] for i in keep]
+            elif "layer" in k and isinstance(v, list) and v and all(_is_int(x) and 0 <= x < old_layers for x in v):
+                d[k] = [keep.index(x) for x in v if x in keep]  # layer indices (Zamba2's hybrid layers)
+    _shrink_ssm(d, old_hidden)
     # dropout off: the verdict compares against the oracle
     for k, v in list(d.items()):
         if isinstance(v, float) and ("dropout" in k or "pdrop" in k) and v > 0:
