@@ -144,7 +144,13 @@ def _shrink_ssm(d: dict, old_hidden: int | None) -> None:
             d[k] = 16
     if old_hidden and old_hidden != hidden:
         for k, v in list(d.items()):
-            if k.endswith("_hidden_size") and k not in _HIDDEN_KEYS and _is_int(v) and v > hidden and v % old_hidden == 0:
+            if (
+                k.endswith("_hidden_size")
+                and k not in _HIDDEN_KEYS
+                and _is_int(v)
+                and v > hidden
+                and v % old_hidden == 0
+            ):
                 d[k] = v // old_hidden * hidden
 
 
