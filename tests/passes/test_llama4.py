@@ -32,11 +32,11 @@ from tests.toy import ToyLM
 E, K, CHUNK, SEQ = 4, 2, 4, 12
 
 
-def _llama4(chunk: int | None = CHUNK) -> TinyModel:
+def _llama4(chunk: int | None = CHUNK, **extra) -> TinyModel:
     """Tiny Llama 4; `chunk=None`: no chunked layers (what the packed layout runs)."""
 
     def build(attn):
-        cfg = tf.Llama4TextConfig(**{
+        cfg = tf.Llama4TextConfig(**{**extra,
             **COMMON, "num_key_value_heads": 2, "head_dim": 8, "num_local_experts": E, "num_experts_per_tok": K,
             "intermediate_size_mlp": 64, "attention_chunk_size": chunk,
             "no_rope_layers": [1, 0],  # layer 0: RoPE, chunked attention; layer 1: NoPE, full attention
@@ -95,6 +95,39 @@ def test_llama4_packed_matches_oracle():
     chunked = _sparse(_llama4()(), "packed")
     with pytest.raises(RewriteError, match="not causal on the kept tokens"):
         chunked(**batch, keep_mask=keep)
+
+
+def test_llama4_temperature_tuning_uses_original_positions():
+    """NoPE layers scale their queries by `1 + attn_scale * log1p(floor((p + 1) / floor_scale))` with
+    p = `arange(T)`, not the position ids. The sparse graph reads it at each kept token's original
+    index, as the full-length model does; the per-sample oracle would use the index in the kept
+    subsequence (it cannot pass the model other indices). With the default floor_scale (8192) the two
+    agree below 8191 tokens; here floor_scale=2 makes them differ within 12 tokens, and the sparse
+    logits equal an independent reference: the dense model at full length with every pruned key
+    masked out (chunks, padding and causality as the model's own masks), read at the kept tokens."""
+    tm = _llama4(floor_scale=2, attn_scale=8.0)
+    model = tm()
+    smodel = _sparse(model, "padded")
+    batch = make_batch(tm, 3, SEQ, pad="left", seed=1)
+    keep = random_keep(batch, 0.5, seed=2)
+    with torch.no_grad():
+        out = smodel(**{k: v for k, v in batch.items() if k != "labels"}, keep_mask=keep).logits
+        b_, t = keep.shape
+        idx = torch.arange(t)
+        pos = idx[None] - (batch["attention_mask"].cumsum(1) == 0).sum(1)[:, None]  # (B, T) from the first real token
+        causal = (idx[None, :] <= idx[:, None])[None, None]  # (1, 1, T, T): key <= query
+        seen = causal & keep[:, None, None, :]  # (B, 1, T, T): kept keys only
+        chunked = seen & ((pos[:, :, None] // CHUNK) == (pos[:, None, :] // CHUNK))[:, None]
+        eye = torch.eye(t, dtype=torch.bool)[None, None]  # pruned queries see themselves (no empty rows)
+        masks = {k: torch.where(m | eye, 0.0, float("-inf")) for k, m in
+                 (("full_attention", seen), ("chunked_attention", chunked))}
+        ref = model(input_ids=batch["input_ids"], attention_mask=masks, position_ids=batch["position_ids"],
+                    use_cache=False).logits
+        by_kept_index, _ = regate_fx.oracle(model, batch, keep, chunk=CHUNK)
+    assert_close(out[keep], ref[keep], "kept logits vs the masked full-length model")
+    got = [out[b, keep[b]] for b in range(b_)]
+    # the scale bites: the kept-index oracle lies far outside the comparison's tolerance (2e-5)
+    assert max(float((g - o).abs().max()) for g, o in zip(got, by_kept_index)) > 1e-3
 
 
 class _Rows(TorchDispatchMode):
