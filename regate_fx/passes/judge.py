@@ -2,8 +2,10 @@
 
 The op table (ops.py) judges each op by itself; `Judge` adds what is exact only because of where a
 value comes from, proven from the graph's data provenance (`Ancestry(data_only=True)`): the padding
-mask's cumsum as position ids, an image-placeholder masked_scatter whose mask comes from the ids
-alone, document ids from position restarts compared only for equality. And it judges the batch axis
+mask's cumsum as position ids, the count of leading padding subtracted from `arange(T)` (Llama 4's
+chunked mask), an image-placeholder masked_scatter whose mask comes from the ids alone, document ids
+from position restarts compared only for equality. Nodes of a proven MoE dispatch (dispatch.py) or
+expert-major tiling (tiling.py) are per (token, expert) row. And it judges the batch axis
 with the same table, since the oracle runs each sample alone.
 """
 
