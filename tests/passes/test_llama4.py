@@ -202,3 +202,13 @@ def test_tilings_that_mix_tokens_are_refused(mix):
     found = [(r.reason, r.detail) for r in err.value.report.refused]
     assert len(found) == 1 and found[0][0] is Reason.TOKEN_MIXING, found
     assert "not a proven expert-major tiling" in found[0][1] or "moves tokens" in found[0][1], found
+
+
+def test_llama4_conditional_generation_captures_the_inner_decoder():
+    """Llama4ForConditionalGeneration.get_decoder() is its `language_model`, a Llama4ForCausalLM (its
+    output has logits, not hidden states): decoder capture descends to that model's own base model
+    and head (capture._base_decoder), checked by the head probe and against the oracle."""
+    from regate_fx.inspect import inspect_model
+
+    res = inspect_model("llama4", time_limit=300)
+    assert res.verdict == "exact-sparse", (res.verdict, res.error, res.reasons)
