@@ -182,7 +182,10 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     kind: 'causal_padding' (provably causal on kept tokens), 'window' (also q - kv < 3), 'foreign'
     (also a key mask that is not the padding mask), 'shifted' (kv <= q + 1: not causal),
     'broadcast_key' (the padding placed as keys by slicing, `am.bool()[:, None, None, :]`: proven),
-    'broadcast_query' (the padding placed as *queries*, `[:, None, :, None]`: not "key is real").
+    'broadcast_query' (the padding placed as *queries*, `[:, None, :, None]`: not "key is real"),
+    'chunked' (also the same chunk of 3 positions from the first real token, `(idx - left_padding) // 3`),
+    'chunked_added' (the left padding added, not subtracted), 'chunked_length' (the padding counted
+    by a sum of the mask: `T - am.sum(-1)`).
     """
     b = attention_mask.shape[0]
     q = torch.arange(t)[None, None, :, None]
@@ -197,6 +200,16 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     mask = (kv <= q) & attention_mask.to(torch.bool)[torch.arange(b)[:, None, None, None], key]
     if kind == "window":
         mask = mask & (q - kv < 3)
+    elif kind.startswith("chunked"):  # chunks of 3 positions counted from the first real token (Llama 4)
+        torch._check(attention_mask.shape[1] == t)  # the mask's length is the token axis (as transformers' masks tie it)
+        lead = (attention_mask.cumsum(-1) == torch.zeros_like(attention_mask)).sum(-1)  # (B,) left padding
+        if kind == "chunked_length":  # the real length instead: a number the kept subsequence does not have
+            lead = attention_mask.shape[1] - attention_mask.sum(-1)
+        lead = lead[torch.arange(b)[:, None, None, None]]  # (B, 1, 1, 1)
+        if kind == "chunked_added":  # the count used otherwise than `arange - count`
+            mask = mask & ((kv + lead) // 3 == (q + lead) // 3)
+        else:
+            mask = mask & ((kv - lead) // 3 == (q - lead) // 3)
     elif kind == "foreign":
         mask = mask & (kv % 2 == 0)
     return mask

@@ -27,7 +27,7 @@ import regate_fx
 from regate_fx import Reason, RewriteError, SparsifyConfig
 from tests.helpers import assert_close, check_against_oracle, make_batch, random_keep
 from tests.models import COMMON, TinyModel
-from tests.toy import ToyLM
+from tests.toy import ToyLM, build_mask
 
 E, K, CHUNK, SEQ = 4, 2, 4, 12
 
@@ -212,3 +212,43 @@ def test_llama4_conditional_generation_captures_the_inner_decoder():
 
     res = inspect_model("llama4", time_limit=300)
     assert res.verdict == "exact-sparse", (res.verdict, res.error, res.reasons)
+
+
+def _mask_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (3, 12), generator=g)
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[1, :4] = 0  # left padding
+    am[2, 9:] = 0  # right padding
+    keep = (torch.rand(3, 12, generator=g) < 0.6) & am.bool()
+    keep[torch.arange(3), am.argmax(1)] = True
+    return ids, am, keep
+
+
+def test_chunked_mask_from_left_padding_is_exact():
+    """`(idx - left_padding) // chunk`, the left padding counted as `(cumsum(am) == 0).sum(-1)`:
+    gathered, the chunks of the kept tokens' original positions (the reference: the toy's layers on
+    each kept subsequence with the full-length mask read at its kept rows and columns)."""
+    model = ToyLM(mask="chunked").eval()
+    smodel = regate_fx.sparsify(model, backend="eager")
+    ids, am, keep = _mask_batch()
+    out = smodel(input_ids=ids, attention_mask=am, keep_mask=keep)
+    assert smodel.regate_report.refused == [] and smodel.regate_report.sparse_graph.outside == []
+    full = build_mask("chunked", am, 12)
+    for b in range(3):
+        pos = keep[b].nonzero().flatten()
+        x = model.embed(ids[b:b + 1, pos])
+        for layer in model.layers:
+            x = layer(x, full[b:b + 1][:, :, pos][:, :, :, pos])
+        assert_close(out.logits[b, pos].detach(), model.head(model.norm(x))[0].detach(), f"sample {b}")
+
+
+@pytest.mark.parametrize("kind,needle", [("chunked_added", "sum along the token axis"),
+                                         ("chunked_length", "sum along the token axis")])
+def test_other_uses_of_the_padding_count_are_refused(kind, needle):
+    model = ToyLM(mask=kind).eval()
+    ids, am, keep = _mask_batch()
+    with pytest.raises(RewriteError) as err:
+        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+    outside = [(o.reason, o.detail) for o in err.value.report.sparse_graph.outside]
+    assert any(r is Reason.TOKEN_MIXING and needle in d for r, d in outside), outside
