@@ -51,9 +51,10 @@ def _sparse(model, layout: str, backend="eager"):
     return regate_fx.sparsify(model, SparsifyConfig(return_logits=True, layout=layout), backend=backend)
 
 
-def test_llama4_matches_oracle():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama4_matches_oracle(attn):
     tm = _llama4()
-    model = tm()
+    model = tm(attn)
     assert model.config.layer_types == ["chunked_attention", "full_attention"]
     smodel = _sparse(model, "padded")
     batch = make_batch(tm, 3, SEQ, pad="left", seed=1)
