@@ -60,21 +60,20 @@ def _step(
     """
     aux_term = aux and labels is not None
     mask = inputs.get("attention_mask")
-    if aux and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        # one batch symbol for the ids and the padding mask the aux loss flattens with the router
-        # logits ((B*T,) against (B*T, E)): dynamo may otherwise give the mask's batch its own
-        torch._check(mask.size(0) == _batch_size(inputs))
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        # The padding mask is (B, T) like the ids (check_keep_mask): one batch and one token symbol
+        # for both. Dynamo may otherwise give the mask its own (nothing in a model need tie them),
+        # and a value computed from it (`mask.shape[1] - mask.sum(-1)`, a length) would not be on
+        # the token axis, so the pass would not judge it. The aux loss flattens the mask with the
+        # router logits ((B*T,) against (B*T, E)).
+        seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+        torch._check(mask.size(0) == seq.size(0))
+        torch._check(mask.size(1) == seq.size(1))
     out = model(**inputs, **use_cache_kw, **({"labels": labels} if aux_term else {}))
     logits, loss, token_loss = layout.outputs(out.logits, tensors, labels, inputs, return_logits)
     # the model's `coef * aux_loss` (its loss on top of our zero), added to `loss` by the caller:
     # kept apart from the step's own kept-layout code, so the pass judges it as the model's
     return logits, loss, token_loss, getattr(out, "aux_loss", None), out.loss if aux_term else None
-
-
-def _batch_size(inputs: dict) -> int:
-    """The batch size of the step's sequence input (input ids or embeddings)."""
-    seq = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-    return seq.size(0)
 
 
 def step_sources(layout_roles: tuple[str, ...], **input_keys: str | None) -> dict[str, str]:

@@ -89,6 +89,18 @@ def _documents(batch: dict[str, Any], b: int, pos: torch.Tensor) -> list[torch.T
     return [pos[doc == d] for d in doc.unique_consecutive()]
 
 
+def _chunk_positions(batch: dict[str, Any], pos_ids: Any, b: int, pos: torch.Tensor) -> torch.Tensor:
+    """The positions sample b's kept slots `pos` have in the full-length model's chunked mask: their
+    index less the padding before the sample's first real token (transformers' `left_padding`), or,
+    for packed rows (no attention mask), their position ids."""
+    am = batch.get("attention_mask")
+    if am is not None and am.dim() == 2:
+        return pos - int((am[b].cumsum(0) == 0).sum())
+    if isinstance(pos_ids, torch.Tensor) and pos_ids.dim() == 2:
+        return _rows(pos_ids, b, pos)[0]
+    return pos
+
+
 def _window_masks(model: torch.nn.Module, orig: torch.Tensor, window: int) -> Any:
     """4-D masks whose sliding window is measured in original positions `orig` (the kept tokens'
     indices in the padded batch), as the full-length model measures it."""
@@ -101,8 +113,26 @@ def _window_masks(model: torch.nn.Module, orig: torch.Tensor, window: int) -> An
     return {"full_attention": full, "sliding_attention": sliding} if "full_attention" in types else sliding
 
 
+def _chunk_masks(model: torch.nn.Module, orig: torch.Tensor, chunk: int) -> Any:
+    """4-D masks whose attention chunks are measured in original positions `orig` (the kept tokens'
+    positions from their sample's first real token), as the full-length model measures them: a kept
+    query sees the earlier kept keys of its own chunk (Llama 4's `attention_chunk_size`)."""
+    q, k = orig[:, None], orig[None, :]
+    neg = torch.tensor(float("-inf"))
+    full = torch.where(k <= q, 0.0, neg)[None, None]  # (1, 1, K, K)
+    chunked = torch.where((k <= q) & (k // chunk == q // chunk), 0.0, neg)[None, None]  # (1, 1, K, K)
+    config = getattr(model, "config", None)
+    types = set(getattr(config, "layer_types", None) or [])
+    return {"full_attention": full, "chunked_attention": chunked} if "full_attention" in types else chunked
+
+
 def oracle(
-    model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, *, window: int | None = None
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    *,
+    window: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Logits and loss of the dense model on each sample's kept subsequence.
 
@@ -114,12 +144,18 @@ def oracle(
         keep: bool ``[B, T]`` keep mask.
         window: for sliding-window attention, the window in tokens: each kept subsequence then
             gets explicit 4-D masks that measure it in original positions.
+        chunk: for chunked attention (Llama 4's ``attention_chunk_size``), the chunk in tokens: each
+            kept subsequence then gets explicit 4-D masks whose chunks are those of the kept tokens'
+            original positions (counted from the sample's first real token, as the full-length
+            model counts them), not of their places in the kept subsequence.
 
     Returns:
         ``(logits, loss)``: ``logits[b]`` is ``(K_b, V)`` at sample b's kept positions in order;
         ``loss`` the mean cross-entropy of the kept predictions whose next label is supervised
         (a zero that still has a graph when there is none).
     """
+    if window is not None and chunk is not None:
+        raise ValueError("oracle: give window or chunk, not both")
     target = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): label of p + 1
     multimodal = any(k not in _TEXT_KEYS for k in batch)
     dec = _decoder_inputs(model, batch) if multimodal else {}
@@ -153,11 +189,12 @@ def oracle(
     for b in range(bsz):
         pieces = []
         for pos in _documents(batch, b, keep[b].nonzero().flatten()):  # (K_d,) kept positions
-            mask = (
-                torch.ones(1, len(pos), dtype=torch.long, device=pos.device)
-                if window is None
-                else _window_masks(model, pos, window)
-            )
+            if window is not None:
+                mask = _window_masks(model, pos, window)
+            elif chunk is not None:
+                mask = _chunk_masks(model, _chunk_positions(batch, pos_ids, b, pos), chunk)
+            else:
+                mask = torch.ones(1, len(pos), dtype=torch.long, device=pos.device)
             kw = {k: v[b : b + 1, pos] for k, v in per_token.items()}
             kw.update({k: v[b : b + 1] for k, v in per_sample.items()})
             if embeds is not None:

@@ -100,7 +100,7 @@ def sparse_logits(smodel, batch: dict, keep: torch.Tensor, out) -> torch.Tensor 
 
 
 def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window: int | None = None,
-                         grad_scale: float = 0.0) -> None:
+                         grad_scale: float = 0.0, chunk: int | None = None) -> None:
     """Sparse logits at kept positions, loss and every parameter gradient equal the oracle's.
 
     Logits are compared for every config except ``return_logits=False`` (where their absence is
@@ -111,7 +111,7 @@ def check_against_oracle(smodel, model, batch: dict, keep: torch.Tensor, window:
     g_sparse = grads(model)
     model.zero_grad(set_to_none=True)
     logits = sparse_logits(smodel, batch, keep, out)
-    ref_logits, ref_loss = oracle(model, batch, keep, window=window)
+    ref_logits, ref_loss = oracle(model, batch, keep, window=window, chunk=chunk)
     ref_loss.backward()
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)

@@ -74,8 +74,8 @@ def test_cli_config_dir_and_file(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def refused_result():
-    # refused: Llama 4's MoE feed-forward tiles the tokens with `repeat` (one copy per expert)
-    return rinspect.inspect_model("llama4_text", seq=8)
+    # refused: Bloom's ALiBi attention is (batch*heads, queries, keys) bmm, its GELU a custom autograd function
+    return rinspect.inspect_model("bloom", seq=8)
 
 
 def test_rich_output(refused_result, capsys):
@@ -88,7 +88,7 @@ def test_rich_output(refused_result, capsys):
     console.print(refused_result)
     text = console.export_text()
     assert refused_result.exit_code == 1
-    assert "verdict: refused" in text and "TOKEN_MIXING" in text and "model.layers.0.feed_forward" in text
+    assert "verdict: refused" in text and "ATTENTION_FORM" in text and "transformer.h.0.self_attention" in text
     # the CLI's rich path (no --json), on a target that fails fast: exit code 2
     assert rinspect.main(["inspect", "no_such_family_xyz"]) == 2
     assert "verdict: error" in capsys.readouterr().out
@@ -173,10 +173,17 @@ def test_verdict_agrees_with_oracle_llama(llama_json):
     _agrees(llama_json[1]["verdict"], "llama")
 
 
-def test_verdict_agrees_with_oracle_llama4_text(refused_result):
+def test_verdict_agrees_with_oracle_bloom(refused_result):
     assert refused_result.verdict == "refused"
     assert refused_result.reasons and all(r.reason in regate_fx.Reason.__members__ for r in refused_result.reasons)
-    _agrees(refused_result.verdict, "llama4_text")
+    _agrees(refused_result.verdict, "bloom")
+
+
+def test_verdict_agrees_with_oracle_llama4_text():
+    """Llama 4 (expert-major tiled MoE, passes/tiling.py; chunked attention) runs exact-sparse."""
+    res = rinspect.inspect_model("llama4_text", seq=8)
+    assert res.verdict == "exact-sparse", (res.error, res.reasons)
+    _agrees(res.verdict, "llama4_text")
 
 
 def test_verdict_agrees_with_oracle_gpt_oss():

@@ -75,7 +75,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(2 * d, d)
         if mix == "conv":
             self.conv = nn.Conv1d(2 * d, 2 * d, kernel_size=3, padding=2, groups=2 * d)
-        if mix is not None and mix.startswith("moe_sorted"):
+        if mix is not None and (mix.startswith("moe_sorted") or mix.startswith("tiled")):
             self.experts = nn.Parameter(torch.randn(4, 2 * d, 2 * d) / (2 * d) ** 0.5)  # (experts, in, out)
 
     def forward(self, x):
@@ -109,11 +109,38 @@ class MLP(nn.Module):
             h = torch.zeros_like(h).scatter(1, idx[None, :, None].expand_as(h), h)
         elif self.mix is not None and self.mix.startswith("moe_sorted"):
             h = self._sorted_experts(h)
+        elif self.mix is not None and self.mix.startswith("tiled"):
+            h = self._tiled_experts(h)
         elif self.mix == "flip":
             b, t, e = h.shape
             h = h.unflatten(1, (t // 2, 2)).flip(2).flatten(1, 2)  # (B, T/2, 2, E): swaps neighbours
         return self.down(h)
 
+
+    def _tiled_experts(self, h):
+        """Llama 4's expert-major tiled MoE, written out (Llama4TextMoe), 4 experts, top-2: the rows
+        tiled once per expert, scaled by each token's score for that expert, a batched matmul over
+        the (experts, tokens) view, summed over the experts. Variants that mix tokens: '_tokens' sums
+        the tiles over the token axis, '_minor' reads the tiles token-major ((tokens, experts) rows:
+        token n meets tiles of other tokens), '_factor' scales tile (e, n) by the scores laid out
+        token-major (another token's score), '_flat' sums the tiled rows whole."""
+        b, t, e = h.shape
+        x = h.reshape(-1, e)  # (N, 2D)
+        logits = x[:, :4]  # (N, 4): the router
+        top = logits.topk(2, dim=1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values))
+        factor = scores.reshape(-1, 1) if self.mix == "tiled_factor" else scores.transpose(0, 1).reshape(-1, 1)
+        routed = x.repeat(4, 1) * factor  # (4N, 2D): row j*N + n is token n for expert j
+        y = torch.bmm(F.silu(routed.view(4, -1, e)), self.experts).view(-1, e)  # (4N, 2D)
+        if self.mix == "tiled_tokens":
+            out = x + y.view(4, -1, e).sum(1).sum(0)  # (4, 2D): summed over the tokens
+        elif self.mix == "tiled_minor":
+            out = x + y.reshape(-1, 4, e).sum(1)  # rows read token-major
+        elif self.mix == "tiled_flat":
+            out = x + y.sum(0, keepdim=True)  # every tiled row summed
+        else:
+            out = x + y.reshape(4, -1, e).sum(0)  # (N, 2D): summed over the experts
+        return out.view(b, t, e)
 
     def _sorted_experts(self, h):
         """transformers' grouped_mm MoE dispatch, written out (integrations/moe.py), 4 experts, top-2.
@@ -155,7 +182,10 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     kind: 'causal_padding' (provably causal on kept tokens), 'window' (also q - kv < 3), 'foreign'
     (also a key mask that is not the padding mask), 'shifted' (kv <= q + 1: not causal),
     'broadcast_key' (the padding placed as keys by slicing, `am.bool()[:, None, None, :]`: proven),
-    'broadcast_query' (the padding placed as *queries*, `[:, None, :, None]`: not "key is real").
+    'broadcast_query' (the padding placed as *queries*, `[:, None, :, None]`: not "key is real"),
+    'chunked' (also the same chunk of 3 positions from the first real token, `(idx - left_padding) // 3`),
+    'chunked_added' (the left padding added, not subtracted), 'chunked_length' (the padding counted
+    by a sum of the mask: `T - am.sum(-1)`).
     """
     b = attention_mask.shape[0]
     q = torch.arange(t)[None, None, :, None]
@@ -170,6 +200,15 @@ def build_mask(kind: str, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     mask = (kv <= q) & attention_mask.to(torch.bool)[torch.arange(b)[:, None, None, None], key]
     if kind == "window":
         mask = mask & (q - kv < 3)
+    elif kind.startswith("chunked"):  # chunks of 3 positions counted from the first real token (Llama 4)
+        lead = (attention_mask.cumsum(-1) == torch.zeros_like(attention_mask)).sum(-1)  # (B,) left padding
+        if kind == "chunked_length":  # the real length instead: a number the kept subsequence does not have
+            lead = attention_mask.shape[1] - attention_mask.sum(-1)
+        lead = lead[torch.arange(b)[:, None, None, None]]  # (B, 1, 1, 1)
+        if kind == "chunked_added":  # the count used otherwise than `arange - count`
+            mask = mask & ((kv + lead) // 3 == (q + lead) // 3)
+        else:
+            mask = mask & ((kv - lead) // 3 == (q - lead) // 3)
     elif kind == "foreign":
         mask = mask & (kv % 2 == 0)
     return mask

@@ -7,6 +7,7 @@ analyse.py     the residual stream's branches, regions of accepted branches, the
 stream.py      the residual stream: the chain of adds `h = h + branch(h)`
 judge.py       every node's verdict along the token axis and the batch axis
 dispatch.py    a token-choice MoE dispatch that sorts rows by expert, proven per token
+tiling.py      an expert-major tiled MoE (Llama 4: rows repeated once per expert), proven per token
 ops.py         the op table: what each op does along the token axis (token-wise, attention, mixing);
                its rules in rules.py, the aten overload a call binds in overloads.py, where the
                token and batch axes lie in memory in placement.py

@@ -2,12 +2,16 @@
 
 The op table (ops.py) judges each op by itself; `Judge` adds what is exact only because of where a
 value comes from, proven from the graph's data provenance (`Ancestry(data_only=True)`): the padding
-mask's cumsum as position ids, an image-placeholder masked_scatter whose mask comes from the ids
-alone, document ids from position restarts compared only for equality. And it judges the batch axis
+mask's cumsum as position ids, the count of leading padding subtracted from `arange(T)` (Llama 4's
+chunked mask), an image-placeholder masked_scatter whose mask comes from the ids alone, document ids
+from position restarts compared only for equality. Nodes of a proven MoE dispatch (dispatch.py) or
+expert-major tiling (tiling.py) are per (token, expert) row. And it judges the batch axis
 with the same table, since the oracle runs each sample alone.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -15,7 +19,8 @@ import torch.fx as fx
 from regate_fx.passes.dispatch import expert_dispatch
 from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name
 from regate_fx.passes.ops import OK, Verdict, classify, length_scalar_problem, role_free
-from regate_fx.passes.placement import same_place
+from regate_fx.passes.placement import identity_index, same_place
+from regate_fx.passes.tiling import expert_tiling
 from regate_fx.report import Reason
 
 __all__ = ["Judge"]
@@ -64,6 +69,8 @@ class Judge:
         self._memo: dict[fx.Node, Verdict] = {}
         self.documents = self._document_ids(graph)
         self.dispatch = expert_dispatch(graph, sym)  # sorted MoE dispatch, proven per token (dispatch.py)
+        self.tiling = expert_tiling(graph, sym)  # expert-major tiled MoE, proven per token (tiling.py)
+        self.per_token = self.dispatch | self.tiling  # proven per (token, expert) row: per sample too
 
     def _document_ids(self, graph: fx.Graph) -> set[fx.Node]:
         """Document ids from position restarts, compared only for equality (transformers'
@@ -120,7 +127,61 @@ class Judge:
             )
         if name == "cumsum":  # position ids from the padding mask: cumsum(attention_mask) - 1
             return self._from_only(n.args[0] if n.args else None, self.padding, self.not_padding)
+        if name == "sum":
+            return self._leading_padding(n)
         return False
+
+    def _leading_padding(self, n: fx.Node) -> bool:
+        """`(cumsum(attention_mask) == 0).sum(-1)`: each sample's count of leading padding slots
+        (transformers' chunked mask, `left_padding_tokens`), used only as `arange(T)[...] - count`.
+
+        That difference is every token's position counted from its sample's first real token (at
+        real tokens it equals the position ids `cumsum(attention_mask) - 1`): computed at full length
+        and gathered at kept positions, it is their original position, as `arange(T)` is theirs
+        (Llama 4's chunk of a position, `(kv_idx - left_padding) // chunk`). Any other use of the
+        count (a length, a scale) would be a number the kept subsequence does not have: refused."""
+        x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if x is None or op_name(x) != "eq" or len(x.args) != 2:
+            return False
+        xv = node_value(x)
+        raw = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+        if not isinstance(xv, torch.Tensor) or not all(isinstance(d, int) for d in raw):
+            return False
+        tok = self.sym.token_dims(xv)
+        if len(tok) != 1 or [d % xv.dim() for d in raw] != list(tok) or self.sym.token_dims(node_value(n)):
+            return False
+        c, z = x.args
+        if not (isinstance(c, fx.Node) and op_name(c) == "cumsum"):
+            c, z = z, c
+        if not (isinstance(c, fx.Node) and op_name(c) == "cumsum" and self._construct(c)):
+            return False
+        if not (z == 0 or (isinstance(z, fx.Node) and op_name(z) == "zeros_like")):
+            return False
+        placed, stack = {n}, [n]
+        while stack:  # every use: placements (indexed by the batch), ending as `arange(T) - count`
+            for u in stack.pop().users:
+                name = op_name(u)
+                if name in _PLACEMENTS and u.args[0] in placed:
+                    if name == "getitem" and any(
+                        isinstance(a, fx.Node) and self.sym.token_dims(node_value(a))
+                        for a in (u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],))
+                    ):
+                        return False
+                    if u not in placed:
+                        placed.add(u)
+                        stack.append(u)
+                elif (
+                    name == "sub"
+                    and len(u.args) == 2
+                    and u.args[1] in placed
+                    and u.args[0] not in placed
+                    and identity_index(u.args[0], self.sym)
+                ):
+                    continue
+                else:
+                    return False
+        return True
 
     def verdict(self, n: fx.Node) -> Verdict:
         v = self._memo.get(n)
@@ -129,7 +190,7 @@ class Judge:
         return v
 
     def _verdict(self, n: fx.Node) -> Verdict:
-        if n in self.documents or n in self.dispatch:
+        if n in self.documents or n in self.per_token:
             return OK
         v = classify(n, self.sym)
         if not v.ok and v.reason is Reason.TOKEN_MIXING and self._construct(n):

@@ -59,6 +59,9 @@ RULES: dict[str, Rule] = {
             " softsign tanhshrink threshold logsigmoid sigmoid tanh expand_as broadcast_to"
             # polar: complex from (abs, angle), per element (Llama4's complex RoPE); no pointwise tag
             " polar"
+            # a // b per element (Llama 4's chunk of a position, `(kv_idx - left_padding) // chunk`);
+            # aten's floor_divide carries no pointwise tag
+            " floordiv floor_divide floor_divide_"
             # Sizes and constants: their tensors carry no token data.
             " size dim numel sym_size_int sym_numel new_zeros new_ones new_empty new_full zeros_like ones_like"
             " empty_like full_like new_tensor zeros ones empty full scalar_tensor"

@@ -86,8 +86,8 @@ def packed_problem(analysis: Analysis) -> str | None:
         tail = set(analysis.tail.nodes)
         tail_sides = {a: None for n in analysis.tail.nodes for a in n.all_input_nodes if a not in tail}
         pieces.append((analysis.tail.nodes, [a for a in tail_sides if a is not analysis.tail.end]))
-    # a proven expert dispatch is per (token, slot) row, so per sample too (dispatch.py)
-    dispatch = analysis.judge.dispatch if analysis.judge is not None else set()
+    # a proven expert dispatch or tiling is per (token, expert) row, so per sample too (dispatch.py, tiling.py)
+    dispatch = analysis.judge.per_token if analysis.judge is not None else set()
     for nodes, sides in pieces:
         for n in nodes:
             if n.op not in ("call_function", "call_method") or n in dispatch:

@@ -414,7 +414,12 @@ def repeat(c: Call) -> Verdict:
     reps = list(n.args[1:]) if len(n.args) > 2 or not isinstance(sizes, (list, tuple)) else list(sizes)
     lead = len(reps) - c.nd
     if any(reps[lead + d] != 1 for d in c.x_tok if 0 <= lead + d < len(reps)):
-        return _mix("repeat tiles the token axis")
+        # A proven expert-major tiling never gets here (judge.py asks tiling.py first).
+        return _mix(
+            "repeat tiles the token axis and is not a proven expert-major tiling (tiles viewed as (experts, "
+            "tokens, ...), multiplied only by per-(expert, token) factors, reduced over the experts only: "
+            "regate_fx/passes/tiling.py)"
+        )
     return OK
 
 

@@ -66,7 +66,7 @@ def _toy_oracle(model, ids, am, keep):
 
 
 @pytest.mark.parametrize("kind,proven", [("causal_padding", True), ("window", False), ("foreign", False),
-                                         ("shifted", False), ("broadcast_key", True), ("broadcast_query", False)])
+                                         ("broadcast_key", True), ("broadcast_query", False)])
 def test_only_provably_causal_masks_take_the_fast_path(kind, proven):
     model = ToyLM(mask=kind).eval()
     smodel = regate_fx.sparsify(model, backend="eager")
@@ -75,6 +75,19 @@ def test_only_provably_causal_masks_take_the_fast_path(kind, proven):
     assert smodel.regate_report.sparse_graph.causal_masks == (1 if proven else 0)
     for b, ref in enumerate(_toy_oracle(model, ids, am, keep)):
         assert_close(out.logits[b, keep[b]].detach(), ref.detach(), f"{kind}: sample {b}")
+
+
+def test_a_mask_reading_another_positions_padding_is_refused():
+    """'shifted' reads key k's padding flag at position k - 1, another token's: on kept tokens the
+    oracle's all-ones mask has no such flag. The step ties the 2-D padding mask's length to the ids'
+    (step._step), so the read is judged on the token axis (issue 20: before, the mask's own length
+    symbol hid it, and only the full-length mask gathered agreed)."""
+    model = ToyLM(mask="shifted").eval()
+    ids, am, keep = _toy_batch()
+    with pytest.raises(regate_fx.RewriteError) as err:
+        regate_fx.sparsify(model, backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+    outside = [(o.reason, o.detail) for o in err.value.report.sparse_graph.outside]
+    assert any(r is regate_fx.Reason.TOKEN_MIXING and "subset of the token axis" in d for r, d in outside), outside
 
 
 def test_the_window_really_differs_from_causal():
@@ -121,3 +134,33 @@ def test_position_ids_without_attention_mask_keep_their_packed_meaning():
     one_sequence = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits
     assert (packed - one_sequence).abs().max() > 1e-3  # the two readings really differ here
     assert_close(logits.detach(), packed.detach(), "logits of packed rows")
+
+
+class _PadCountLM(torch.nn.Module):
+    """Scales its branch by the padding count `mask.shape[1] - mask.sum(-1)`: a number of the full
+    length (the oracle's kept subsequence has no padding), read from a mask whose length nothing in
+    the model ties to the ids'."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.lin, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 64)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        x = self.embed(input_ids)
+        pads = (attention_mask.shape[1] - attention_mask.sum(-1)).float()[:, None, None]  # (B, 1, 1)
+        x = x + self.lin(x) * pads
+        return CausalLMOutput(logits=self.head(x))
+
+
+def test_a_number_from_the_padding_masks_length_is_judged():
+    """The step ties the padding mask's (B, T) to the ids' (step._step), so `mask.sum(-1)` is a sum
+    over the token axis wherever the model computes it (before, a mask with its own length symbol
+    made it a per-sample constant: accepted, 2.8 off the oracle)."""
+    ids, am, keep = _toy_batch()
+    with pytest.raises(regate_fx.RewriteError) as err:
+        regate_fx.sparsify(_PadCountLM().eval(), backend="eager")(input_ids=ids, attention_mask=am, keep_mask=keep)
+    outside = [(o.reason, o.detail) for o in err.value.report.sparse_graph.outside]
+    assert any(r is regate_fx.Reason.TOKEN_MIXING and "sum along the token axis" in d for r, d in outside), outside

@@ -94,6 +94,8 @@ TOKEN_WISE = {
     # issue 18: an MoE router's top-k mask (Llama 4, GLM-4-MoE), BatchNorm with running statistics
     "scatter along hidden (top-k mask)": lambda x: torch.zeros_like(x).scatter(2, x.topk(2, -1).indices, 1.0),
     "batch_norm in eval mode": lambda x: F.batch_norm(x.transpose(1, 2), torch.zeros(8), torch.ones(8)),
+    # issue 20: Llama 4's chunk of a position, `(kv_idx - left_padding) // chunk` (floor_divide: no pointwise tag)
+    "floor division per element": lambda x: x + (torch.arange(x.shape[1]) // 4)[None, :, None] + x // 2,
 }
 MIXING = {
     "max over tokens (reduction overload)": lambda x: x.max(dim=1).values,
