@@ -223,8 +223,8 @@ class Capture:
             if not isinstance(inner, nn.Module) or inner is dec:  # its one other child with parameters
                 rest = [
                     c
-                    for n, c in dec.named_children()
-                    if not head_path.startswith(f"{dec_path}.{n}") and any(True for _ in c.parameters())
+                    for n, c in cast(nn.Module, dec).named_children()
+                    if not f"{head_path}.".startswith(f"{dec_path}.{n}.") and any(True for _ in c.parameters())
                 ]
                 inner = rest[0] if len(rest) == 1 else None
             if not isinstance(inner, nn.Module) or inner is dec:
@@ -390,8 +390,8 @@ class Capture:
             same = (
                 fed
                 and isinstance(logits, torch.Tensor)
-                and logits.shape == head_out.shape
-                and torch.equal(logits, head_out.to(logits.dtype))
+                and logits.shape == cast(torch.Tensor, head_out).shape
+                and torch.equal(logits, cast(torch.Tensor, head_out).to(logits.dtype))
             )
         if same:
             return None

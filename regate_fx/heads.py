@@ -142,7 +142,7 @@ class PostHead:
             if head_out.dim() < 2:
                 raise PostHeadError(f"the LM head's output has no (batch, tokens) axes (shape {tuple(head_out.shape)})")
             b, t = head_out.shape[:2]
-            subsets = []
+            subsets: list[tuple[str, tuple[slice, ...]]] = []
             if t >= 2:
                 subsets.append(("positions", (slice(None), slice(0, None, 2))))  # every other position
                 subsets.append(("positions", (slice(None), slice(t - 1, t))))  # the last one alone
@@ -234,7 +234,7 @@ class PostHeadRecorder(TorchFunctionMode):
                     "or computes with: a replay would reuse the probe's)"
                 )
             return out
-        template = []
+        template: list[Any] = []
         for x in leaves:
             if isinstance(x, torch.Tensor) and id(x) in self._ids:
                 template.append(_Ref(self._ids[id(x)]))
