@@ -17,7 +17,7 @@ import torch
 
 import regate_fx
 from regate_fx import RewriteError, SparsifyConfig
-from regate_fx.heads import PostHeadError, PostHeadRecorder
+from regate_fx.heads import PostHead, PostHeadError, PostHeadRecorder
 from regate_fx.inspect.shrink import load_config, model_class, shrink_config
 from tests.helpers import check_against_oracle, make_batch, random_keep
 from tests.models import BY_NAME
@@ -69,7 +69,9 @@ def test_aya_vision_with_an_image_is_exact():
     keep = random_keep(batch, 0.5, seed=5) | (ids == image)
     smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=True), backend="eager")
     check_against_oracle(smodel, model, batch, keep, grad_scale=2e-6)
-    assert any(n.startswith("model.multi_modal_projector") for n, p in model.named_parameters())
+    smodel(**batch, keep_mask=keep).loss.backward()
+    proj = [p.grad for n, p in model.named_parameters() if n.startswith("model.multi_modal_projector")]
+    assert proj and all(g is not None for g in proj) and any(float(g.abs().max()) > 0 for g in proj)
 
 
 def _llava_with(fn):
@@ -103,6 +105,16 @@ def test_a_map_that_mixes_positions_is_refused(fn, what):
     tm, _, smodel = _llava_with(fn)
     batch = make_batch(tm, 2, 12, seed=1)
     with pytest.raises(RewriteError, match=rf"logits are not its LM head \(lm_head\).*{what}.*capture='model'"):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+
+
+def test_the_pass_refuses_a_replayed_map_that_mixes_positions(monkeypatch):
+    """The probe's commutation check is the clear message; the proof is the pass's: without the
+    check, the replayed map is in the graph and the coverage invariant refuses it."""
+    monkeypatch.setattr(PostHead, "check", lambda *_a, **_k: None)
+    tm, _, smodel = _llava_with(lambda x: x - x.mean(1, keepdim=True))
+    batch = make_batch(tm, 2, 12, seed=1)
+    with pytest.raises(RewriteError, match=r"token_mixing: mean along the token axis"):
         smodel(**batch, keep_mask=random_keep(batch, 0.5))
 
 
