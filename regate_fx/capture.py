@@ -229,9 +229,9 @@ class Capture:
                 inner = rest[0] if len(rest) == 1 else None
             if not isinstance(inner, nn.Module) or inner is dec:
                 raise RewriteError(
-                    f"regate_fx: capture='decoder': {type(model).__name__}'s decoder ({dec_path}) holds its LM head "
-                    f"({head_path}) and names no decoder of its own (get_decoder(), or one other child with parameters); use "
-                    "SparsifyConfig(capture='model') to capture the whole model"
+                    f"regate_fx: capture='decoder': {type(model).__name__}'s decoder ({dec_path}) holds its LM "
+                    f"head ({head_path}) and names no decoder of its own (get_decoder(), or one other child with "
+                    "parameters); use SparsifyConfig(capture='model') to capture the whole model"
                 )
             dec, dec_path = inner, _path_of(model, inner)
         if not dec_path or not head_path:

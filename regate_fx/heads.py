@@ -31,6 +31,7 @@ time, the module's training flag).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,8 +193,10 @@ class PostHeadRecorder(TorchFunctionMode):
         super().__init__()
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._names.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
-        self._ids: dict[int, int] = {}  # id(tensor) -> its latest _Ref index
-        self._alive: list[torch.Tensor] = []  # keeps recorded tensors alive: ids stay unique
+        # id(tensor) -> (its latest _Ref index, a weak reference): a recorded tensor the forward
+        # frees is not kept alive (logit-sized), and a new tensor reusing its id is not mistaken for it
+        self._ids: dict[int, tuple[int, weakref.ref]] = {}
+        self._count = 0
         self._ops: list[_Op] = []
         self._problem: str | None = None
         self.started = False
@@ -202,7 +205,7 @@ class PostHeadRecorder(TorchFunctionMode):
     def start(self, head_out: torch.Tensor) -> None:
         """The head returned `head_out`: record from here (a second head call restarts the record)."""
         self.head_calls += 1
-        self._ids, self._alive, self._ops, self._problem = {}, [], [], None
+        self._ids, self._count, self._ops, self._problem = {}, 0, [], None
         self._track(head_out)
         if not self.started:
             self.started = True
@@ -214,16 +217,23 @@ class PostHeadRecorder(TorchFunctionMode):
             self.__exit__(None, None, None)
 
     def _track(self, t: torch.Tensor) -> int:
-        i = len(self._alive)
-        self._alive.append(t)
-        self._ids[id(t)] = i
+        i = self._count
+        self._count += 1
+        self._ids[id(t)] = (i, weakref.ref(t))
         return i
+
+    def _index(self, x: Any) -> int | None:
+        """The _Ref index of a recorded tensor, None for any other value."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        got = self._ids.get(id(x))
+        return got[0] if got is not None and got[1]() is x else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
-        if not any(isinstance(x, torch.Tensor) and id(x) in self._ids for x in leaves):
+        if all(self._index(x) is None for x in leaves):
             return out
         name = _name(func)
         out_leaves, out_spec = tree_flatten(out)
@@ -236,8 +246,8 @@ class PostHeadRecorder(TorchFunctionMode):
             return out
         template: list[Any] = []
         for x in leaves:
-            if isinstance(x, torch.Tensor) and id(x) in self._ids:
-                template.append(_Ref(self._ids[id(x)]))
+            if (i := self._index(x)) is not None:
+                template.append(_Ref(i))
             elif isinstance(x, torch.Tensor) and id(x) in self._names:
                 template.append(_Param(self._names[id(x)]))
             elif isinstance(x, torch.Tensor):
@@ -259,6 +269,7 @@ class PostHeadRecorder(TorchFunctionMode):
             raise PostHeadError(f"the LM head ran {self.head_calls} times in one forward")
         if self._problem is not None:
             raise PostHeadError(self._problem)
-        if not isinstance(logits, torch.Tensor) or id(logits) not in self._ids:
+        i = self._index(logits)
+        if i is None:
             raise PostHeadError("its logits are not computed from the LM head's output")
-        return PostHead(self._ops, self._ids[id(logits)])
+        return PostHead(self._ops, i)

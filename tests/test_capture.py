@@ -73,6 +73,18 @@ def test_decoder_capture_names_a_decoder_the_forward_never_calls():
         smodel(**batch, keep_mask=random_keep(batch, 0.5))
 
 
+def test_a_decoder_holding_the_head_is_looked_through():
+    """Kosmos-2.5's get_decoder() is its text_model, a causal LM with the LM head inside: the
+    captured decoder is that LM's own decoder (its one other child with parameters)."""
+    from regate_fx.capture import Capture
+    from regate_fx.inspect.shrink import load_config, model_class, shrink_config
+
+    cfg = shrink_config(load_config("kosmos-2.5"))
+    model = model_class(cfg)[1]._from_config(cfg)
+    wrapper = Capture(model, "decoder", {}).wrapper
+    assert wrapper._decoder_path == ("text_model", "model") and wrapper._head_path == ("text_model", "lm_head")
+
+
 def test_multimodal_models_capture_the_decoder_by_default():
     assert regate_fx.sparsify(BY_NAME["llava"]("sdpa"), backend="eager")._regate_forward._capture.mode == "decoder"
     assert regate_fx.sparsify(BY_NAME["llama"]("sdpa"), backend="eager")._regate_forward._capture.mode == "model"
