@@ -128,8 +128,10 @@ class PostHead:
         return ", ".join(_name(op.func) for op in self.ops) or "identity"
 
     def check(self, owner: nn.Module, head_out: torch.Tensor, logits: torch.Tensor) -> None:
-        """Raise PostHeadError unless the replay reproduces `logits` from `head_out` exactly and
-        commutes with taking positions (dim 1) and samples (dim 0) of the probe's values."""
+        """Raise PostHeadError unless the replay reproduces `logits` from `head_out` exactly, reads no
+        number equal to the sequence length, and is per position (dim 1) and per sample (dim 0) on the
+        probe's values: changing some positions changes no other (bit for bit), and a subset of
+        positions computed alone gives the full result there (up to a few ulps)."""
         with torch.no_grad():
             try:
                 again = self(owner, head_out)
@@ -143,6 +145,31 @@ class PostHead:
             if head_out.dim() < 2:
                 raise PostHeadError(f"the LM head's output has no (batch, tokens) axes (shape {tuple(head_out.shape)})")
             b, t = head_out.shape[:2]
+            if t > 2 and any(type(x) is int and x == t for op in self.ops for x in op.leaves):
+                raise PostHeadError(
+                    f"it computes with the number {t}, the batch's sequence length (a size read elsewhere in the "
+                    "forward: a replay would reuse the probe's)"
+                )
+            # exact: values changed at some positions (samples) must leave every other one's result
+            # bit for bit as it was (same shapes, so the same kernels on the same elements)
+            for what, changed, other in (
+                ("positions", (slice(None), slice(1, None, 2)), (slice(None), slice(0, None, 2))),
+                ("samples", (slice(1, None),), (slice(0, 1),)),
+            ):
+                if head_out.shape[len(changed) - 1] < 2:
+                    continue
+                x = head_out.clone()
+                x[changed] = x[changed] * 2.0 + 1.0
+                try:
+                    moved = self(owner, x)[other]
+                except Exception as e:  # noqa: BLE001
+                    raise PostHeadError(f"its replay fails on other values ({type(e).__name__}: {e})") from e
+                if not torch.equal(moved, logits[other]):
+                    raise PostHeadError(
+                        f"it mixes {what}: changing the LM head's output at some {what} changes the logits at "
+                        f"others (torch calls: {self.describe()})"
+                    )
+            # up to a few ulps: a subset of positions (samples) alone gives the full result there
             subsets: list[tuple[str, tuple[slice, ...]]] = []
             if t >= 2:
                 subsets.append(("positions", (slice(None), slice(0, None, 2))))  # every other position
@@ -156,11 +183,9 @@ class PostHead:
                     raise PostHeadError(f"it cannot be computed on a subset of {what} ({type(e).__name__}: {e})") from e
                 want = logits[idx]
                 if not (isinstance(part, torch.Tensor) and part.shape == want.shape and _close(part, want)):
-                    diff = float((part.float() - want.float()).abs().max()) if part.shape == want.shape else None
                     raise PostHeadError(
-                        f"it mixes {what}: computed from a subset of {what} alone it differs from the full "
-                        f"result there (max |diff| {diff if diff is None else f'{diff:.3g}'}; torch calls: "
-                        f"{self.describe()})"
+                        f"it mixes {what}: computed from a subset of {what} alone it differs from the full result "
+                        f"there (torch calls: {self.describe()})"
                     )
 
 

@@ -75,14 +75,15 @@ def test_aya_vision_with_an_image_is_exact():
 
 
 def _llava_with(fn):
-    """Tiny LLaVA whose forward ends with ``logits = fn(logits)`` (its own code, not a hook)."""
+    """Tiny LLaVA whose forward ends with ``logits = fn(logits)`` (its own code, not a hook); a
+    two-argument `fn` also gets the forward's keyword arguments."""
     tm = BY_NAME["llava"]
     model = tm("sdpa")
     forward = model.forward
 
     def own_forward(self, *args, **kwargs):
         out = forward(*args, **kwargs)
-        out.logits = fn(out.logits)
+        out.logits = fn(out.logits, kwargs) if fn.__code__.co_argcount == 2 else fn(out.logits)
         return out
 
     model.forward = types.MethodType(own_forward, model)
@@ -123,6 +124,9 @@ def test_a_map_the_recording_cannot_follow_is_refused():
     tm, _, smodel = _llava_with(lambda x: x / x.shape[1])
     batch = make_batch(tm, 2, 12, seed=1)
     with pytest.raises(RewriteError, match=r"reads the logits' 'shape'.*capture='model'"):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+    tm, _, smodel = _llava_with(lambda x, kw: x / kw["input_ids"].shape[1])  # the length, as a Python int
+    with pytest.raises(RewriteError, match=r"computes with the number 12, the batch's sequence length"):
         smodel(**batch, keep_mask=random_keep(batch, 0.5))
     noise = torch.randn(2, 12, 1)
     tm, _, smodel = _llava_with(lambda x: x * noise)
