@@ -18,12 +18,13 @@ What the recording cannot follow is refused before anything is captured (``PostH
 control flow on the logits (``.item()``, ``bool``, ``.shape`` / ``.size()`` reads: the replay would
 bake the probe's values), a tensor that is neither derived from the head's output nor a parameter
 or buffer of the model (an activation, an input: it would be frozen at the probe's value), logits
-not computed from the head's output at all. Two checks on the probe's own values follow
-(:meth:`PostHead.check`): the replay must reproduce the forward's logits bit for bit, and it must
-commute with taking positions and samples (computed from a subset of positions alone, or one sample
-alone, it equals the full result there): the clear refusal of a map that mixes positions, before
-the pass would refuse it node by node, and the only check of it in the gathered execution, where the
-model's own forward applies the map to the kept rows.
+not computed from the head's output at all. Checks on the probe's own values follow
+(:meth:`PostHead.check`): the replay must reproduce the forward's logits bit for bit and take no
+integer equal to the sequence length, and it must be per position and per sample (values changed
+at some positions change no other position's logits, bit for bit; a subset of positions, or one
+sample, computed alone gives the full result there): the clear refusal of a map that mixes
+positions, before the pass would refuse it node by node, and the only check of it in the gathered
+execution, where the model's own forward applies the map to the kept rows.
 
 The record is taken once, with the probe's Python values baked in (``config.logit_scale`` at that
 time, the module's training flag).
