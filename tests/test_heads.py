@@ -3,7 +3,8 @@ output, recorded once and replayed after the head in the decoder-capture graph.
 
 - Families whose forward scales or soft-caps the logits after the head are exact against the oracle
   (loss, logits at kept positions, every parameter gradient): AyaVision (a constant scale, also with
-  an image), MuseGlimmer (a multiplier, then tanh soft-capping), built tiny from their configs.
+  an image), GraniteDocling (a division), MuseGlimmer (a multiplier, then tanh soft-capping), built
+  tiny from their configs.
 - A map that mixes positions (or samples), or one the recording cannot follow, is refused with the
   reason and the hint ``capture='model'``.
 """
@@ -42,7 +43,7 @@ def _text_batch(model, batch: int, seq: int, seed: int) -> dict:
             "position_ids": (am.cumsum(1) - 1).clamp(min=0)}
 
 
-@pytest.mark.parametrize("family", ["aya_vision", "muse_glimmer"])
+@pytest.mark.parametrize("family", ["aya_vision", "granite_docling", "muse_glimmer"])
 def test_post_head_map_is_exact_against_the_oracle(family):
     model = _tiny(family)
     smodel = regate_fx.sparsify(model, SparsifyConfig(return_logits=True), backend="eager")
