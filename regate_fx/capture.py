@@ -19,14 +19,19 @@ Two modes (``SparsifyConfig.capture``):
   there; the captured graph is then "decoder + LM head" (``model.get_output_embeddings()``) on
   those arguments. Gradients reach the vision tower and the projector through ``inputs_embeds``,
   which autograd connects across the compiled region. Before the first decoder-mode step, one
-  dense forward checks that the model's logits are exactly its LM head applied to its decoder's
-  output (no soft-capping or scaling in between); a model that post-processes its logits is
-  refused in this mode. The gathered execution checks the same on its first step's own forward
-  (``Capture.head_probe``), running no forward of its own.
+  dense forward checks that the LM head is applied to the decoder's output, and records what the
+  forward does to the head's output before returning it as logits (``heads.py``: a logit scale,
+  soft-capping, a cast; nothing when the logits are the head's output). The captured callable
+  replays that post-head map after the head, so the graph pass proves it per position like the rest
+  of the tail; a map that mixes positions, or one the recording cannot follow, is refused in this
+  mode. The gathered execution checks the same on its first step's own forward
+  (``Capture.head_probe``), running no forward of its own; there the model's own forward applies the
+  map to the kept rows. A decoder that holds the LM head itself (a causal LM nested in the model,
+  Kosmos-2.5) is looked through: its own ``get_decoder()`` is captured.
 - ``"auto"`` (default): ``"decoder"`` for multimodal models (a config with a separate text
   config, e.g. ``config.text_config``), ``"model"`` otherwise.
 
-Just over 450 lines on purpose: the two modes share the hooks, the head check and the capture
+About 500 lines on purpose: the two modes share the hooks, the head check and the capture
 errors; split by mode, each half would need the other's.
 
 Nothing here knows a model family: the hooks are ``get_decoder()``, ``get_output_embeddings()``,
@@ -46,6 +51,7 @@ import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from regate_fx.errors import RewriteError
+from regate_fx.heads import PostHead, PostHeadError, PostHeadRecorder
 
 __all__ = ["CAPTURE_MODES", "Capture", "capture_error", "mark_token_axes"]
 
@@ -187,6 +193,7 @@ class _DecoderHead(nn.Module):
         self._decoder_path = tuple(decoder_path.split("."))
         self._head_path = tuple(head_path.split("."))
         self._use_cache = use_cache
+        self._post: PostHead | None = None  # the forward's post-head map (heads.py), once checked
 
     def _get(self, path: tuple[str, ...]) -> nn.Module:
         m = self
@@ -201,7 +208,10 @@ class _DecoderHead(nn.Module):
             kwargs["use_cache"] = use_cache
         out = self._get(self._decoder_path)(**kwargs)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, D)
-        return CausalLMOutput(logits=self._get(self._head_path)(hidden))
+        logits = self._get(self._head_path)(hidden)  # (B, T, V)
+        if self._post is not None:  # what the model's forward does after its head (a scale, soft-capping)
+            logits = self._post(self, logits)
+        return CausalLMOutput(logits=logits)
 
 
 class Capture:
@@ -231,6 +241,24 @@ class Capture:
         dec, head = _base_decoder(dec, head)
         dec_path = _path_of(model, dec) if isinstance(dec, nn.Module) else None
         head_path = _path_of(model, head) if isinstance(head, nn.Module) else None
+        while dec_path and head_path and head_path.startswith(dec_path + "."):
+            # the "decoder" holds the head (a causal LM nested in the model): capture its own decoder
+            inner_get = getattr(dec, "get_decoder", None)
+            inner = inner_get() if callable(inner_get) else None
+            if not isinstance(inner, nn.Module) or inner is dec:  # its one other child with parameters
+                rest = [
+                    c
+                    for n, c in cast(nn.Module, dec).named_children()
+                    if not f"{head_path}.".startswith(f"{dec_path}.{n}.") and any(True for _ in c.parameters())
+                ]
+                inner = rest[0] if len(rest) == 1 else None
+            if not isinstance(inner, nn.Module) or inner is dec:
+                raise RewriteError(
+                    f"regate_fx: capture='decoder': {type(model).__name__}'s decoder ({dec_path}) holds its LM "
+                    f"head ({head_path}) and names no decoder of its own (get_decoder(), or one other child with "
+                    "parameters); use SparsifyConfig(capture='model') to capture the whole model"
+                )
+            dec, dec_path = inner, _path_of(model, inner)
         if not dec_path or not head_path:
             raise RewriteError(
                 f"regate_fx: capture='decoder' needs model.get_decoder() and model.get_output_embeddings() "
@@ -252,7 +280,7 @@ class Capture:
             return self.model, inputs, seq
         wrapper = self.wrapper
         if not self._head_checked:
-            self._check_head(inputs)
+            wrapper._post = self._check_head(inputs)
             self._head_checked = True
         kwargs = self._decoder_kwargs(inputs)
         dec_seq = kwargs.get("inputs_embeds")
@@ -305,67 +333,108 @@ class Capture:
         kwargs.pop("use_cache", None)
         return kwargs
 
-    def _check_head(self, inputs: dict) -> None:
-        """One dense forward: the model's logits must be exactly head(decoder output)."""
+    def _check_head(self, inputs: dict) -> PostHead | None:
+        """One dense forward: the LM head must be applied to the decoder's output; returns the
+        forward's post-head map (None: the logits are the head's output)."""
         devices = [d for d in {p.device for p in self.model.parameters()} if d.type == "cuda"]
         with self.head_probe() as check:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 out = self.model(**inputs, **self._use_cache_kw)
-        check(out)
+        return check(out)
 
     @contextlib.contextmanager
-    def head_probe(self) -> Iterator[Callable[[Any], None]]:
+    def head_probe(self) -> Iterator[Callable[[Any], PostHead | None]]:
         """Hooks on the decoder and the LM head while the block runs; yields ``check(out)``, which
-        raises a RewriteError unless ``out.logits`` is exactly the head applied to the decoder's
-        output in that run. Runs no forward of its own: a caller can probe the forward it runs
-        anyway (the gathered step probes its sparse step, so no module runs twice)."""
+        raises a RewriteError unless ``out.logits`` is the head applied to the decoder's output in
+        that run, followed by a post-head map proven per position on the run's values (``heads.py``),
+        and returns that map (None: the logits are the head's output). Runs no forward of its own: a
+        caller can probe the forward it runs anyway (the gathered step probes its sparse step, so no
+        module runs twice)."""
         wrapper = self.wrapper
         dec, head = wrapper._get(wrapper._decoder_path), wrapper._get(wrapper._head_path)
-        seen: dict[str, Any] = {}
+        seen: dict[str, Any] = {"decoder_calls": 0}
+        recorder = PostHeadRecorder(self.model)
 
         def on_decoder(_m, _args, out):
+            seen["decoder_calls"] += 1
             seen["hidden"] = out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", None)
 
         def on_head(_m, args, out):
             seen["head_in"], seen["head_out"] = args[0] if args else None, out
+            if isinstance(out, torch.Tensor):
+                recorder.start(out)  # record what the forward computes from here (stopped below)
 
-        def check(out: Any) -> None:
-            self._verify_head(out, seen)
+        def on_model(_m, _args, out):  # the forward returned: its root hooks are not part of it
+            recorder.stop()  # (they run around a sparse call's output too)
+            seen["logits"] = getattr(out, "logits", None)
 
-        handles = [dec.register_forward_hook(on_decoder), head.register_forward_hook(on_head)]
+        def check(out: Any) -> PostHead | None:
+            recorder.stop()
+            return self._verify_head(out, seen, recorder)
+
+        handles = [
+            dec.register_forward_hook(on_decoder),
+            head.register_forward_hook(on_head),
+            self.model.register_forward_hook(on_model, prepend=True),
+        ]
         try:
             yield check
         finally:
+            recorder.stop()
             for h in handles:
                 h.remove()
 
-    def _verify_head(self, out: Any, seen: dict) -> None:
+    def _verify_head(self, out: Any, seen: dict, recorder: PostHeadRecorder) -> PostHead | None:
         wrapper = self.wrapper
+        name, head_path, dec_path = (
+            type(self.model).__name__,
+            ".".join(wrapper._head_path),
+            ".".join(wrapper._decoder_path),
+        )
         logits, hidden, head_in, head_out = (
-            getattr(out, "logits", None),
+            seen["logits"] if "logits" in seen else getattr(out, "logits", None),
             seen.get("hidden"),
             seen.get("head_in"),
             seen.get("head_out"),
         )
+        hint = "Use SparsifyConfig(capture='model') to capture the whole model."
+        if not seen["decoder_calls"]:
+            raise RewriteError(
+                f"regate_fx: {name}'s forward never called its decoder ({dec_path}, model.get_decoder()): it "
+                "computes its logits through other modules (an encoder-decoder model calls its encoder and decoder "
+                f"stacks separately), so the decoder cannot be captured alone. {hint}"
+            )
         with torch.no_grad():
-            same = (
-                isinstance(logits, torch.Tensor)
-                and isinstance(hidden, torch.Tensor)
+            fed = (
+                isinstance(hidden, torch.Tensor)
                 and isinstance(head_in, torch.Tensor)
                 and isinstance(head_out, torch.Tensor)
                 and head_in.shape == hidden.shape
                 and torch.equal(head_in, hidden)
-                and logits.shape == head_out.shape
-                and torch.equal(logits, head_out.to(logits.dtype))
             )
-        if not same:
+            same = (
+                fed
+                and isinstance(logits, torch.Tensor)
+                and logits.shape == cast(torch.Tensor, head_out).shape
+                and torch.equal(logits, cast(torch.Tensor, head_out).to(logits.dtype))
+            )
+        if same:
+            return None
+        if not fed:
             raise RewriteError(
-                f"regate_fx: {type(self.model).__name__}'s logits are not its LM head "
-                f"({'.'.join(wrapper._head_path)}) applied to its decoder's "
-                f"({'.'.join(wrapper._decoder_path)}) output: its forward changes them in between "
-                "(logit soft-capping or scaling, an extra norm), so the decoder cannot be captured "
-                "alone. Use SparsifyConfig(capture='model') to capture the whole model."
+                f"regate_fx: {name}'s LM head ({head_path}) is not applied to its decoder's ({dec_path}) output: "
+                "its forward changes the decoder's output before the head (an extra norm or projection), so the "
+                f"decoder cannot be captured alone. {hint}"
             )
+        try:
+            post = recorder.result(logits)
+            post.check(wrapper, cast(torch.Tensor, head_out), cast(torch.Tensor, logits))
+        except PostHeadError as e:
+            raise RewriteError(
+                f"regate_fx: {name}'s logits are not its LM head ({head_path}) applied to its decoder's ({dec_path}) "
+                f"output, and what its forward does in between cannot be run on the kept positions alone: {e}. {hint}"
+            ) from None
+        return post
 
 
 # --- capture failures -----------------------------------------------------------------------

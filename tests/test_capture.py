@@ -49,21 +49,40 @@ def test_llava_called_eagerly_before_the_first_sparse_call():
     torch.testing.assert_close(model(**inputs, use_cache=False).logits, before)  # eager still works
 
 
-def test_decoder_capture_refuses_logits_changed_after_the_head():
-    """Decoder capture replays decoder + head; a forward that changes the logits after the head
-    (soft-capping, scaling) would be silently dropped, so the first call checks and refuses."""
+def test_decoder_capture_refuses_a_change_before_the_head():
+    """Decoder capture runs decoder + head (+ the forward's post-head map, tests/test_heads.py); a
+    forward that changes the decoder's output before the head would be silently dropped, so the
+    first call checks and refuses."""
     tm = BY_NAME["llava"]
     model = tm("sdpa")
-
-    def scale(_module, _args, out):
-        out.logits = out.logits * 2.0
-        return out
-
-    model.register_forward_hook(scale)
+    model.lm_head.register_forward_pre_hook(lambda _m, args: (args[0] * 2.0,))
     smodel = regate_fx.sparsify(model, backend="eager")
     batch = make_batch(tm, 2, 12, seed=1)
-    with pytest.raises(RewriteError, match=r"logits are not its LM head \(lm_head\).*capture='model'"):
+    with pytest.raises(RewriteError, match=r"LM head \(lm_head\) is not applied to its decoder's.*capture='model'"):
         smodel(**batch, keep_mask=random_keep(batch, 0.5))
+
+
+def test_decoder_capture_names_a_decoder_the_forward_never_calls():
+    """An encoder-decoder model (Florence-2) calls its decoder stack, not model.get_decoder()."""
+    tm = BY_NAME["llava"]
+    model = tm("sdpa")
+    model.get_decoder = lambda: model.model.vision_tower  # a module the text forward never calls
+    smodel = regate_fx.sparsify(model, SparsifyConfig(capture="decoder"), backend="eager")
+    batch = {k: v for k, v in make_batch(tm, 2, 12, seed=1).items() if k != "pixel_values"}
+    with pytest.raises(RewriteError, match=r"never called its decoder \(model.vision_tower"):
+        smodel(**batch, keep_mask=random_keep(batch, 0.5))
+
+
+def test_a_decoder_holding_the_head_is_looked_through():
+    """Kosmos-2.5's get_decoder() is its text_model, a causal LM with the LM head inside: the
+    captured decoder is that LM's own decoder (its one other child with parameters)."""
+    from regate_fx.capture import Capture
+    from regate_fx.inspect.shrink import load_config, model_class, shrink_config
+
+    cfg = shrink_config(load_config("kosmos-2.5"))
+    model = model_class(cfg)[1]._from_config(cfg)
+    wrapper = Capture(model, "decoder", {}).wrapper
+    assert wrapper._decoder_path == ("text_model", "model") and wrapper._head_path == ("text_model", "lm_head")
 
 
 def test_multimodal_models_capture_the_decoder_by_default():

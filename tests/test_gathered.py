@@ -117,7 +117,8 @@ def test_gathered_checks_the_head_on_the_steps_own_forward():
     """A decoder-mode model's first gathered step checks that its logits are exactly head(decoder
     output) with hooks on its own forward: the model runs once (a dense forward of its own, nested
     in the root's, all-gathered every FSDP2 layer twice and the root's group again for the
-    backward), and a model that changes its logits after the head is still refused."""
+    backward), and a model that changes its logits after the head in a way that mixes positions is
+    still refused."""
     model, inputs, keep = _mm_case("llava")
     runs = []
     model.get_decoder().register_forward_pre_hook(lambda _m, _a: runs.append("decoder"))
@@ -127,18 +128,25 @@ def test_gathered_checks_the_head_on_the_steps_own_forward():
     assert runs == ["decoder", "head"]
     assert smodel._regate_forward.gathered._head_checked
 
-    model, inputs, keep = _mm_case("llava")
+    # a map after the head (here: in the forward) runs on the kept rows, in the model's own forward:
+    # exact when it is per position (heads.py checks that on the first step), refused otherwise
+    for fn, refused in ((lambda x: torch.tanh(x * 0.5) * 3.0, None), (lambda x: x - x.mean(1, keepdim=True),
+                                                                       "mixes positions")):
+        model, inputs, keep = _mm_case("llava")
 
-    class Scaled(type(model)):  # logits scaled after the head, inside the forward
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2.0
-            return out
+        class After(type(model)):  # logits changed after the head, inside the forward
+            def forward(self, *args, fn=fn, **kwargs):
+                out = super().forward(*args, **kwargs)
+                out.logits = fn(out.logits)
+                return out
 
-    model.__class__ = Scaled
-    smodel = _gathered(model)
-    with pytest.raises(RewriteError, match=r"logits are not its LM head \(lm_head\).*capture='model'"):
-        smodel(**inputs, keep_mask=keep)
+        model.__class__ = After
+        smodel = _gathered(model, return_logits=True)
+        if refused is None:
+            check_against_oracle(smodel, model, inputs, keep, grad_scale=GRAD_SCALE)
+            continue
+        with pytest.raises(RewriteError, match=rf"logits are not its LM head \(lm_head\).*{refused}.*capture='model'"):
+            smodel(**inputs, keep_mask=keep)
 
 
 def test_qwen2_vl_positions_are_3d_mrope():
