@@ -243,12 +243,16 @@ def inspect_model(
         and not res.error.startswith("the sparse")
         and "timed out" not in res.error
     ):
-        again = _inspect_once(target, keep_head_dim=True, **kw)
-        if again.verdict != "error":
-            again.notes.append(f"built with the original head dims (the first tiny build failed: {res.error[:200]})")
-            again.seconds = round(again.seconds + res.seconds, 2)
-            return again
-        res.seconds = round(again.seconds + res.seconds, 2)
+        for head_dim, every_kind, note in (
+            (True, True, "built with the original head dims"),
+            (False, False, "built with its first layers only, not one of each kind"),
+        ):
+            again = _inspect_once(target, keep_head_dim=head_dim, every_kind=every_kind, **kw)
+            if again.verdict != "error":
+                again.notes.append(f"{note} (the first tiny build failed: {res.error[:200]})")
+                again.seconds = round(again.seconds + res.seconds, 2)
+                return again
+            res.seconds = round(again.seconds + res.seconds, 2)
     return res
 
 
@@ -256,6 +260,7 @@ def _inspect_once(
     target,
     *,
     keep_head_dim: bool,
+    every_kind: bool = True,
     seq: int = 16,
     batch: int = 2,
     rho: float = 0.5,
@@ -280,7 +285,7 @@ def _inspect_once(
             res.family = config.model_type
             res.config_class = type(config).__name__
             if shrink:
-                shrink_config(config, keep_head_dim=keep_head_dim)
+                shrink_config(config, keep_head_dim=keep_head_dim, every_kind=every_kind)
             if experts is not None:
                 for sub in (config, getattr(config, "text_config", None)):
                     if sub is not None:

@@ -170,7 +170,7 @@ def _kept_layers(d: dict, old_layers: int, new_layers: int) -> list[int]:
     return sorted(keep + rest[: max(0, new_layers - len(keep))])
 
 
-def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
+def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool, every_kind: bool = True) -> None:
     d = vars(cfg)
     old_layers = next((d[k] for k in _LAYER_KEYS if _is_int(d.get(k))), None)
     old_hd = _head_dim(d)
@@ -229,7 +229,7 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
     # per-layer lists (layer_types, mlp_only_layers as flags, ...) follow the layer count
     new_layers = next((d[k] for k in _LAYER_KEYS if _is_int(d.get(k))), None)
     if old_layers and new_layers and new_layers < old_layers:
-        keep = _kept_layers(d, old_layers, new_layers)
+        keep = _kept_layers(d, old_layers, new_layers) if every_kind else list(range(new_layers))
         if len(keep) != new_layers:  # one layer of each kind needs more than the cap
             for k in _LAYER_KEYS:
                 if _is_int(d.get(k)) and d[k] == new_layers:
@@ -252,10 +252,10 @@ def _shrink_one(cfg, special: dict[int, int], keep_head_dim: bool) -> None:
             elif isinstance(v, list) and all(_is_int(x) for x in v):
                 d[k] = [special.setdefault(x, VOCAB - 1 - len(special)) if x >= VOCAB else x for x in v]
     for sub in _sub_configs(cfg):
-        _shrink_one(sub, special, keep_head_dim)
+        _shrink_one(sub, special, keep_head_dim, every_kind)
 
 
-def shrink_config(config, *, keep_head_dim: bool = False) -> Any:
+def shrink_config(config, *, keep_head_dim: bool = False, every_kind: bool = True) -> Any:
     """Cap the size attributes of ``config`` and its sub-configs, in place, and return it.
 
     Generic (no per-family table): hidden sizes -> 32, intermediate sizes -> 64, layers -> 2,
@@ -264,11 +264,13 @@ def shrink_config(config, *, keep_head_dim: bool = False) -> Any:
     it move to its top), per-layer lists cut to the layer count, dropouts -> 0, rope section lists
     (M-RoPE) rescaled with the head dim. Attributes already smaller are left alone.
 
+    ``every_kind=False`` keeps the first layers even when they are all of one kind (for configs
+    whose other per-layer settings assume the first layers: :func:`inspect_model` retries with it).
     ``keep_head_dim=True`` keeps each attention's head dim (hidden = 4 heads x head dim): for
     modeling code that hard-codes sizes derived from it (an M-RoPE section default, say).
     :func:`inspect_model` retries with it when the first tiny build fails.
     """
-    _shrink_one(config, {}, keep_head_dim)
+    _shrink_one(config, {}, keep_head_dim, every_kind)
     return config
 
 
