@@ -150,30 +150,6 @@ def _path_of(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def _base_decoder(dec: Any, head: Any) -> tuple[Any, Any]:
-    """The innermost decoder and its head, when ``get_decoder()`` found a language model with a head
-    of its own (Llama 4's ``language_model`` is a ``Llama4ForCausalLM``, whose output has logits,
-    not hidden states): its base model (its ``get_decoder()`` when that is another module, else its
-    only child that is a transformers model) and its own output embeddings. The head probe then
-    checks that the model's logits are exactly that head on that decoder's output."""
-    from transformers import PreTrainedModel
-
-    for _ in range(4):
-        get_head = getattr(dec, "get_output_embeddings", None)
-        own = get_head() if callable(get_head) and isinstance(dec, nn.Module) else None
-        if not isinstance(own, nn.Module) or not any(m is own for m in dec.modules()):
-            break
-        get_dec = getattr(dec, "get_decoder", None)
-        inner = get_dec() if callable(get_dec) else None
-        if not isinstance(inner, nn.Module) or inner is dec:
-            bases = [m for m in dec.children() if isinstance(m, PreTrainedModel) and m is not own]
-            inner = bases[0] if len(bases) == 1 else None
-        if inner is None or not any(m is inner for m in dec.modules()):
-            break
-        dec, head = inner, own
-    return dec, head
-
-
 def _accepts(fn, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -238,11 +214,11 @@ class Capture:
         get_head = getattr(model, "get_output_embeddings", None)
         dec = get_dec() if callable(get_dec) else None
         head = get_head() if callable(get_head) else None
-        dec, head = _base_decoder(dec, head)
         dec_path = _path_of(model, dec) if isinstance(dec, nn.Module) else None
         head_path = _path_of(model, head) if isinstance(head, nn.Module) else None
         while dec_path and head_path and head_path.startswith(dec_path + "."):
-            # the "decoder" holds the head (a causal LM nested in the model): capture its own decoder
+            # the "decoder" holds the head (a causal LM nested in the model: Llama 4's language_model,
+            # Kosmos-2.5's text_model): capture its own decoder
             inner_get = getattr(dec, "get_decoder", None)
             inner = inner_get() if callable(inner_get) else None
             if not isinstance(inner, nn.Module) or inner is dec:  # its one other child with parameters

@@ -208,7 +208,7 @@ def test_tilings_that_mix_tokens_are_refused(mix):
 def test_llama4_conditional_generation_captures_the_inner_decoder():
     """Llama4ForConditionalGeneration.get_decoder() is its `language_model`, a Llama4ForCausalLM (its
     output has logits, not hidden states): decoder capture descends to that model's own base model
-    and head (capture._base_decoder), checked by the head probe and against the oracle."""
+    and head (Capture._decoder_and_head), checked by the head probe and against the oracle."""
     from regate_fx.inspect import inspect_model
 
     res = inspect_model("llama4", time_limit=300)
