@@ -78,7 +78,7 @@ def parse(argv=None):
         "--max-steps",
         type=int,
         default=None,
-        help="the plateau rule's step cap (default 3000 with --full, 400 for the short default run)",
+        help="the plateau rule's step cap (default 6000 with --full, 400 for the short default run)",
     )
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--min-steps", type=int, default=300, help="no plateau stop before this step")
@@ -135,7 +135,7 @@ def parse(argv=None):
             args.lr_grid = [1e-3, 3e-3]
         args.quick_base = dict(warmup_steps=4, cycle_steps=5, dense_steps=1)
     if args.max_steps is None:
-        args.max_steps = 3000 if args.full else 400
+        args.max_steps = 6000 if args.full else 400
     if args.patience is None:  # accuracy can sit flat for a few hundred steps and then climb again
         args.patience = 20 if args.full else 8
     if args.seeds is None:

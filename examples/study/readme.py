@@ -29,9 +29,9 @@ def _pm(d):
 
 def _table(s: dict) -> list[str]:
     lines = [
-        "| run | best val acc | test acc | generated EM | text tokens | reached dense's best: seeds, "
-        "text tokens, train time, end to end |",
-        "|---|---|---|---|---|---|",
+        "| run | best val acc | test acc | generated EM | text tokens | train time, end to end / dense "
+        "| reached dense's best: seeds, text tokens, train time, end to end |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n, r in s["runs"].items():
         x = r.get("reach_dense_best", {})
@@ -46,7 +46,8 @@ def _table(s: dict) -> list[str]:
             )
         lines.append(
             f"| `{n}` (lr {r['lr']:g}) | {_pm(r['best_val_acc'])} | {_pm(r['test_acc'])} "
-            f"| {_pm(r['gen_exact_match'])} | {r['text_tokens_fraction']['mean']:.2f} | {reach} |"
+            f"| {_pm(r['gen_exact_match'])} | {r['text_tokens_fraction']['mean']:.2f} "
+            f"| {_f(r.get('train_time_vs_dense'))}x, {_f(r.get('end_to_end_vs_dense'))}x | {reach} |"
         )
     return lines
 
@@ -79,7 +80,8 @@ def block(full: dict, demo: dict | None = None) -> str:
         f"mean ± sd; files in [docs/results/full/](docs/results/full/results.md)). {_setting(full)}. "
         "Accuracy: teacher-forced, on the answer words that need the image. Generated EM: greedy "
         "`generate`, whole answer exact match (a metric no part of the method aims at). Text tokens: "
-        "share of the text tokens a dense step processes, over the run. Reaching dense's best: "
+        "share of the text tokens a dense step processes, over the run. Train time and end to end: the "
+        "whole run to its stop, over dense's (runs of one seed interleaved step by step). Reaching dense's best: "
         "cost as a share of dense's cost to reach it; end to end counts the teacher pass and "
         "compilation.",
         "",
