@@ -55,7 +55,7 @@ from regate_fx.passes.masks import is_causal_key_padding_mask
 from regate_fx.passes.ops import Verdict, classify, higher_order_detail
 from regate_fx.passes.reductions import Reductions, find_reductions
 from regate_fx.passes.sizes import side_input_problem
-from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_start
+from regate_fx.passes.stream import find_stream, is_stream_value, stream_3d, stream_start, written_in_place
 from regate_fx.report import BranchKind, Reason
 
 __all__ = ["Analysis", "Branch", "Judge", "Outside", "Region", "Tail", "analyse", "find_tail"]
@@ -239,6 +239,11 @@ def analyse(
         bits = anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry))
         stream_nodes.extend(anc.members(bits))
         stream_nodes.append(add)
+    # after the last add, the stream goes on through in-place writes into it (Gemma 4's
+    # `hidden_states *= self.layer_scalar`): that is the value the final norm reads
+    last = stream_3d(chain[-1][0], sym)
+    if last is not None:
+        stream_nodes.extend(written_in_place(last, sym))
     stream_set = set(stream_nodes)
     stream_dep = anc.descendants_of_any([stream_nodes[0]])
 
@@ -370,6 +375,8 @@ def _regions(branches: list[Branch], anc: Ancestry, sym: TokenSymbols, dispatch:
             j += 1
         start = stream_start(branches[i].carry, branches[i].output, sym, anc)
         end = stream_3d(branches[j].add, sym)
+        if end is not None:  # the region ends after the in-place writes into its last add (stream.py)
+            end = ([end] + written_in_place(end, sym))[-1]
         if end is None or not is_stream_value(node_value(start), sym, flat_ok=False):
             branches[j if end is None else i].refuse(
                 Reason.ESCAPING_VALUE, "the stream is not re-viewed as (batch, tokens, hidden) here"

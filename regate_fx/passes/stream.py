@@ -13,10 +13,18 @@ import operator
 import torch
 import torch.fx as fx
 
-from regate_fx.passes.graph import Ancestry, TokenSymbols, node_value, op_name
+from regate_fx.passes.graph import Ancestry, TokenSymbols, mutates, node_value, op_name
 from regate_fx.passes.ops import classify
 
-__all__ = ["find_stream", "is_stream_value", "scaled_source", "stream_3d", "stream_root", "stream_start"]
+__all__ = [
+    "find_stream",
+    "is_stream_value",
+    "scaled_source",
+    "stream_3d",
+    "stream_root",
+    "stream_start",
+    "written_in_place",
+]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -174,3 +182,29 @@ def stream_3d(n: fx.Node, sym: TokenSymbols) -> fx.Node | None:
             return None
         n = nxt[0]
     return n
+
+
+def written_in_place(n: fx.Node, sym: TokenSymbols) -> list[fx.Node]:
+    """The in-place writes that continue the stream value `n`, in order: `n`'s only user writes
+    into it (`h *= scale`), and so on from that write. Each must be token-wise, keep the value
+    (batch, tokens, hidden), and read no other token-indexed value (a per-layer constant or
+    parameter, Gemma 4's `hidden_states *= self.layer_scalar` at the end of every layer).
+
+    Such a write is the stream itself, as the link between two adds is (`_previous_add`): the
+    next carry reads it, and after the last add it is the value the final norm reads. A write
+    whose old value is also read elsewhere is not followed (that reader aliases the written
+    tensor), nor one that mixes in another token-indexed value."""
+    out: list[fx.Node] = []
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if not (u.args and u.args[0] is n and mutates(u)):
+            break
+        if op_name(u) in _PROJECTIONS or not classify(u, sym).token_wise:
+            break
+        if not is_stream_value(node_value(u), sym, flat_ok=False):
+            break
+        if any(a is not n and sym.token_dims(node_value(a)) for a in u.all_input_nodes):
+            break
+        out.append(u)
+        n = u
+    return out
