@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -112,6 +113,7 @@ def _want_mean_of_ranks():
     return {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
 
 
+@pytest.mark.slow  # CI time: per-layer FSDP2 (tests/test_fsdp_per_layer.py, torchrun, accelerate) runs by default
 def test_fsdp2_of_a_sparsified_model_equals_one_process(tmp_path):
     spawn_ranks(_fsdp_worker, (file_store(tmp_path), str(tmp_path), False), WORLD)
     want = _want_mean_of_ranks()

@@ -179,6 +179,7 @@ def test_verdict_agrees_with_oracle_bloom(refused_result):
     _agrees(refused_result.verdict, "bloom")
 
 
+@pytest.mark.slow  # CI time: tests/passes/test_llama4.py runs it exact-sparse in the default run
 def test_verdict_agrees_with_oracle_llama4_text():
     """Llama 4 (expert-major tiled MoE, passes/tiling.py; chunked attention) runs exact-sparse."""
     res = rinspect.inspect_model("llama4_text", seq=8)
@@ -186,6 +187,7 @@ def test_verdict_agrees_with_oracle_llama4_text():
     _agrees(res.verdict, "llama4_text")
 
 
+@pytest.mark.slow  # CI time: tests/passes/test_sinks.py runs it exact-sparse in the default run
 def test_verdict_agrees_with_oracle_gpt_oss():
     """gpt-oss (attention sinks joined to the scores, passes/sinks.py) runs exact-sparse."""
     res = rinspect.inspect_model("gpt_oss", seq=8)

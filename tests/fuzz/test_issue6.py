@@ -60,7 +60,11 @@ def test_issue6_fuzz_shape(name, bs):
 HF = ["openai_gpt", "bert_decoder", "jamba", "jamba_moe", "falcon_h1", "bamba", "zamba2", "granite_moe_hybrid"]
 
 
-@pytest.mark.parametrize("name", HF)
+# CI time: one hybrid of each kind (Mamba: jamba, falcon_h1) in the default run, the rest slow.
+HF_DEFAULT = ["openai_gpt", "bert_decoder", "jamba", "falcon_h1"]
+
+
+@pytest.mark.parametrize("name", [n if n in HF_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in HF])
 def test_issue6_transformers_model(name):
     model = hf_models.build(name)
     batch, keep = make_batch(BatchSpec(2, 10, "left", (10, 7), rho=0.5, seed=4), hf_models.VOCAB)

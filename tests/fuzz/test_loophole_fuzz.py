@@ -49,7 +49,7 @@ _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_
 # model, and a failure is reported as drawn (with its `reproduce:` notes) in seconds, not minutes.
 DEFAULT = settings(max_examples=4, deadline=None, suppress_health_check=_HEALTH, derandomize=True, database=None,
                    phases=[Phase.explicit, Phase.generate])
-PER_KIND = settings(DEFAULT, max_examples=6)  # 36 loophole kinds x 6 = 216 default examples
+PER_KIND = settings(DEFAULT, max_examples=2)  # 36 loophole kinds x 2 = 72 default examples (CI time)
 CONTROL = settings(DEFAULT, max_examples=1)  # controls also sit next to every loophole kind's probes
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=_HEALTH)
 SLOW_PER_KIND = settings(SLOW, max_examples=100)

@@ -13,8 +13,25 @@ from tests.helpers import (assert_close, assert_grads_close, check_against_oracl
 from tests.models import EXTRA_MODELS, MODELS
 
 
-@pytest.fixture(scope="module", params=[(m, a) for m in MODELS for a in m.attns],
-                ids=lambda p: f"{p[0].name}-{p[1]}")
+PAIRS = [(m, a) for m in MODELS for a in m.attns]
+
+
+def _id(p) -> str:
+    return f"{p[0].name}-{p[1]}"
+
+
+# Families whose every padding / batch-size case runs in the default run: each brings its own
+# position scheme or block layout (RoPE, learned positions, parallel residual, ALiBi, partial
+# rotary, encoder-style decoder, LLaVA's merge). The others run the first case and keep-all.
+DISTINCT = {"llama", "llava", "gpt_neox", "opt", "falcon", "phi", "bert_decoder", "openai_gpt"}
+
+
+def _eager_twin(p) -> bool:
+    """The eager variant of a family that also runs sdpa (its sdpa variant runs the whole matrix)."""
+    return p[1] == "eager" and "sdpa" in p[0].attns
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=_id)
 def pair(request):
     tm, attn = request.param
     model = tm(attn)
@@ -27,6 +44,8 @@ def pair(request):
                                          backend="eager")
 
 
+@pytest.mark.parametrize("pair", [pytest.param(p, id=_id(p), marks=[pytest.mark.slow] if _eager_twin(p) else [])
+                                  for p in PAIRS], indirect=True)
 def test_keep_all_reproduces_unsparsified_model(pair):
     tm, model, smodel = pair
     batch = make_batch(tm, 2, 12, seed=5, positions=False)
@@ -54,14 +73,28 @@ def test_keep_all_reproduces_unsparsified_model(pair):
     assert smodel.regate_report.sparse_graph.tail_on_kept
 
 
-@pytest.mark.parametrize("pad,batch_size,rho", [("left", 3, 0.5), ("right", 2, 0.3), ("none", 1, 0.6),
-                                                pytest.param("left", 4, 0.8, marks=pytest.mark.slow)])
+def _random_keep_cases():
+    """Every pair x (left padding, batch 3), (right, 2), (no padding, batch 1), (left, 4; slow). An
+    eager twin of an sdpa family, or a family outside DISTINCT, runs the first in the default run and
+    the others under the slow mark (CI time): the padding and batch-size cases exercise the masks and
+    the gather, which the variants share; the eager attention rewrite itself is exact in the first
+    case (and keep-all of an eager twin is slow too)."""
+    for p in PAIRS:
+        for i, case in enumerate([("left", 3, 0.5), ("right", 2, 0.3), ("none", 1, 0.6), ("left", 4, 0.8)]):
+            slow = i == 3 or (i > 0 and (_eager_twin(p) or p[0].name not in DISTINCT))
+            yield pytest.param(p, *case, id=f"{_id(p)}-{'-'.join(map(str, case))}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("pair,pad,batch_size,rho", list(_random_keep_cases()), indirect=["pair"])
 def test_random_keep_matches_oracle(pair, pad, batch_size, rho):
     tm, model, smodel = pair
     batch = make_batch(tm, batch_size, 14, pad=pad, seed=batch_size)
     check_against_oracle(smodel, model, batch, random_keep(batch, rho, seed=7))
 
 
+@pytest.mark.parametrize("pair", [pytest.param(p, id=_id(p), marks=[pytest.mark.slow] if _eager_twin(p) else [])
+                                  for p in PAIRS], indirect=True)
 def test_model_itself_stays_dense(pair):
     tm, model, smodel = pair
     batch = make_batch(tm, 2, 10, seed=1, positions=False)

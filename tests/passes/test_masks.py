@@ -99,7 +99,8 @@ def test_the_window_really_differs_from_causal():
         assert any((a - b).abs().max() > 1e-4 for a, b in zip(causal, other)), kind
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt_neox", "llava"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),  # slow: CI time
+                                  pytest.param("gpt_neox", marks=pytest.mark.slow), "llava"])
 def test_a_call_without_attention_mask_takes_the_causal_fast_path(name):
     """No attention_mask and no position_ids (unpadded data): transformers' own mask then carries a
     packed-sequence term read from the default positions; the step passes the equivalent all-ones

@@ -193,8 +193,9 @@ def test_pack_unpack(keep, shared):
 # default (GQA + RoPE, head_dim != hidden / heads, partial rotary, parallel residual, flattened
 # stream + learned positions, post-norm, the MLLM); the rest under the slow mark.
 _SLOW = pytest.mark.slow
-PACKABLE = ["llama", "qwen3", "phi", "gpt_neox", "opt", "bert_decoder", "llava",
-            *(pytest.param(n, marks=_SLOW) for n in ("qwen2", "mistral", "gemma", "falcon", "gpt_j", "cohere"))]
+PACKABLE = ["llama", "gpt_neox", "opt", "bert_decoder", "llava",
+            *(pytest.param(n, marks=_SLOW) for n in ("qwen3", "phi", "qwen2", "mistral", "gemma", "falcon", "gpt_j",
+                                                     "cohere"))]
 
 
 def _packed(name: str, layout: str = "packed", attn: str = "sdpa", backend: str = "eager"):

@@ -69,7 +69,9 @@ def _single(tmp_path, kind: str):
     return t
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2_vl", pytest.param("llava", marks=pytest.mark.slow)])
+# CI time: qwen2_vl in the default run (the MLLM path); Llama's DDP sync also runs in tests/stacks/test_torchrun.py.
+@pytest.mark.parametrize("kind", [pytest.param("llama", marks=pytest.mark.slow), "qwen2_vl",
+                                  pytest.param("llava", marks=pytest.mark.slow)])
 def test_ddp_ranks_stay_in_sync_and_equal_one_process(tmp_path, kind):
     if kind == "llama":
         assert sum(p.numel() * p.element_size() for p in _model(kind).parameters()) > 2 * 2**20
