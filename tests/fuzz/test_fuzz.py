@@ -23,7 +23,7 @@ from tests.fuzz.check import (BatchSpec, assert_pruned_ids_ignored, assert_same,
 from regate_fx import RewriteError
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-FAST = settings(max_examples=15, deadline=None, suppress_health_check=_HEALTH)
+FAST = settings(max_examples=10, deadline=None, suppress_health_check=_HEALTH)
 FAST_SMALL = settings(max_examples=6, deadline=None, suppress_health_check=_HEALTH)
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=_HEALTH)
 
@@ -88,7 +88,7 @@ def _pruned_ids_ignored(case: FuzzCase) -> None:
         assert_pruned_ids_ignored(smodel, batch, keep, got[0], VOCAB, seed=case.batch.seed + 1)
 
 
-# --- default run: 15 examples (6 for the two cheaper checks), one dynamo capture each (~1.5 CPU-s) ---
+# --- default run: 10 examples (6 for the two cheaper checks), one dynamo capture each (~1.5 CPU-s) ---
 
 @pytest.mark.timeout(1800)  # ~1.5 CPU-minutes; shrinking a failure can add 5 min
 @FAST

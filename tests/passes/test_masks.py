@@ -100,7 +100,8 @@ def test_the_window_really_differs_from_causal():
 
 
 @pytest.mark.parametrize("name", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),  # slow: CI time
-                                  pytest.param("gpt_neox", marks=pytest.mark.slow), "llava"])
+                                  pytest.param("gpt_neox", marks=pytest.mark.slow),
+                                  pytest.param("llava", marks=pytest.mark.slow)])
 def test_a_call_without_attention_mask_takes_the_causal_fast_path(name):
     """No attention_mask and no position_ids (unpadded data): transformers' own mask then carries a
     packed-sequence term read from the default positions; the step passes the equivalent all-ones
