@@ -166,12 +166,15 @@ def _previous_add(carry: fx.Node, adds: dict, sym: TokenSymbols, anc: Ancestry) 
         return None  # a projection to another width (an MLP's hidden), not the stream
     between = anc.members(anc.descendants_of_any([prev]) & (anc.ancestors(carry) | anc.bit(carry)))
     inside = set(between) | {prev}
-    for n in between:
-        if op_name(n) in _PROJECTIONS or not classify(n, sym).token_wise:
-            return None
-        if any(a not in inside and sym.token_dims(node_value(a)) for a in n.all_input_nodes):
-            return None  # another token-indexed source joins: not a function of the stream alone
-    return prev
+    return prev if all(_carries_stream(n, inside, sym) for n in between) else None
+
+
+def _carries_stream(n: fx.Node, inside: set[fx.Node], sym: TokenSymbols) -> bool:
+    """`n` is a token-wise function of the stream alone: no projection, and no token-indexed
+    input from outside `inside` (another source joining is not the stream)."""
+    if op_name(n) in _PROJECTIONS or not classify(n, sym).token_wise:
+        return False
+    return not any(a not in inside and sym.token_dims(node_value(a)) for a in n.all_input_nodes)
 
 
 def stream_3d(n: fx.Node, sym: TokenSymbols) -> fx.Node | None:
@@ -199,11 +202,7 @@ def written_in_place(n: fx.Node, sym: TokenSymbols) -> list[fx.Node]:
         u = next(iter(n.users))
         if not (u.args and u.args[0] is n and mutates(u)):
             break
-        if op_name(u) in _PROJECTIONS or not classify(u, sym).token_wise:
-            break
-        if not is_stream_value(node_value(u), sym, flat_ok=False):
-            break
-        if any(a is not n and sym.token_dims(node_value(a)) for a in u.all_input_nodes):
+        if not (_carries_stream(u, {n}, sym) and is_stream_value(node_value(u), sym, flat_ok=False)):
             break
         out.append(u)
         n = u

@@ -14,8 +14,8 @@ across layers and an MoE block. Exact-sparse from the graph's structure.
 - K/V sharing (`num_kv_shared_layers`): the later layers attend over the K/V an earlier layer of
   their type computed, which in a region are the kept tokens' K/V, as in the oracle.
 
-Negatives: an in-place write that mixes tokens, and one whose old value is also read elsewhere
-(an alias of the written tensor), are refused.
+Negatives: an in-place write that mixes tokens, one that mixes in another token-indexed value, and
+one whose old value is also read elsewhere (an alias of the written tensor), are refused.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ class _ScaledLM(ToyLM):
             old = x
             if self.ending == "mixing" and layer is self.layers[-1]:
                 x *= x.mean(dim=1, keepdim=True).sigmoid()  # in place, by a mean over the tokens
+            elif self.ending == "other_source" and layer is self.layers[-1]:
+                x *= self.embed(input_ids).sigmoid()  # in place, by another token-indexed value
             else:
                 x *= layer.scale
         if self.ending == "alias":  # reads the written tensor through its old name: the scaled value
@@ -187,7 +189,7 @@ def test_inplace_scale_of_a_toy_matches_oracle():
     assert smodel.regate_report.refused == [] and smodel.regate_report.sparse_graph.outside == []
 
 
-@pytest.mark.parametrize("ending", ["alias", "mixing"])
+@pytest.mark.parametrize("ending", ["alias", "mixing", "other_source"])
 def test_inplace_writes_that_are_not_the_stream_are_refused(ending):
     torch.manual_seed(0)
     smodel, batch, keep = _run(_ScaledLM(ending))
